@@ -1,0 +1,17 @@
+"""moe_probe: make the routing dynamics of Mixture-of-Experts transformers visible.
+
+Importing the package must stay cheap and torch-free: readers (diagnose, dashboards,
+notebooks) import ``moe_probe.open_run`` without pulling in torch.
+"""
+
+__version__ = "0.1.0"
+
+
+def open_run(run_dir, **kwargs):
+    """Open ``RUN_DIR/traces.zarr`` for reading (see :mod:`moe_probe.store.reader`)."""
+    from moe_probe.store.reader import open_run as _open_run
+
+    return _open_run(run_dir, **kwargs)
+
+
+__all__ = ["open_run", "__version__"]

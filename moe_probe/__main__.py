@@ -1,0 +1,3 @@
+from moe_probe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""`moe-probe` command line (contract: ARCHITECTURE.md, "CLI contract").
+
+Exit codes: 0 ok, 1 a finding with ``--fail-on``, 2 bad input (one line on stderr, no
+traceback). Each subcommand's work lives beside its part (``moe_probe/<part>/commands.py``);
+this file only parses arguments and maps user errors to exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2. Raise it (or ValueError) from commands."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-probe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe and write RUN_DIR/traces.zarr")
+    t.add_argument("--recipe", required=True)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--out", default=None, help="run directory (default runs/<recipe>-s<seed>)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="what a run holds")
+    i.add_argument("run_dir")
+    i.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("diagnose", help="collapse / conflict diagnosis of one or more runs")
+    d.add_argument("run_dirs", nargs="+")
+    d.add_argument("--html", default=None)
+    d.add_argument("--json", dest="json_out", default=None)
+    d.add_argument("--control", default=None, help="an understanding-only control run")
+    d.add_argument("--fail-on", choices=["collapse", "conflict", "any"], default=None)
+
+    pr = sub.add_parser("probe", help="shared-expert probes on a saved checkpoint")
+    pr.add_argument("run_dir")
+    pr.add_argument("--step", type=int, default=None)
+    pr.add_argument("--tasks", nargs="*", default=None)
+
+    s = sub.add_parser("scan", help="trace a Hugging Face MoE model on text")
+    s.add_argument("--model", required=True, help="local model directory or config JSON")
+    s.add_argument("--text", required=True)
+    s.add_argument("--text-b", default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("--capacity-factor", type=float, default=1.0)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--max-batches", type=int, default=None)
+    s.add_argument("--advise-groups", default=None, metavar="JSON",
+                   help="write a Symbiotic-MoE expert partition proposal here")
+    s.add_argument("--und-fraction", type=float, default=0.75)
+    s.add_argument("--quiet", action="store_true")
+
+    da = sub.add_parser("dash", help="interactive routing dashboard")
+    da.add_argument("root", nargs="?", default="runs")
+    da.add_argument("--host", default="127.0.0.1")
+    da.add_argument("--port", type=int, default=8050)
+    da.add_argument("--refresh", type=float, default=5.0, help="live refresh interval, seconds")
+
+    r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
+    r.add_argument("--quick", action="store_true")
+    r.add_argument("--seeds", type=int, default=None)
+    r.add_argument("--out", required=True)
+    return p
+
+
+_COMMANDS = {
+    "train": "moe_probe.train.commands:train",
+    "info": "moe_probe.train.commands:info",
+    "diagnose": "moe_probe.diagnose.commands:diagnose",
+    "probe": "moe_probe.trace.commands:probe",
+    "scan": "moe_probe.hf.commands:scan",
+    "dash": "dashboards.app:serve",
+    "reproduce": "moe_probe.train.reproduce:reproduce",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    module_name, func_name = _COMMANDS[args.command].split(":")
+    try:
+        import importlib
+
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(module_name.rsplit(".", 1)[0]):
+                raise UsageError(f"`moe-probe {args.command}` is not available in this build") from e
+            raise
+        rc = getattr(module, func_name)(args)
+        return int(rc or 0)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"moe-probe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moe-probe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

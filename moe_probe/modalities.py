@@ -1,0 +1,25 @@
+"""Token kinds, tasks and expert groups shared by every part (ARCHITECTURE.md, "Modalities").
+
+Pure Python: imported by readers that must not import torch.
+"""
+
+MODALITIES: tuple[str, ...] = ("text", "vit", "vae")
+"""Token kinds in index order: a token's modality id is its index here."""
+
+TEXT, VIT, VAE = 0, 1, 2
+
+TASKS: tuple[str, ...] = ("und", "gen")
+"""`und` = text next-token + image understanding losses; `gen` = flow matching on vae tokens."""
+
+TASK_OF_MODALITY: dict[str, str] = {"text": "und", "vit": "und", "vae": "gen"}
+"""Which task's loss a modality's tokens carry (and which expert group they route into)."""
+
+EXPERT_GROUPS: tuple[str, ...] = ("und", "gen", "shared")
+
+LOSS_TERMS: tuple[str, ...] = ("lm", "mmu", "gen", "aux", "z", "total")
+"""Columns of the store's `loss` group."""
+
+GRAD_COMPONENTS: tuple[str, ...] = ("attn", "router", "shared", "und_experts", "gen_experts", "norm")
+"""Parameter components of a layer for the gradient-conflict tracer; layer `all` = whole model."""
+
+SCHEMA_VERSION: int = 1
