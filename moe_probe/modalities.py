@@ -19,7 +19,13 @@ EXPERT_GROUPS: tuple[str, ...] = ("und", "gen", "shared")
 LOSS_TERMS: tuple[str, ...] = ("lm", "mmu", "gen", "aux", "z", "total")
 """Columns of the store's `loss` group."""
 
-GRAD_COMPONENTS: tuple[str, ...] = ("attn", "router", "shared", "und_experts", "gen_experts", "norm")
-"""Parameter components of a layer for the gradient-conflict tracer; layer `all` = whole model."""
+GRAD_COMPONENTS: tuple[str, ...] = (
+    "attn", "router", "shared", "experts", "und_experts", "gen_experts", "norm",
+)
+"""Parameter components of a layer for the gradient-conflict tracer; layer `all` = whole model.
+
+`experts` holds the routed experts of an ungrouped layer (plain MoE); grouped layers (symbiotic,
+mot) split them into `und_experts` / `gen_experts`. Embeddings and heads (layer `io`) count only
+toward `all`. A component a layer lacks is NaN in the store."""
 
 SCHEMA_VERSION: int = 1
