@@ -1,0 +1,158 @@
+"""The Dash app: shell layout (navigation, shared selection, refresh tick) and `moe-probe dash`.
+
+ROOT lives in the Flask config of the server, never in the browser: the `sel` store carries only
+run ids, which every callback re-resolves against ROOT (`dashboards.data.resolve_run`).
+Page modules register their callbacks globally (`dash.callback`); Dash hands those to the first
+app built in a process, so one process serves one app (tests start the server as a subprocess).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dash
+from dash import Input, Output, Patch, State, callback, dcc, html
+
+from dashboards import data
+from dashboards.pages_common import root_of
+
+_HERE = Path(__file__).parent
+_app: dash.Dash | None = None
+
+
+def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
+    """Build the app for ROOT (validated here: a missing ROOT is a usage error, exit 2)."""
+    global _app
+    root_p = data.check_root(root)
+    if refresh_s <= 0:
+        raise ValueError(f"--refresh must be > 0 seconds, got {refresh_s}")
+    if _app is not None:
+        if Path(_app.server.config["MOE_PROBE_ROOT"]) != root_p:
+            raise RuntimeError("one dashboard app per process")
+        return _app
+    app = dash.Dash(
+        __name__, use_pages=True, pages_folder=str(_HERE / "pages"),
+        serve_locally=True,  # offline: Dash's own JS bundles, no CDN
+        title="moe_probe", suppress_callback_exceptions=True, update_title=None,
+        assets_folder=str(_HERE / "assets"),
+    )
+    app.server.config["MOE_PROBE_ROOT"] = str(root_p)
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
+    app.layout = _layout(root_p, refresh_s)
+    _app = app
+    return app
+
+
+def _layout(root_p: Path, refresh_s: float):
+    nav = [dcc.Link(p["name"], href=p["relative_path"], className="nav-link", id=f"nav-{p['module'].split('.')[-1]}")
+           for p in dash.page_registry.values()]
+    return html.Div([
+        dcc.Location(id="url"),
+        # Shared selection of every page. Root is for display only; the server uses its own.
+        dcc.Store(id="sel", storage_type="memory",
+                  data={"root": str(root_p), "focus": None, "runs": [], "layer": None,
+                        "modality": "vae"}),
+        dcc.Interval(id="tick", interval=int(refresh_s * 1000), n_intervals=0),
+        # Committed rows per group of the runs in view; changes only when a writer committed, so
+        # graphs re-render on new data instead of on every tick.
+        dcc.Store(id="versions", storage_type="memory", data={}),
+        html.Header([
+            html.Div([html.B("moe_probe"), html.Span(f" · {root_p}", className="root")],
+                     className="brand"),
+            html.Nav(nav, className="nav"),
+            html.Div([
+                html.Div([html.Label("run"), dcc.Dropdown(id="focus-run", clearable=False,
+                                                          style={"width": "260px"})],
+                         className="control"),
+                html.Div([html.Label("layer"), dcc.Dropdown(id="layer", clearable=False,
+                                                            style={"width": "90px"})],
+                         className="control"),
+                html.Div([html.Label("modality"),
+                          dcc.RadioItems(id="modality", options=["text", "vit", "vae"],
+                                         value="vae", inline=True)], className="control"),
+            ], className="controls"),
+            html.Div(id="root-msg", className="root-msg"),
+        ]),
+        html.Main(dash.page_container),
+    ])
+
+
+@callback(Output("focus-run", "options"), Output("focus-run", "value"), Output("root-msg", "children"),
+          Input("tick", "n_intervals"), Input("url", "pathname"), State("focus-run", "value"),
+          State("focus-run", "options"), State("root-msg", "children"))
+def _refresh_runs(_n, _path, current, old_opts, old_msg):
+    """Re-list runs on each tick: runs appear and disappear while the dashboard is open.
+    Unchanged outputs are not re-sent: setting a prop, even to the same value, re-fires every
+    callback downstream of it (and would reset zoomed graphs every tick)."""
+    try:
+        runs = data.list_runs(root_of())
+        msg = "" if runs else f"No runs under {root_of()} (a run is a directory holding traces.zarr)."
+    except (OSError, ValueError) as e:
+        runs, msg = [], f"Cannot read the dashboard root: {e}"
+    value = current if current in runs else (runs[0] if runs else None)
+    return (dash.no_update if runs == old_opts else runs,
+            dash.no_update if value == current else value,
+            dash.no_update if msg == (old_msg or "") else msg)
+
+
+@callback(Output("layer", "options"), Output("layer", "value"),
+          Input("focus-run", "value"), Input("tick", "n_intervals"), State("layer", "value"),
+          State("layer", "options"))
+def _layers(run_id, _n, current, old_opts):
+    layers = []
+    if run_id:
+        try:
+            layers = data.run_meta(root_of(), run_id)["layers"]
+        except data.DataError:
+            layers = []
+    value = current if current in layers else (layers[0] if layers else None)
+    return (dash.no_update if layers == old_opts else layers,
+            dash.no_update if value == current else value)
+
+
+@callback(Output("sel", "data"), Input("focus-run", "value"), Input("layer", "value"),
+          Input("modality", "value"), State("sel", "data"))
+def _sync_sel(run_id, layer, modality, sel):
+    sel = sel or {}
+    if (sel.get("focus"), sel.get("layer"), sel.get("modality")) == (run_id, layer, modality):
+        return dash.no_update
+    p = Patch()
+    p["focus"], p["layer"], p["modality"] = run_id, layer, modality
+    return p
+
+
+@callback(Output("versions", "data"), Input("tick", "n_intervals"), Input("sel", "data"),
+          State("versions", "data"))
+def _versions(_n, sel, old):
+    sel = sel or {}
+    ids = [r for r in [sel.get("focus"), *(sel.get("runs") or [])] if r]
+    new = {}
+    for rid in dict.fromkeys(ids):
+        try:
+            new[rid] = data.committed(root_of(), rid)
+        except data.DataError as e:
+            new[rid] = str(e)  # a vanished run is a change too: pages then show the message
+    return dash.no_update if new == old else new
+
+
+def serve(args) -> int:
+    """`moe-probe dash [ROOT] [--host] [--port] [--refresh]`; bad input → ValueError (exit 2)."""
+    if not (0 < int(args.port) < 65536):
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    app = create_app(args.root, float(args.refresh))
+    print(f"moe_probe dashboard for {app.server.config['MOE_PROBE_ROOT']} "
+          f"on http://{args.host}:{args.port}/", flush=True)
+    app.run(host=args.host, port=int(args.port), debug=False)
+    return 0
+
+
+def main(argv=None) -> int:
+    """`python -m dashboards.app ROOT …` (same arguments as `moe-probe dash`)."""
+    from moe_probe.cli import _build_parser
+    args = _build_parser().parse_args(["dash", *(argv or __import__("sys").argv[1:])])
+    return serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Reduce long step series to what a screen can show without lying about extremes.
+
+Lines keep, per bucket, the points where the minimum and the maximum occur (in step order), so a
+spike or a collapse is drawn at its exact height and step at any zoom; heatmaps average each bucket
+(a cell cannot show two values) and say so in their title.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TARGET_BUCKETS = 1500
+"""~1-2k buckets of the visible range: a plot is at most a few thousand pixels wide."""
+
+
+def bucket_size(n: int, target: int = TARGET_BUCKETS) -> int:
+    return max(1, -(-n // target))
+
+
+def minmax_line(steps: np.ndarray, values: np.ndarray, target: int = TARGET_BUCKETS):
+    """(x, y) of a 1-D series with at most 2·target points; exact min and max of every bucket.
+
+    NaN rows are skipped (a component a layer lacks is NaN); an all-NaN bucket leaves a gap.
+    """
+    steps = np.asarray(steps)
+    values = np.asarray(values, dtype=np.float64)
+    n = len(steps)
+    b = bucket_size(n, target)
+    if b == 1:
+        return steps, values
+    nb = -(-n // b)
+    pad = nb * b - n
+    v = np.concatenate([values, np.full(pad, np.nan)]).reshape(nb, b)
+    finite = np.isfinite(v)
+    has = finite.any(axis=1)
+    imin = np.where(finite, v, np.inf).argmin(axis=1)
+    imax = np.where(finite, v, -np.inf).argmax(axis=1)
+    base = np.arange(nb) * b
+    first = np.minimum(imin, imax)
+    second = np.maximum(imin, imax)
+    xs = np.stack([base + first, base + second], axis=1)
+    keep = np.stack([has, has & (second != first)], axis=1)
+    pos = xs[keep]
+    return steps[pos], values[pos]
+
+
+def mean_columns(steps: np.ndarray, values_SX: np.ndarray, target: int = TARGET_BUCKETS):
+    """Bucket-mean along the step axis of a (step, X) block → (bucket start steps, (nb, X), size)."""
+    steps = np.asarray(steps)
+    v = np.asarray(values_SX, dtype=np.float64)
+    n = len(steps)
+    b = bucket_size(n, target)
+    if b == 1:
+        return steps, v, 1
+    nb = -(-n // b)
+    pad = nb * b - n
+    if pad:
+        v = np.concatenate([v, np.full((pad,) + v.shape[1:], np.nan)], axis=0)
+    v = v.reshape((nb, b) + v.shape[1:])
+    with np.errstate(invalid="ignore"), _quiet():
+        m = np.nanmean(v, axis=1)
+    return steps[::b], m, b
+
+
+class _quiet:
+    """nanmean of an all-NaN bucket warns; a gap is the intended result, not news."""
+
+    def __enter__(self):
+        import warnings
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def zoom_range(relayout: dict | None, current=None):
+    """Visible x range from a graph's relayoutData, None for autorange (= whole run).
+
+    `current` is what the previous answer used, so unrelated relayouts (legend clicks, y-zoom)
+    keep the zoom instead of resetting it.
+    """
+    if not relayout:
+        return current
+    if relayout.get("xaxis.autorange"):
+        return None
+    if "xaxis.range[0]" in relayout and "xaxis.range[1]" in relayout:
+        return float(relayout["xaxis.range[0]"]), float(relayout["xaxis.range[1]"])
+    r = relayout.get("xaxis.range")
+    if isinstance(r, (list, tuple)) and len(r) == 2:
+        return float(r[0]), float(r[1])
+    return current

@@ -1,0 +1,87 @@
+"""Reusable pieces of the pages: figure builders (heatmap, bucketed lines, message) and layout bits.
+
+Figure builders are plain functions of numpy arrays so the benchmark and tests can time/check the
+data path without a browser; pages only glue them to callbacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from dash import dcc, html
+
+from dashboards.bucketing import mean_columns, minmax_line
+
+MODALITY_COLORS = {"text": "#1f77b4", "vit": "#2ca02c", "vae": "#ff7f0e"}
+RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+_BASE = dict(template="plotly_white", margin=dict(l=55, r=20, t=45, b=40), height=330)
+
+
+def message_figure(text: str, title: str = "") -> go.Figure:
+    """An empty plot carrying a message: errors and 'nothing yet' stay on the page, not in logs."""
+    fig = go.Figure()
+    fig.update_layout(**_BASE, title=title, xaxis_visible=False, yaxis_visible=False,
+                      annotations=[dict(text=text, showarrow=False, xref="paper", yref="paper",
+                                        x=0.5, y=0.5, font=dict(size=14, color="#a33"))])
+    return fig
+
+
+def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
+            colorscale: str = "Viridis", zmid=None, zmin=None, zmax=None,
+            bucket_note: int = 1, uirevision=None) -> go.Figure:
+    """Heatmap with rows y and columns x; categorical y stays in the given order."""
+    if bucket_note > 1:
+        title = f"{title}  <span style='font-size:11px'>(mean of {bucket_note} steps per column)</span>"
+    fig = go.Figure(go.Heatmap(z=z_YX, x=x, y=[str(v) for v in y], colorscale=colorscale,
+                               zmid=zmid, zmin=zmin, zmax=zmax, hoverongaps=False,
+                               colorbar=dict(thickness=12)))
+    fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
+                      uirevision=uirevision)
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def step_heatmap(steps, values_SY, y, **kw) -> go.Figure:
+    """Heatmap of a (step, Y) block with steps bucket-averaged to screen width."""
+    xs, m, b = mean_columns(steps, values_SY)
+    return heatmap(np.asarray(m).T, xs, y, bucket_note=b, **kw)
+
+
+def line_figure(title: str, *, xlabel: str = "step", ylabel: str = "", uirevision=None,
+                height: int | None = None) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
+                      uirevision=uirevision, legend=dict(orientation="h", y=-0.22))
+    if height:
+        fig.update_layout(height=height)
+    return fig
+
+
+def add_line(fig: go.Figure, steps, values, name: str, *, color=None, dash="solid",
+             row=None, col=None, mode="lines", showlegend=True, legendgroup=None) -> None:
+    """A min/max-bucketed series: extremes of every bucket are drawn exactly."""
+    x, y = minmax_line(steps, values)
+    trace = go.Scatter(x=x, y=y, name=name, mode=mode, showlegend=showlegend,
+                         legendgroup=legendgroup or name,
+                         line=dict(color=color, dash=dash, width=1.6))
+    if row is not None:
+        fig.add_trace(trace, row=row, col=col)
+    else:
+        fig.add_trace(trace)
+
+
+def graph(id_: str, fig: go.Figure | None = None, **style) -> dcc.Graph:
+    return dcc.Graph(id=id_, figure=fig or message_figure("loading…"),
+                     config={"displaylogo": False}, style=style or None)
+
+
+def section(title: str, *children) -> html.Div:
+    return html.Div([html.H3(title, className="section-title"), *children], className="section")
+
+
+def row(*children) -> html.Div:
+    return html.Div(list(children), className="row")
+
+
+def labelled(label: str, control) -> html.Div:
+    return html.Div([html.Label(label), control], className="control")

@@ -1,0 +1,282 @@
+"""Data access for the dashboard: which runs exist under ROOT, and small slices of their stores.
+
+Every function takes the server-side ROOT explicitly (never a root sent by the browser) and a run id
+relative to it; `resolve_run` is the single gate that keeps requests inside ROOT. Reads go through
+the public reader (`moe_probe.open_run`), which already hides rows past each group's commit marker,
+and slice the lazily opened xarray variables *before* `.values`, so a view of one layer/modality
+touches only the zarr chunks that hold it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+# Imported here, before the threaded server starts: a first import racing in two request threads
+# leaves a partially initialised module (seen with pandas inside plotly's JSON encoder).
+import pandas  # noqa: F401
+import xarray  # noqa: F401
+
+from moe_probe.modalities import MODALITIES
+
+STORE_NAME = "traces.zarr"
+
+
+class DataError(ValueError):
+    """Something the page should show as a message (missing run, escaped path, unreadable store)."""
+
+
+# --------------------------------------------------------------------------------------- paths
+def check_root(root) -> Path:
+    """The resolved ROOT, or ValueError with one line (used by the CLI before the server starts)."""
+    p = Path(root).expanduser()
+    if not p.exists():
+        raise ValueError(f"dashboard root {root} does not exist")
+    if not p.is_dir():
+        raise ValueError(f"dashboard root {root} is not a directory")
+    return p.resolve()
+
+
+def resolve_run(root, run_id: str) -> Path:
+    """Run directory for `run_id`, guaranteed to lie inside ROOT.
+
+    Ids come from URLs and callback payloads, i.e. from the client: absolute paths, `..` parts and
+    symlinks leading out of ROOT are refused, so the server can never be made to read elsewhere.
+    """
+    if not isinstance(run_id, str) or not run_id or "\x00" in run_id:
+        raise DataError("no run selected")
+    rel = PurePosixPath(run_id.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or (rel.parts and ":" in rel.parts[0]):
+        raise DataError(f"run id {run_id!r} is outside the dashboard root")
+    root_r = Path(root).resolve()
+    target = (root_r / Path(*rel.parts)).resolve()
+    if target != root_r and not target.is_relative_to(root_r):
+        raise DataError(f"run id {run_id!r} is outside the dashboard root")
+    store = (target / STORE_NAME)
+    if not store.exists():
+        raise DataError(f"run {run_id!r} not found under the dashboard root")
+    # The store itself may be a symlink pointing out of ROOT.
+    if not store.resolve().is_relative_to(root_r):
+        raise DataError(f"run {run_id!r} is outside the dashboard root")
+    return target
+
+
+def list_runs(root) -> list[str]:
+    """Run ids (posix paths relative to ROOT) of every run under ROOT, sorted.
+
+    Uses the reader's `find_runs` and then re-checks each hit with `resolve_run`, so a symlinked
+    run pointing outside ROOT is never listed. A run directory that vanishes meanwhile is skipped.
+    """
+    root_r = check_root(root)
+    try:
+        from moe_probe.store.reader import find_runs
+        found = [Path(p) for p in find_runs(root_r)]
+    except ImportError:  # reader not built yet: same rule by hand
+        found = [p.parent for p in root_r.rglob(STORE_NAME)]
+    ids = []
+    for p in found:
+        p = p.parent if p.name == STORE_NAME else p
+        try:
+            rel = p.absolute().relative_to(root_r) if p.is_absolute() else p
+        except ValueError:
+            try:
+                rel = p.resolve().relative_to(root_r)
+            except ValueError:
+                continue
+        rid = rel.as_posix() if str(rel) != "." else "."
+        try:
+            resolve_run(root_r, rid)
+        except DataError:
+            continue
+        ids.append(rid)
+    return sorted(set(ids))
+
+
+# --------------------------------------------------------------------------------------- stores
+def open_store(root, run_id: str):
+    """RunStore of a run inside ROOT; reader errors become DataError (shown on the page)."""
+    import moe_probe
+    path = resolve_run(root, run_id)
+    try:
+        return moe_probe.open_run(path)
+    except (ValueError, OSError, KeyError) as e:
+        raise DataError(f"{run_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _committed(store, group: str) -> int:
+    try:
+        return int(store.committed_steps(group))
+    except (KeyError, ValueError, OSError):
+        return 0
+
+
+def committed(root, run_id: str) -> dict:
+    """Committed rows per group: cheap (attrs only), polled on every refresh tick."""
+    store = open_store(root, run_id)
+    return {g: _committed(store, g) for g in store.groups}
+
+
+def run_meta(root, run_id: str) -> dict:
+    """Small JSON-able summary: arch, layers, experts, modalities and committed rows per group."""
+    store = open_store(root, run_id)
+    attrs = dict(store.attrs)
+    model = attrs.get("model") or {}
+    run = attrs.get("run") or {}
+    groups = list(store.groups)
+    meta = {
+        "id": run_id,
+        "name": run.get("name", run_id) if isinstance(run, dict) else run_id,
+        "recipe": run.get("recipe") if isinstance(run, dict) else None,
+        "arch": model.get("arch", "?"),
+        "top_k": model.get("top_k"),
+        "experts": model.get("experts"),
+        "modalities": list(attrs.get("modalities") or MODALITIES),
+        "committed": {g: _committed(store, g) for g in groups},
+        "layers": [],
+        "last_step": None,
+    }
+    if "routing" in groups and meta["committed"]["routing"]:
+        ds = _dataset(store, "routing")
+        if ds is not None:
+            meta["layers"] = [str(v) for v in ds["layer"].values]
+            meta["modalities"] = [str(v) for v in ds["modality"].values]
+            if ds.sizes.get("step", 0):
+                meta["last_step"] = int(ds["step"].values[-1])
+    return meta
+
+
+def _dataset(store, group: str):
+    """Committed rows of a group as a lazy Dataset, or None while the group has none yet.
+
+    Opening a zarr group through xarray parses every array's metadata (tens of ms); the opened
+    Dataset is reused while the group's commit marker is unchanged, since rows below the marker
+    never change (the writer only rewrites the tail chunk with the same committed values)."""
+    if group not in store.groups:
+        return None
+    n = _committed(store, group)
+    if n == 0:
+        return None
+    created = (store.attrs.get("run") or {}).get("created") if isinstance(store.attrs.get("run"), dict) else None
+    key = ("ds", str(store.store_path), group, n, created)
+    ds = _ds_cache.get(key)
+    if ds is not None:
+        return ds
+    try:
+        ds = store.dataset(group)
+    except (KeyError, FileNotFoundError):
+        return None
+    except (ValueError, OSError) as e:
+        raise DataError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    if ds.sizes.get("step", 0) == 0:
+        return None
+    _ds_cache.put(key, ds)
+    return ds
+
+
+def group_dataset(root, run_id: str, group: str):
+    """Lazy committed-rows Dataset of one group (None if empty); raises DataError otherwise."""
+    return _dataset(open_store(root, run_id), group)
+
+
+# ------------------------------------------------------------------------------- slicing cache
+class _LRU:
+    """Tiny thread-safe LRU: callbacks are re-fired by the refresh interval with unchanged inputs;
+    keyed on the group's committed row count, a hit is only possible while nothing new landed."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key, value):
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+_cache = _LRU()
+_ds_cache = _LRU(32)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Steps and values of one variable after slicing; `values` has `step` as its first axis."""
+    steps: np.ndarray
+    values: np.ndarray
+    dims: tuple
+    coords: dict
+
+
+def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **sel) -> Slice | None:
+    """One variable of one group, cut to labels `sel` (e.g. layer="3", modality="vae") and an
+    inclusive `step_range` before any data is read. None while the group holds no rows.
+
+    Label selections use `isel` on positions found in the (small) coordinate arrays so the lazy
+    backend array is indexed directly and only the chunks covering the cut are fetched.
+    """
+    store = open_store(root, run_id)
+    committed = _committed(store, group)
+    key = (str(Path(root)), run_id, group, var, committed, tuple(sorted(sel.items())),
+           tuple(step_range) if step_range else None)
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    ds = _dataset(store, group)
+    if ds is None or var not in ds:
+        return None
+    da = ds[var]
+    idx = {}
+    for dim, label in sel.items():
+        if label is None or dim not in da.dims:
+            continue
+        labels = [str(v) for v in ds[dim].values]
+        if str(label) not in labels:
+            raise DataError(f"{run_id}: {dim} {label!r} not in {group}")
+        idx[dim] = labels.index(str(label))
+    steps = np.asarray(ds["step"].values, dtype=np.int64)
+    if step_range is not None:
+        lo, hi = step_range
+        a = int(np.searchsorted(steps, math.floor(lo), side="left"))
+        b = int(np.searchsorted(steps, math.ceil(hi), side="right"))
+        idx["step"] = slice(a, b)
+        steps = steps[a:b]
+    da = da.isel(idx)
+    values = np.asarray(da.values)
+    coords = {d: [str(v) for v in ds[d].values] for d in da.dims if d != "step" and d in ds.coords}
+    out = Slice(steps=steps, values=values, dims=tuple(da.dims), coords=coords)
+    _cache.put(key, out)
+    return out
+
+
+def step_bounds(root, run_id: str, group: str) -> tuple[int, int] | None:
+    ds = group_dataset(root, run_id, group)
+    if ds is None:
+        return None
+    s = ds["step"].values
+    return int(s[0]), int(s[-1])
+
+
+def nearest_step(root, run_id: str, group: str, step) -> int | None:
+    """The committed step of `group` closest to `step` (snapshots are sparse, sliders are not)."""
+    ds = group_dataset(root, run_id, group)
+    if ds is None:
+        return None
+    s = np.asarray(ds["step"].values)
+    if step is None:
+        return int(s[-1])
+    i = int(np.clip(np.searchsorted(s, step), 0, len(s) - 1))
+    if i > 0 and abs(s[i - 1] - step) <= abs(s[i] - step):
+        i -= 1
+    return int(s[i])

@@ -1,0 +1,53 @@
+"""Gradient-conflict views of one run (data path + figures): cosine heat map and norm ratio."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from dashboards import data
+from dashboards.components import add_line, line_figure, message_figure, step_heatmap
+
+
+def components(root, run_id) -> list[str]:
+    """Components with at least one finite cosine (a plain MoE has no und/gen expert split)."""
+    ds = data.group_dataset(root, run_id, "grad")
+    if ds is None:
+        return []
+    out = []
+    comps = [str(c) for c in ds["component"].values]
+    # One row is enough to know which components exist: absent ones are NaN everywhere.
+    last = np.asarray(ds["norm_und"].isel(step=slice(-1, None)).values)[0]  # (layer, component)
+    for j, c in enumerate(comps):
+        if np.isfinite(last[:, j]).any():
+            out.append(c)
+    return out or comps
+
+
+def cosine_heatmap(root, run_id, component, xrange=None) -> go.Figure:
+    """cos(∇_c L_und, ∇_c L_gen), layer × step: red = the tasks pull the component apart."""
+    s = data.read_slice(root, run_id, "grad", "cosine", component=component, step_range=xrange)
+    if s is None or len(s.steps) == 0:
+        return message_figure("no gradient rows committed yet", "gradient cosine")
+    return step_heatmap(s.steps, s.values, s.coords["layer"],
+                        title=f"gradient cosine und·gen — {component}", ylabel="layer",
+                        colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0,
+                        uirevision=f"{run_id}/cos")
+
+
+def norm_ratio(root, run_id, component, layers, xrange=None) -> go.Figure:
+    """‖∇ L_gen‖ / ‖∇ L_und‖ of a component at the given layers (log axis: >1 = gen dominates)."""
+    fig = line_figure(f"gradient norm ratio gen/und — {component}", ylabel="‖∇gen‖ / ‖∇und‖",
+                      uirevision=f"{run_id}/ratio")
+    for layer in layers:
+        und = data.read_slice(root, run_id, "grad", "norm_und", layer=layer, component=component,
+                              step_range=xrange)
+        gen = data.read_slice(root, run_id, "grad", "norm_gen", layer=layer, component=component,
+                              step_range=xrange)
+        if und is None or gen is None:
+            return message_figure("no gradient rows committed yet", "norm ratio")
+        u = und.values.astype(np.float64)
+        ratio = np.divide(gen.values.astype(np.float64), u, out=np.full_like(u, np.nan), where=u > 0)
+        add_line(fig, und.steps, ratio, f"layer {layer}")
+    fig.update_yaxes(type="log")
+    return fig

@@ -1,0 +1,73 @@
+"""Rows of the Runs page: arch, steps, last capacity rate per modality, diagnosis verdicts.
+
+Verdicts come from `moe_probe.diagnose` (never re-implemented here); a diagnosis is cached per
+run and committed-row counts, because a 50k-step run takes a while and a live run keeps changing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from dashboards import data
+
+log = logging.getLogger("moe_probe.dashboards")
+_diag_cache: dict = {}
+_lock = threading.Lock()
+
+
+def diagnosis(root, run_id) -> dict:
+    """{"checks": {kind: status}, "findings": [...], "final_capacity_rate": {m: x}} or {"error"}."""
+    committed = data.committed(root, run_id)
+    key = (str(root), run_id, tuple(sorted(committed.items())))
+    with _lock:
+        if key in _diag_cache:
+            return _diag_cache[key]
+    try:
+        from moe_probe.diagnose.rundata import load_run
+        from moe_probe.diagnose.runner import diagnose_run
+        d = diagnose_run(load_run(data.resolve_run(root, run_id)))
+        out = {"checks": dict(d.checks),
+               "findings": [f"{f.severity}: {f.kind}"
+                            + (f" ({f.modality})" if f.modality else "")
+                            + (f" from step {f.onset_step}" if f.onset_step is not None else "")
+                            for f in d.findings],
+               "final_capacity_rate": dict(d.final_capacity_rate)}
+    except ImportError as e:
+        out = {"error": f"diagnosis unavailable ({e})"}
+    except Exception as e:  # noqa: BLE001 - a half-written run must not break the table
+        log.warning("diagnose %s: %s", run_id, e)
+        out = {"error": f"diagnosis failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
+    with _lock:
+        _diag_cache[key] = out
+        while len(_diag_cache) > 256:
+            _diag_cache.pop(next(iter(_diag_cache)))
+    return out
+
+
+def last_capacity(root, run_id) -> dict:
+    """Mean over layers of the last committed capacity rate per modality."""
+    import numpy as np
+    ds = data.group_dataset(root, run_id, "routing")
+    if ds is None:
+        return {}
+    last = np.asarray(ds["capacity_rate"].isel(step=-1).transpose("layer", "modality").values,
+                      dtype=float)
+    out = {}
+    for j, m in enumerate(ds["modality"].values):
+        col = last[:, j]
+        out[str(m)] = float(np.nanmean(col)) if np.isfinite(col).any() else None
+    return out
+
+
+def run_row(root, run_id, with_diagnosis: bool = True) -> dict:
+    try:
+        meta = data.run_meta(root, run_id)
+    except data.DataError as e:
+        return {"id": run_id, "error": str(e)}
+    row = {"id": run_id, "name": meta["name"], "arch": meta["arch"], "recipe": meta["recipe"],
+           "steps": meta["last_step"], "committed": meta["committed"],
+           "capacity": last_capacity(root, run_id)}
+    if with_diagnosis:
+        row["diagnosis"] = diagnosis(root, run_id)
+    return row

@@ -1,0 +1,54 @@
+"""Live page: committed rows per group and the newest losses of every run, refreshed on each tick.
+
+Only committed rows are ever read (the reader cuts at each group's marker), and a run directory
+appearing or disappearing between ticks is just a different table, not an error."""
+
+from __future__ import annotations
+
+import dash
+from dash import Input, Output, callback, html
+
+from dashboards import data
+from dashboards.components import graph, section
+from dashboards.figures import compare as CMP
+from dashboards.pages_common import figures_or_message, need, root_of
+
+dash.register_page(__name__, path="/live", name="Live", order=5)
+
+_GROUPS = ("routing", "loss", "grad", "probe", "eval", "snapshot")
+
+layout = html.Div([
+    section("Committed rows", html.Div(id="live-msg", className="page-msg"),
+            html.Div(id="live-tick", className="live-tick"),
+            html.Div(id="live-table")),
+    section("Focused run: total loss", graph("live-loss")),
+])
+
+
+@callback(Output("live-table", "children"), Output("live-msg", "children"),
+          Output("live-tick", "children"), Input("tick", "n_intervals"))
+def _table(n):
+    try:
+        ids = data.list_runs(root_of())
+    except (OSError, ValueError) as e:
+        return None, f"Cannot read the dashboard root: {e}", ""
+    rows = [html.Tr([html.Th("run"), *[html.Th(g) for g in _GROUPS], html.Th("last step")])]
+    for rid in ids:
+        try:
+            meta = data.run_meta(root_of(), rid)
+        except data.DataError as e:
+            rows.append(html.Tr([html.Td(rid), html.Td(str(e), colSpan=len(_GROUPS) + 1)]))
+            continue
+        c = meta["committed"]
+        rows.append(html.Tr([html.Td(rid), *[html.Td(c.get(g, "–")) for g in _GROUPS],
+                             html.Td("–" if meta["last_step"] is None else meta["last_step"],
+                                     className="last-step")], id={"type": "live-row", "run": rid}))
+    msg = "" if ids else f"No runs under {root_of()}."
+    return (html.Table(rows, className="runs", id="live-tbl"), msg,
+            f"refreshed {n or 0} times; rows below each group's commit marker only")
+
+
+@callback(Output("live-loss", "figure"), Input("sel", "data"), Input("versions", "data"))
+@figures_or_message(1, ("total loss",))
+def _loss(sel, _v):
+    return CMP.loss_term(root_of(), [need((sel or {}).get("focus"), "run")], "total")

@@ -1,0 +1,77 @@
+"""Runs page: every run under ROOT with arch, steps, last capacity rate per modality and the
+diagnosis verdicts; the runs ticked here are the ones the Compare page overlays."""
+
+from __future__ import annotations
+
+import dash
+from dash import Input, Output, Patch, State, callback, dcc, html
+
+from dashboards import data
+from dashboards.components import section
+from dashboards.figures.runs import run_row
+from dashboards.pages_common import root_of
+
+dash.register_page(__name__, path="/", name="Runs", order=0)
+
+layout = html.Div([
+    section("Runs", html.Div(id="runs-msg", className="page-msg"),
+            html.Div(id="runs-table")),
+    section("Compare", html.P("Tick the runs to overlay on the Compare page."),
+            dcc.Checklist(id="runs-pick", options=[], value=[], inline=True)),
+])
+
+
+def _fmt(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _verdicts(diag: dict):
+    if "error" in diag:
+        return html.Span(diag["error"], className="verdict-bad")
+    bad = diag.get("findings") or []
+    if not bad:
+        return html.Span("ok", className="verdict-ok")
+    return html.Span("; ".join(bad), className="verdict-bad")
+
+
+def _table(rows):
+    head = html.Tr([html.Th(h) for h in ("run", "arch", "recipe", "last step",
+                                         "cap text", "cap vit", "cap vae", "diagnosis")])
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append(html.Tr([html.Td(r["id"]), html.Td(r["error"], colSpan=7,
+                                                           className="verdict-bad")]))
+            continue
+        cap = r["capacity"]
+        body.append(html.Tr([html.Td(r["id"]), html.Td(r["arch"]), html.Td(r["recipe"] or "–"),
+                             html.Td("–" if r["steps"] is None else r["steps"]),
+                             *[html.Td(_fmt(cap.get(m)), **{"data-value": "" if cap.get(m) is None
+                                                             else repr(cap.get(m))})
+                               for m in ("text", "vit", "vae")],
+                             html.Td(_verdicts(r["diagnosis"]))],
+                            id={"type": "run-row", "run": r["id"]}))
+    return html.Table([html.Thead(head), html.Tbody(body)], className="runs", id="runs-tbl")
+
+
+@callback(Output("runs-table", "children"), Output("runs-msg", "children"),
+          Output("runs-pick", "options"), Output("runs-pick", "value"),
+          Input("tick", "n_intervals"), State("sel", "data"))
+def _runs(_n, sel):
+    try:
+        ids = data.list_runs(root_of())
+    except (OSError, ValueError) as e:
+        return None, f"Cannot read the dashboard root: {e}", [], []
+    if not ids:
+        return None, f"No runs under {root_of()}.", [], []
+    rows = [run_row(root_of(), rid) for rid in ids]
+    picked = [r for r in ((sel or {}).get("runs") or []) if r in ids]
+    return _table(rows), "", ids, picked
+
+
+@callback(Output("sel", "data", allow_duplicate=True), Input("runs-pick", "value"),
+          prevent_initial_call=True)
+def _pick(value):
+    p = Patch()
+    p["runs"] = list(value or [])
+    return p

@@ -1,0 +1,46 @@
+"""Glue shared by the page modules: the server's ROOT and error-to-message handling."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import flask
+
+from dashboards.components import message_figure
+from dashboards.data import DataError
+
+log = logging.getLogger("moe_probe.dashboards")
+
+
+def root_of() -> str:
+    """ROOT of the app serving this request (set by `create_app`, never taken from the client)."""
+    return flask.current_app.config["MOE_PROBE_ROOT"]
+
+
+def figures_or_message(n_figs: int, titles: tuple[str, ...] = ()):
+    """Decorate a callback returning `n_figs` figures: a run that vanished, a group without rows
+    yet, a half-written store... become message figures instead of a callback error, so a page
+    watching a live run never shows Dash's error overlay."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (DataError, OSError, KeyError, ValueError) as e:
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if not isinstance(e, DataError):
+                    log.warning("%s: %s", fn.__name__, msg)
+                figs = [message_figure(msg, titles[i] if i < len(titles) else "")
+                        for i in range(n_figs)]
+                return figs[0] if n_figs == 1 else tuple(figs)
+        return wrapper
+
+    return deco
+
+
+def need(value, what: str):
+    if value in (None, "", []):
+        raise DataError(f"select a {what}")
+    return value

@@ -1,0 +1,168 @@
+"""Real-browser helpers for the dashboard's tests, screenshots and benchmark.
+
+The server runs in a subprocess (`python -m dashboards.app`) because Dash hands page callbacks to
+the first app of a process only; the browser is Debian's chromium driven through the system
+chromedriver — nothing is ever downloaded (selenium gets an explicit Service path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM = os.environ.get("MOE_PROBE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("MOE_PROBE_CHROMEDRIVER", "/usr/bin/chromedriver")
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,1000")
+
+
+def browser_missing() -> str | None:
+    """Why no browser can be driven here, or None."""
+    for p in (CHROMIUM, CHROMEDRIVER):
+        if not (Path(p).exists() and os.access(p, os.X_OK)):
+            return f"{p} not found (apt-get install chromium chromium-driver)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`moe-probe dash ROOT` in a subprocess; use as a context manager."""
+
+    def __init__(self, root, *, refresh: float = 1.0, port: int | None = None, timeout: float = 60):
+        self.root, self.refresh, self.port = str(root), refresh, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="moe_probe_dash_", suffix=".log",
+                                               delete=False)
+
+    def __enter__(self):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        repo = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dashboards.app", self.root, "--port", str(self.port),
+             "--refresh", str(self.refresh)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dashboard exited with {self.proc.returncode}: {self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/_dash-layout", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError(f"dashboard did not start in {self.timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-4000:]
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return False
+
+
+def make_driver(width: int = 1400, height: int = 1000):
+    """Headless chromium through the system chromedriver, with browser logs kept."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    why = browser_missing()
+    if why:
+        raise RuntimeError(why)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in CHROME_FLAGS:
+        opts.add_argument(f)
+    profile = tempfile.mkdtemp(prefix="moe_probe_chromium_")
+    opts.add_argument(f"--user-data-dir={profile}")
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_window_size(width, height)
+    driver._moe_profile = profile  # removed by quit_driver
+    return driver
+
+
+def quit_driver(driver) -> None:
+    try:
+        driver.quit()
+    finally:
+        shutil.rmtree(getattr(driver, "_moe_profile", ""), ignore_errors=True)
+
+
+def severe_logs(driver) -> list[dict]:
+    """SEVERE browser console entries since the last call (reading clears them)."""
+    return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+# Plotly keeps what Dash sent in gd.data, where numpy arrays may arrive base64-encoded
+# ({dtype, bdata, shape}); _fullData holds them decoded, so read the arrays from there.
+_READ_GRAPH_JS = """
+const el = document.getElementById(arguments[0]);
+if (!el) return null;
+const gd = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
+if (!gd || !gd._fullData) return null;
+const arr = v => (v == null) ? null
+    : (ArrayBuffer.isView(v) ? Array.from(v)
+    : (Array.isArray(v) ? v.map(r => (ArrayBuffer.isView(r) || Array.isArray(r)) ? arr(r) : r) : v));
+const title = gd.layout && gd.layout.title ? (gd.layout.title.text || gd.layout.title) : '';
+return JSON.stringify({title: title, traces: gd._fullData.map(t => ({
+    type: t.type, name: t.name, visible: t.visible, x: arr(t.x), y: arr(t.y), z: arr(t.z)}))});
+"""
+
+
+def graph_data(driver, graph_id: str) -> dict | None:
+    """Title and traces (type, name, x, y, z) that the page's plotly graph is drawing."""
+    raw = driver.execute_script(_READ_GRAPH_JS, graph_id)
+    return None if raw is None else json.loads(raw)
+
+
+def wait_for(fn, timeout: float = 30, interval: float = 0.2, what: str = "condition"):
+    """Poll `fn` until it returns something truthy (returned); TimeoutError naming `what`."""
+    deadline = time.time() + timeout
+    last_exc = None
+    while time.time() < deadline:
+        try:
+            v = fn()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - the page may be mid-render
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def wait_graph(driver, graph_id: str, pred=lambda g: True, timeout: float = 30):
+    """Graph data once it holds traces satisfying `pred` (not the 'loading…' placeholder)."""
+    def ready():
+        g = graph_data(driver, graph_id)
+        return g if g and g["traces"] and pred(g) else None
+    return wait_for(ready, timeout, what=f"graph {graph_id}")
+
+
+def dash_idle(driver) -> bool:
+    """No callback in flight (Dash marks the document while it waits for callbacks)."""
+    return driver.execute_script(
+        "return !document.querySelector('[data-dash-is-loading=\"true\"]');")

@@ -1,0 +1,41 @@
+"""`moe-probe diagnose RUN_DIR… [--html FILE] [--json FILE] [--control RUN] [--fail-on KIND]`.
+
+Exit 0, or 1 when ``--fail-on`` matches a finding. Bad input (missing directory, not a store,
+another schema version) raises ValueError, which the CLI prints as one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from moe_probe.diagnose.config import DiagnoseConfig
+from moe_probe.diagnose.markdown import render_markdown
+from moe_probe.diagnose.rundata import load_run
+from moe_probe.diagnose.runner import diagnose as run_detectors
+
+
+def diagnose(args) -> int:
+    cfg = DiagnoseConfig()
+    runs = [load_run(d) for d in args.run_dirs]
+    control = load_run(args.control) if getattr(args, "control", None) else None
+    report = run_detectors(runs, cfg, control)
+    sys.stdout.write(render_markdown(report))
+    if args.json_out:
+        _write(args.json_out, report.to_json())
+    if args.html:
+        from moe_probe.diagnose.html_report import render_html
+
+        _write(args.html, render_html(report, runs, control))
+    matched = report.matching(args.fail_on)
+    if matched:
+        print(f"--fail-on {args.fail_on}: {len(matched)} finding(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        raise ValueError(f"cannot write {path}: no such directory {p.parent}")
+    p.write_text(text, encoding="utf-8")

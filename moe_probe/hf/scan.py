@@ -1,0 +1,220 @@
+"""`moe-probe scan`: trace an HF MoE model on text files into a standard run store.
+
+Steps are batches. Step s holds windows ``[s·B, (s+1)·B)`` of ``--text`` (modality ``text``) and,
+with ``--text-b``, the same slice of that file (modality ``text_b``) in the SAME forward, the
+way a multimodal batch shares each layer's expert capacity. The run has ``min`` of the two files'
+batch counts (capped by ``--max-batches``).
+
+What the store gets (ARCHITECTURE.md schema; modality coordinate = ``text`` [, ``text_b``]):
+- ``routing`` every step, counted by the model tracer's ``RoutingCounter`` (HF routers are
+  dropless, so ``kept``/``capacity_rate`` are nominal at ``--capacity-factor``);
+- ``loss`` every step: ``lm`` = LM loss of the ``--text`` windows, ``total`` = of the whole batch,
+  ``aux`` = Switch balance loss α·E·Σ f_e·P_e with α = 1, ``z`` = router z-loss, both averaged
+  over MoE layers and unweighted; ``mmu``/``gen`` NaN;
+- ``grad`` (only with ``--text-b``) at most ``GRAD_ROWS`` evenly spaced steps: ``grad.py``;
+- ``probe`` at the last step, for models with shared experts: ``probes.py``;
+- extra group ``grad_expert`` (outside the reader's schema, same conventions): per-expert
+  cosine / norm_und / norm_gen (step, layer, expert) of the routed experts' fused parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_probe.hf.capture import RouterCapture, lm_loss
+from moe_probe.hf.discover import MoeLayer, decoder_layers, find_moe_layers
+from moe_probe.hf.loading import load_model, read_windows
+from moe_probe.model.hooks import LayerRouting
+
+GRAD_ROWS = 8
+"""Gradient-conflict rows per scan (two backward passes each)."""
+PROBE_WINDOWS = 16
+"""Windows per text set used by the isolated eval and the probes."""
+ROUTING_2D = ("tokens", "kept", "capacity_rate", "entropy", "maxvio", "dead_frac", "confidence")
+
+
+def layer_routing(layer: MoeLayer) -> LayerRouting:
+    """HF MoE layers are ungrouped and dropless: one group of all experts, no capacity."""
+    return LayerRouting(n_experts=layer.n_experts, top_k=layer.top_k, capacity_factor=None,
+                        groups={"all": tuple(range(layer.n_experts))}, n_shared=layer.n_shared)
+
+
+def _validate(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if not args.capacity_factor > 0:
+        raise ValueError(f"--capacity-factor must be > 0, got {args.capacity_factor}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches must be >= 1, got {args.max_batches}")
+    if not 0.0 < args.und_fraction < 1.0:
+        raise ValueError(f"--und-fraction must be in (0, 1), got {args.und_fraction}")
+    if (Path(args.out) / "traces.zarr").exists():
+        raise ValueError(f"{args.out} already holds a run (traces.zarr); choose another --out")
+
+
+def _balance_losses(records) -> tuple[float, float]:
+    aux, z = [], []
+    for r in records:
+        logits = r.logits_TE.float()
+        E = logits.shape[-1]
+        f = torch.bincount(r.topk_ids_TK.reshape(-1), minlength=E).double() / r.topk_ids_TK.numel()
+        p = torch.softmax(logits, -1).double().mean(0)
+        aux.append(float(E * (f * p).sum()))
+        z.append(float(torch.logsumexp(logits, -1).square().mean()))
+    return float(np.mean(aux)), float(np.mean(z))
+
+
+def run_scan(args, *, use_table: bool = True, seed: int = 0) -> dict:
+    """The scan; returns a small summary (also for tests). ValueError for bad input."""
+    from tqdm.auto import tqdm
+
+    from moe_probe.hf.grad import GradConflict
+    from moe_probe.hf.probes import isolated_metric_names, isolated_row, probe_rows, probe_task_names
+    from moe_probe.store.schema import default_coords
+    from moe_probe.store.writer import StoreWriter
+    from moe_probe.trace.routing import RoutingCounter
+
+    _validate(args)
+    model, tokenizer, source = load_model(args.model, seed=seed)
+    how, layers = find_moe_layers(model, use_table=use_table)
+    V = int(model.config.vocab_size)
+    win_a = read_windows(args.text, tokenizer, V, args.seq_len)
+    sets = [win_a]
+    if args.text_b:
+        win_b = read_windows(args.text_b, tokenizer, V, args.seq_len)
+        S = min(win_a.shape[1], win_b.shape[1])  # a file shorter than --seq-len shortens both
+        sets = [win_a[:, :S], win_b[:, :S]]
+    B = args.batch_size
+    n_steps = min(math.ceil(w.shape[0] / B) for w in sets)
+    if args.max_batches is not None:
+        n_steps = min(n_steps, args.max_batches)
+    modalities = ["text", "text_b"][: len(sets)]
+    M = len(modalities)
+    has_shared = any(x.n_shared > 0 for x in layers)
+    names = [x.name for x in layers]
+    E = max(x.n_experts for x in layers)
+
+    coords = default_coords(layers=names, n_experts=E, eval_metrics=[],
+                            isolated_metrics=isolated_metric_names(M > 1) if has_shared else None,
+                            tasks=probe_task_names(M > 1),
+                            groups=("routing", "loss", "grad", "probe"))
+    coords["routing"]["modality"] = modalities
+    if M < 2:
+        coords.pop("grad")
+    attrs = _attrs(args, model, layers, how, source, modalities, seed)
+    counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor)
+    grad = GradConflict(model, layers) if M > 1 else None
+    every = max(1, math.ceil(n_steps / GRAD_ROWS))
+    load_text = np.zeros((len(layers), E), dtype=np.int64)
+    expert_rows: dict[str, list] = {"step": [], "cosine": [], "norm_und": [], "norm_gen": []}
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # The capture context takes nnsight's controllers off the model again at the end.
+    with RouterCapture(model, layers) as cap, \
+            StoreWriter.create(args.out, attrs=attrs, coords=coords) as writer:
+        for step in tqdm(range(n_steps), desc="scan", unit="batch", disable=args.quiet):
+            parts = [w[step * B:(step + 1) * B] for w in sets]
+            ids = torch.cat(parts)
+            mod_T = torch.cat([torch.full((p.numel(),), m, dtype=torch.long) for m, p in enumerate(parts)])
+            got = cap.capture(ids, mod_T, want_logits=True)
+            for li, rec in enumerate(got.records):
+                counter.add(li, rec)
+            row = counter.finish()
+            for k in ROUTING_2D:
+                row[k] = row[k][:, :M]
+            row["load"] = row["load"][:, :M, :E]
+            load_text += row["load"][:, 0, :]
+            writer.append("routing", step, **row)
+            aux, z = _balance_losses(got.records)
+            n_a = parts[0].shape[0]
+            loss = {"lm": float(lm_loss(got.logits_BSV[:n_a], parts[0])), "mmu": np.nan, "gen": np.nan,
+                    "aux": aux, "z": z, "total": float(lm_loss(got.logits_BSV, ids))}
+            writer.append("loss", step, value=np.array([loss[t] for t in coords["loss"]["term"]]))
+            if grad is not None and step % every == 0:
+                g_row, e_row = grad.measure(parts[0], parts[1])
+                writer.append("grad", step, **g_row)
+                expert_rows["step"].append(step)
+                for k in ("cosine", "norm_und", "norm_gen"):
+                    expert_rows[k].append(e_row[k])
+        if has_shared:
+            probe_sets = [w[:PROBE_WINDOWS] for w in sets]
+            iso = isolated_row(cap, probe_sets, B)
+            writer.append("probe", n_steps - 1, isolated=iso, **probe_rows(cap, probe_sets, B))
+    if expert_rows["step"]:
+        _write_expert_grad(Path(args.out), names, E, expert_rows)
+    summary = {"steps": n_steps, "layers": names, "experts": E, "discovery": how,
+               "modalities": modalities, "load_text": load_text}
+    if args.advise_groups:
+        from moe_probe.hf.advise import write_advice
+
+        summary["advice"] = write_advice(args.advise_groups, load_text, names, args.und_fraction,
+                                         attrs["model"], n_steps)
+    return summary
+
+
+def _attrs(args, model, layers, how, source, modalities, seed) -> dict:
+    cfg = model.config
+    _, dec = decoder_layers(model)
+    model_attrs = {
+        "arch": cfg.model_type,
+        "hf_class": type(model).__name__,
+        "source": source,
+        "discovery": how,
+        "layers": [x.name for x in layers],
+        "n_decoder_layers": len(dec),
+        "experts": max(x.n_experts for x in layers),
+        "top_k": layers[0].top_k,
+        "capacity_factor": None,
+        "nominal_capacity": args.capacity_factor,
+        "groups": {x.name: {"all": list(range(x.n_experts))} for x in layers},
+        "modality_group": {x.name: {} for x in layers},
+        "shared_experts": layers[0].n_shared,
+        "shared_gate": any(x.shared_gate for x in layers),
+        "routers": {x.name: x.router for x in layers},
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "hf_config": cfg.to_json_string(use_diff=True),
+    }
+    run_cfg = {k: getattr(args, k, None) for k in ("model", "text", "text_b", "capacity_factor",
+                                                   "batch_size", "seq_len", "max_batches")}
+    return {"run": {"name": Path(args.out).name, "recipe": "hf-scan", "seed": seed,
+                    "config": json.dumps(run_cfg), "package_version": _version()},
+            "model": model_attrs, "modalities": list(modalities)}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moe_probe")
+    except Exception:  # noqa: BLE001 - an uninstalled checkout has no metadata
+        return "0+unknown"
+
+
+def _write_expert_grad(run_dir: Path, layers: list[str], E: int, rows: dict) -> None:
+    """Extra group ``grad_expert`` (step, layer, expert), written after the writer closed so it
+    never races the background thread; same conventions (dimension_names, string coordinates,
+    ``committed_steps`` last) so ``xarray.open_zarr(store, group="grad_expert")`` reads it."""
+    import zarr
+
+    grp = zarr.open_group(str(run_dir / "traces.zarr"), mode="r+").create_group("grad_expert")
+    steps = np.asarray(rows["step"], dtype=np.int64)
+    for name, labels in (("layer", layers), ("expert", [str(e) for e in range(E)])):
+        a = grp.create_array(name, shape=(len(labels),), dtype=str, dimension_names=[name])
+        a[:] = np.array(labels, dtype=str)
+    a = grp.create_array("step", shape=steps.shape, dtype="int64", dimension_names=["step"])
+    a[:] = steps
+    for k in ("cosine", "norm_und", "norm_gen"):
+        data = np.stack(rows[k]).astype(np.float32)
+        a = grp.create_array(k, shape=data.shape, dtype="float32", fill_value=np.nan,
+                             dimension_names=["step", "layer", "expert"])
+        a[:] = data
+    grp.attrs["committed_steps"] = int(steps.size)
+    grp.attrs["description"] = ("per-expert gradient conflict of the routed experts' fused "
+                                "parameters, --text (und) vs --text-b (gen); moe_probe.hf.grad")

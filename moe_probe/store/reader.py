@@ -1,0 +1,246 @@
+"""Read ``RUN_DIR/traces.zarr``: committed rows only, as xarray / pandas. No torch.
+
+A store may be written while it is read (a live run). Each call reads a group's
+``committed_steps`` marker first and then slices the arrays to it, so rows still being written
+(or garbage left by a crash) are never shown. Opening can race with the writer growing the arrays
+of a group one after the other; such transient states are retried, persistent ones reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from xarray.backends import BackendArray
+from xarray.core import indexing
+
+from moe_probe.modalities import SCHEMA_VERSION
+from moe_probe.store.schema import GROUPS, LABEL_DIMS, STORE_NAME, StoreError
+
+__all__ = ["open_run", "RunStore", "find_runs", "StoreError"]
+
+_RETRIES = 40
+_RETRY_SLEEP = 0.025
+
+
+def open_run(run_dir) -> "RunStore":
+    """Open a run directory (or its ``traces.zarr``) for reading; :class:`StoreError` if unusable."""
+    return RunStore(run_dir)
+
+
+def find_runs(root) -> list[Path]:
+    """Run directories under ``root`` (``root`` itself included) that hold a ``traces.zarr``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(f"no such directory: {root}")
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if STORE_NAME in dirnames:
+            found.append(Path(dirpath))
+        # never descend into zarr stores (thousands of chunk dirs) or hidden dirs
+        dirnames[:] = [d for d in dirnames if not d.endswith(".zarr") and not d.startswith(".")]
+    return sorted(found)
+
+
+class RunStore:
+    def __init__(self, run_dir):
+        p = Path(run_dir)
+        if not p.exists():
+            raise StoreError(f"no such run directory: {p}")
+        if p.name != STORE_NAME and p.is_dir() and not (p / "zarr.json").exists():
+            if not (p / STORE_NAME).exists():
+                raise StoreError(f"not a moe_probe run: {p} has no {STORE_NAME}")
+            p = p / STORE_NAME
+        self.store_path = p
+        self.path = p.parent if p.name == STORE_NAME else p
+        meta = p / "zarr.json"
+        if not meta.exists():
+            if (p / ".zgroup").exists() or (p / ".zarray").exists():
+                raise StoreError(f"not a moe_probe store: {p} is a zarr v2 store "
+                                 "(moe_probe writes zarr v3)")
+            raise StoreError(f"not a moe_probe store: {p} has no zarr.json")
+        try:
+            doc = json.loads(_read_retry(meta))
+        except ValueError as e:
+            raise StoreError(f"corrupt store: {meta} is not valid JSON ({e})") from None
+        if doc.get("node_type") != "group":
+            raise StoreError(f"not a moe_probe store: {p} is a zarr {doc.get('node_type')}, "
+                             "not a group")
+        attrs = doc.get("attributes", {}) or {}
+        if "schema_version" not in attrs:
+            raise StoreError(f"not a moe_probe store: {p} has no schema_version attribute")
+        if attrs["schema_version"] != SCHEMA_VERSION:
+            raise StoreError(f"store schema version {attrs['schema_version']} is not supported "
+                             f"(this moe_probe reads version {SCHEMA_VERSION}): {p}")
+        self.attrs: dict = attrs
+        self.groups: list[str] = [g for g in GROUPS if (p / g / "zarr.json").exists()]
+
+    def __repr__(self):
+        return f"RunStore({str(self.path)!r}, groups={self.groups})"
+
+    # ------------------------------------------------------------------ reading
+    def committed_steps(self, group: str) -> int:
+        """Rows of ``group`` that are complete (re-read from disk on each call)."""
+        self._check_group(group)
+        meta = self.store_path / group / "zarr.json"
+        try:
+            doc = json.loads(_read_retry(meta))
+        except ValueError as e:
+            raise StoreError(f"corrupt store: {meta} is not valid JSON ({e})") from None
+        return int((doc.get("attributes") or {}).get("committed_steps", 0))
+
+    def dataset(self, group: str) -> xr.Dataset:
+        """``group`` as an xarray Dataset of its committed rows (lazy; reopened on each call).
+
+        Built from the zarr arrays directly rather than ``xr.open_zarr``: a writer killed while
+        growing a group's arrays leaves them with different lengths (all >= the marker), which
+        ``open_zarr`` rejects but which is harmless once every array is cut at the marker."""
+        self._check_group(group)
+        n = self.committed_steps(group)  # marker FIRST: rows below it are complete
+        last = None
+        for _ in range(_RETRIES):
+            try:
+                return self._build(group, n)
+            except StoreError:
+                raise
+            except (ValueError, KeyError, OSError) as e:  # a metadata file being replaced
+                last = e
+                time.sleep(_RETRY_SLEEP)
+        raise StoreError(f"corrupt store: group {group!r} of {self.store_path} cannot be opened "
+                         f"({type(last).__name__}: {_one_line(last)})")
+
+    def _build(self, group: str, n: int) -> xr.Dataset:
+        grp = zarr.open_group(str(self.store_path), path=group, mode="r", use_consolidated=False)
+        where = f"{self.store_path}/{group}"
+        coords = {}
+        for d in LABEL_DIMS[group]:
+            if d not in grp:
+                raise StoreError(f"corrupt store: {where} has no {d!r} coordinate array")
+            coords[d] = xr.Variable((d,), np.asarray(grp[d][:]).astype(str))
+        if "step" not in grp:
+            raise StoreError(f"corrupt store: {where} has no 'step' coordinate array")
+        arrays = {name: grp[name] for name in [*GROUPS[group], "step"] if name in grp}
+        missing = sorted(set(GROUPS[group]) - set(arrays))
+        if missing:
+            raise StoreError(f"corrupt store: {where} lacks arrays {missing}")
+        short = [k for k, a in arrays.items() if a.shape[0] < n]
+        if short:
+            raise ValueError(f"arrays shorter than committed_steps={n}: {short}")
+        coords["step"] = xr.Variable(("step",), _read(arrays.pop("step"), n, where, "step"))
+        data = {}
+        for name, a in arrays.items():
+            dims = ("step", *GROUPS[group][name].dims)
+            lazy = indexing.LazilyIndexedArray(_Rows(a, n, f"{where}/{name}"))
+            data[name] = xr.Variable(dims, lazy)
+        return xr.Dataset(data, coords=coords, attrs=dict(grp.attrs))
+
+    def read(self, group: str, var: str, **sel) -> xr.DataArray:
+        """One variable of committed rows, label-selected with ``sel`` and loaded into memory.
+        A chunk that cannot be decoded raises :class:`StoreError` naming the array."""
+        ds = self.dataset(group)
+        if var not in ds.data_vars:
+            raise StoreError(f"group {group!r} has no variable {var!r} "
+                             f"(has: {sorted(map(str, ds.data_vars))})")
+        da = ds[var]
+        if sel:
+            try:
+                da = da.sel(**sel)
+            except KeyError as e:
+                raise StoreError(f"{group}/{var}: no such label {e}") from None
+        return da.load()  # a chunk that cannot be decoded raises StoreError (see _Rows)
+
+    def frame(self, group: str, var: str, **sel) -> pd.DataFrame:
+        """Tidy table of one variable: a column per remaining dim plus ``value``."""
+        da = self.read(group, var, **sel)
+        if da.ndim == 0:
+            return pd.DataFrame({**{k: [v.item()] for k, v in da.coords.items()},
+                                 "value": [da.item()]})
+        df = da.to_dataframe(name="value").reset_index()
+        return df[[*da.dims, "value"]]
+
+    def last_step(self, group: str) -> int | None:
+        n = self.committed_steps(group)
+        if n == 0:
+            return None
+        arr = zarr.open_array(self.store_path / group / "step", mode="r")
+        return int(arr[n - 1])
+
+    def info(self) -> dict:
+        """Summary for ``moe-probe info`` and dashboards' run pickers."""
+        model = self.attrs.get("model", {}) or {}
+        run = self.attrs.get("run", {}) or {}
+        return {
+            "path": str(self.path),
+            "name": run.get("name", self.path.name),
+            "recipe": run.get("recipe"),
+            "seed": run.get("seed"),
+            "arch": model.get("arch"),
+            "n_params": model.get("n_params"),
+            "layers": model.get("layers"),
+            "experts": model.get("experts"),
+            "top_k": model.get("top_k"),
+            "capacity_factor": model.get("capacity_factor"),
+            "schema_version": self.attrs.get("schema_version"),
+            "committed_steps": {g: self.committed_steps(g) for g in self.groups},
+            "last_step": {g: self.last_step(g) for g in self.groups},
+        }
+
+    def _check_group(self, group):
+        if group not in self.groups:
+            raise StoreError(f"group {group!r} is not in {self.store_path} "
+                             f"(present: {self.groups})")
+
+
+class _Rows(BackendArray):
+    """The first ``n`` rows of a zarr array, read lazily (xarray's documented backend pattern);
+    a chunk that cannot be decoded becomes a one-line StoreError naming the array."""
+
+    def __init__(self, arr: zarr.Array, n: int, where: str):
+        self.arr, self.where = arr, where
+        self.shape = (n, *arr.shape[1:])
+        self.dtype = arr.dtype
+
+    def __getitem__(self, key):
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
+                                                  self._raw)
+
+    def _raw(self, key):
+        # slices arrive already bounded by self.shape, so rows past the marker are never read
+        return _read_key(self.arr, key, self.where)
+
+
+def _read(arr, n, where, name):
+    return _read_key(arr, slice(0, n), f"{where}/{name}")
+
+
+def _read_key(arr, key, where):
+    try:
+        return np.asarray(arr[key])
+    except Exception as e:  # noqa: BLE001 - codec errors share no base class
+        raise StoreError(f"corrupt store: a chunk of {where} cannot be read "
+                         f"({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _read_retry(path: Path) -> str:
+    # Files are replaced atomically by rename, but on some filesystems a reader can still catch
+    # the instant between unlink and link; a short retry hides that without masking real loss.
+    for i in range(_RETRIES):
+        try:
+            return path.read_text()
+        except FileNotFoundError:
+            if i == _RETRIES - 1:
+                raise StoreError(f"corrupt store: {path} is missing") from None
+            time.sleep(_RETRY_SLEEP)
+    raise AssertionError("unreachable")
+
+
+def _one_line(e) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+

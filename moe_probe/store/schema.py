@@ -1,0 +1,131 @@
+"""What ``RUN_DIR/traces.zarr`` holds: groups, arrays, dims, dtypes, chunking (ARCHITECTURE.md, "Store").
+
+Pure python + numpy: the writer, the reader and the fixtures share this table, and nothing else
+defines the layout. Every array has ``step`` as its first dim (rows grow with training); the other
+dims are labelled by a per-group coordinate array of strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, SCHEMA_VERSION, TASKS
+
+__all__ = [
+    "SCHEMA_VERSION", "GROUPS", "LABEL_DIMS", "CHUNK_STEPS", "ArraySpec", "StoreError",
+    "default_coords", "chunk_shape", "row_shape", "STORE_NAME",
+]
+
+STORE_NAME = "traces.zarr"
+
+
+class StoreError(ValueError):
+    """A store cannot be used as asked (missing, foreign, other schema version, corrupt): one line."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    dims: tuple[str, ...]
+    """Dims after ``step``."""
+    dtype: str
+
+
+_F, _I = "float32", "int32"
+# Counts are int32 (a per-step count never nears 2**31; halves the 50k-step `load` on disk), except
+# `kept`: a dropless layer's nominal kept is shared among modalities in proportion to their load,
+# so it is fractional. Metrics are float32: they are plotted, never summed over millions of rows.
+GROUPS: dict[str, dict[str, ArraySpec]] = {
+    "routing": {
+        "tokens": ArraySpec(("layer", "modality"), _I),
+        "kept": ArraySpec(("layer", "modality"), _F),
+        "capacity_rate": ArraySpec(("layer", "modality"), _F),
+        "entropy": ArraySpec(("layer", "modality"), _F),
+        "maxvio": ArraySpec(("layer", "modality"), _F),
+        "dead_frac": ArraySpec(("layer", "modality"), _F),
+        "confidence": ArraySpec(("layer", "modality"), _F),
+        "load": ArraySpec(("layer", "modality", "expert"), _I),
+        "router_z": ArraySpec(("layer",), _F),
+    },
+    "loss": {"value": ArraySpec(("term",), _F)},
+    "grad": {
+        "cosine": ArraySpec(("layer", "component"), _F),
+        "norm_und": ArraySpec(("layer", "component"), _F),
+        "norm_gen": ArraySpec(("layer", "component"), _F),
+    },
+    "probe": {
+        "accuracy": ArraySpec(("layer", "task"), _F),
+        "control_accuracy": ArraySpec(("layer", "task"), _F),
+        "selectivity": ArraySpec(("layer", "task"), _F),
+        "isolated": ArraySpec(("metric",), _F),
+    },
+    "eval": {"value": ArraySpec(("metric",), _F)},
+    "snapshot": {
+        "saturation": ArraySpec(("layer",), _F),
+        "coactivation": ArraySpec(("layer", "expert", "expert2"), _F),
+    },
+}
+
+LABEL_DIMS: dict[str, tuple[str, ...]] = {
+    g: tuple(dict.fromkeys(d for spec in arrays.values() for d in spec.dims))
+    for g, arrays in GROUPS.items()
+}
+"""Labelled dims of each group, each stored as a string coordinate array in that group."""
+
+CHUNK_STEPS: dict[str, int] = {
+    "routing": 512, "loss": 1024, "grad": 256, "probe": 64, "eval": 64, "snapshot": 16,
+}
+"""Rows per chunk. Sized so a chunk spans a similar stretch of training whatever a group's rate
+(routing every step, grad every 10, probe/eval/snapshot every 50): a dashboard reading 50k steps of
+one series opens ~100 chunks per array, while the writer, which rewrites only the tail chunk on
+each append, rewrites at most ~200 KB per array of a 32-layer × 64-expert run."""
+
+# Arrays with an expert dim are chunked one layer at a time: the dashboard's heavy read is one
+# layer's (step, modality, expert) history, which then touches 1/L of the bytes; per-step reads of
+# all layers (a heat map at one step) stay cheap because a step-chunk of one layer is small.
+_PER_LAYER = {"load", "coactivation"}
+
+
+def chunk_shape(group: str, name: str, sizes: dict[str, int], chunk_steps: int) -> tuple[int, ...]:
+    spec = GROUPS[group][name]
+    tail = []
+    for d in spec.dims:
+        n = max(1, sizes[d])
+        tail.append(1 if (d == "layer" and name in _PER_LAYER) else n)
+    return (chunk_steps, *tail)
+
+
+def row_shape(group: str, name: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] for d in GROUPS[group][name].dims)
+
+
+def default_coords(
+    *,
+    layers: list[str],
+    n_experts: int,
+    eval_metrics: list[str] | None = None,
+    isolated_metrics: list[str] | None = None,
+    tasks: list[str] | None = None,
+    groups: tuple[str, ...] = tuple(GROUPS),
+) -> dict[str, dict[str, list[str]]]:
+    """The usual ``coords`` for :meth:`StoreWriter.create`: expert labels "0".."E-1", grad layers
+    = model layers + "all", loss terms/modalities/components from :mod:`moe_probe.modalities`.
+    ``probe`` is left out when ``isolated_metrics`` is None (a model without shared experts)."""
+    experts = [str(e) for e in range(n_experts)]
+    layers = [str(x) for x in layers]
+    out: dict[str, dict[str, list[str]]] = {
+        "routing": {"layer": layers, "modality": list(MODALITIES), "expert": experts},
+        "loss": {"term": list(LOSS_TERMS)},
+        "grad": {"layer": layers + ["all"], "component": list(GRAD_COMPONENTS)},
+        "eval": {"metric": list(eval_metrics or [])},
+        "snapshot": {"layer": layers, "expert": experts, "expert2": experts},
+    }
+    if isolated_metrics is not None:
+        out["probe"] = {"layer": layers, "task": list(tasks or TASKS),
+                        "metric": list(isolated_metrics)}
+    return {g: c for g, c in out.items() if g in groups}
+
+
+def fill_value(dtype: str):
+    return np.nan if np.dtype(dtype).kind == "f" else 0

@@ -1,0 +1,365 @@
+"""Append-only writer of ``RUN_DIR/traces.zarr`` (zarr v3) with a commit marker per group.
+
+The training loop only hands small CPU numpy rows to a queue (:meth:`StoreWriter.append`); a
+background thread batches them and writes. Crash safety rests on three facts:
+
+* zarr's ``LocalStore`` writes every chunk and ``zarr.json`` to a temp file and renames it, so a
+  SIGKILL leaves each file either old or new, never torn (a stray ``*.partial`` may remain;
+  :meth:`StoreWriter.resume` removes them);
+* per group, rows are written data first, then the ``step`` coordinate, then the group's
+  ``committed_steps`` attribute, so every row below the marker is complete;
+* arrays are grown a chunk at a time ahead of the marker, so readers slice ``[:committed_steps]``
+  and never see rows past it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import json
+import queue
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, SCHEMA_VERSION
+from moe_probe.store.schema import (
+    CHUNK_STEPS, GROUPS, LABEL_DIMS, STORE_NAME, StoreError, chunk_shape, fill_value, row_shape,
+)
+
+__all__ = ["StoreWriter", "StoreWriteError"]
+
+
+class StoreWriteError(RuntimeError):
+    """The background writer failed; raised on the next append/flush/close."""
+
+
+_DEFAULT_LABELS = {"modality": MODALITIES, "term": LOSS_TERMS, "component": GRAD_COMPONENTS}
+
+_LIVE: "weakref.WeakSet[StoreWriter]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # daemon thread + atexit: pending rows are still written on normal exit
+    for w in list(_LIVE):
+        try:
+            w.close()
+        except Exception:  # noqa: BLE001 - at exit there is no caller left to tell
+            pass
+
+
+class StoreWriter:
+    """Use :meth:`create` or :meth:`resume`, then ``append``/``append_rows``, ``flush``, ``close``
+    (or ``with``). Not thread-safe for concurrent appends: one producer (the training loop)."""
+
+    def __init__(self, path: Path, root: zarr.Group, *, linger: float = 0.5, max_rows: int = 4096,
+                 queue_size: int = 4096):
+        self.path = path
+        self._root = root
+        self._linger = linger
+        self._max_rows = max_rows
+        self._groups: dict[str, zarr.Group] = {}
+        self._arrays: dict[str, dict[str, zarr.Array]] = {}
+        self._rows: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._labels: dict[str, dict[str, list[str]]] = {}
+        self._n: dict[str, int] = {}          # rows committed (thread side)
+        self._last: dict[str, int | None] = {}  # last step handed over (caller side)
+        for g in GROUPS:
+            if g not in root:
+                continue
+            grp = root[g]
+            self._groups[g] = grp
+            self._labels[g] = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g]}
+            sizes = {d: len(self._labels[g][d]) for d in LABEL_DIMS[g]}
+            self._arrays[g] = {name: grp[name] for name in GROUPS[g]}
+            self._arrays[g]["step"] = grp["step"]
+            self._rows[g] = {name: row_shape(g, name, sizes) for name in GROUPS[g]}
+            n = int(grp.attrs.get("committed_steps", 0))
+            self._n[g] = n
+            self._last[g] = int(grp["step"][n - 1]) if n else None
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"moe_probe-writer:{path}",
+                                        daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, run_dir, *, attrs: dict, coords: dict[str, dict[str, list] | None],
+               chunk_steps: dict[str, int] | None = None, **kw) -> "StoreWriter":
+        """Create ``run_dir/traces.zarr`` (``run_dir`` is created; an existing store is an error).
+
+        ``attrs``: root attributes, at least ``run`` and ``model`` (``schema_version`` and
+        ``modalities`` are added). ``coords``: group -> {dim: labels}; groups left out (or None)
+        are absent from the store. ``modality``, ``term``, ``component`` default to the lists in
+        :mod:`moe_probe.modalities`, ``expert2`` to ``expert``.
+        """
+        path = Path(run_dir) / STORE_NAME
+        if path.exists():
+            raise StoreError(f"a store already exists at {path} (use resume, or remove it)")
+        unknown = set(coords) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown store group(s) {sorted(unknown)}; known: {list(GROUPS)}")
+        steps = {**CHUNK_STEPS, **(chunk_steps or {})}
+        root_attrs = _jsonable(dict(attrs))
+        root_attrs["schema_version"] = SCHEMA_VERSION
+        root_attrs.setdefault("modalities", list(MODALITIES))
+        root_attrs.setdefault("run", {})
+        if isinstance(root_attrs["run"], dict):
+            root_attrs["run"].setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat())
+        layout = {}  # validate everything before anything is written
+        for g, labels in coords.items():
+            if labels is None:
+                continue
+            labels = dict(labels)
+            for d, default in _DEFAULT_LABELS.items():
+                if d in LABEL_DIMS[g]:
+                    labels.setdefault(d, list(default))
+            if "expert2" in LABEL_DIMS[g] and "expert" in labels:
+                labels.setdefault("expert2", list(labels["expert"]))
+            missing = [d for d in LABEL_DIMS[g] if d not in labels]
+            extra = [d for d in labels if d not in LABEL_DIMS[g]]
+            if missing or extra:
+                raise ValueError(f"coords for group {g!r}: need dims {list(LABEL_DIMS[g])}, "
+                                 f"missing {missing}, unexpected {extra}")
+            for d in LABEL_DIMS[g]:
+                vals = [str(x) for x in labels[d]]
+                if len(set(vals)) != len(vals):
+                    raise ValueError(f"coords for {g}/{d} has duplicate labels: {vals}")
+                labels[d] = vals
+            layout[g] = labels
+        root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        for g, labels in layout.items():
+            _create_group(root, g, labels, steps[g])
+        # Root attrs last: a store that has schema_version is fully laid out.
+        root.attrs.update(root_attrs)
+        return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
+
+    @classmethod
+    def resume(cls, run_dir, *, after_step: int | None = None, **kw):
+        """Reopen a store for appending. Returns ``(writer, committed)`` with ``committed`` =
+        {group: committed rows}. Rows past each marker (a crash mid-append) are truncated; with
+        ``after_step``, committed rows of later steps are dropped too (resuming from a checkpoint
+        taken at ``after_step``). The next append of a group must have a step above
+        ``writer.last_step(group)``."""
+        from moe_probe.store.reader import open_run  # validates version / foreign stores
+
+        store = open_run(run_dir)
+        path = store.store_path
+        for p in path.rglob("*.partial"):  # temp files of writes a SIGKILL interrupted
+            p.unlink(missing_ok=True)
+        root = zarr.open_group(str(path), mode="r+")
+        committed = {}
+        for g in store.groups:
+            grp = root[g]
+            n = int(grp.attrs.get("committed_steps", 0))
+            if after_step is not None and n:
+                steps = grp["step"][:n]
+                n = int(np.searchsorted(steps, after_step, side="right"))
+            # Marker first: if we die between the two, the marker is still <= every array length.
+            grp.attrs["committed_steps"] = n
+            for name in [*GROUPS[g], "step"]:
+                arr = grp[name]
+                arr.resize((n, *arr.shape[1:]))
+            committed[g] = n
+        return cls(path, root, **kw), committed
+
+    # ------------------------------------------------------------------ producer side
+    @property
+    def groups(self) -> list[str]:
+        return list(self._groups)
+
+    def labels(self, group: str, dim: str) -> list[str]:
+        """Labels the store holds for ``group``'s ``dim`` (e.g. the eval ``metric`` columns)."""
+        self._check_group(group)
+        if dim not in LABEL_DIMS[group]:
+            raise ValueError(f"group {group!r} has no labelled dim {dim!r} "
+                             f"(has {list(LABEL_DIMS[group])})")
+        return list(self._labels[group][dim])
+
+    def last_step(self, group: str) -> int | None:
+        """Last step handed over for ``group`` (None if none)."""
+        self._check_group(group)
+        return self._last[group]
+
+    def append(self, group: str, step: int, **arrays) -> None:
+        """One row of ``group`` at ``step``: every array of the group, without the step dim."""
+        rows = {}
+        self._check(group, arrays)
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            want = self._rows[group][name]
+            if a.shape != want:
+                raise ValueError(f"{group}/{name}: row shape {a.shape}, expected {want} "
+                                 f"(dims {GROUPS[group][name].dims})")
+            rows[name] = a.astype(GROUPS[group][name].dtype)[None]  # copy: caller may reuse
+        self._put(group, np.array([int(step)], dtype=np.int64), rows)
+
+    def append_rows(self, group: str, steps, **arrays) -> None:
+        """Many rows at once (fixtures, scans): arrays carry a leading step dim."""
+        self._check(group, arrays)
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if steps.size > 1 and not np.all(np.diff(steps) > 0):
+            raise ValueError(f"{group}: steps must be strictly increasing")
+        rows = {}
+        for name, value in arrays.items():
+            a = np.asarray(value)
+            want = (steps.size, *self._rows[group][name])
+            if a.shape != want:
+                raise ValueError(f"{group}/{name}: shape {a.shape}, expected {want}")
+            rows[name] = a.astype(GROUPS[group][name].dtype)
+        if steps.size:
+            self._put(group, steps, rows)
+
+    def flush(self) -> None:
+        """Block until every handed row is written and committed."""
+        self._raise_if_failed()
+        if self._closed:
+            return
+        done = threading.Event()
+        self._q.put(("flush", done))
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._thread.is_alive():
+                self._q.put(("stop", None))
+                self._thread.join()
+            _LIVE.discard(self)
+        self._raise_if_failed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.close()
+        except StoreWriteError:
+            if exc is None:
+                raise  # don't mask the caller's exception with ours
+
+    def _check_group(self, group):
+        if group not in self._groups:
+            raise ValueError(f"store group {group!r} is not in this store "
+                             f"(present: {list(self._groups)})")
+
+    def _check(self, group, arrays):
+        self._raise_if_failed()
+        if self._closed:
+            raise ValueError("append to a closed StoreWriter")
+        self._check_group(group)
+        want, got = set(GROUPS[group]), set(arrays)
+        if want != got:
+            raise ValueError(f"{group}: arrays {sorted(got)} given, expected exactly "
+                             f"{sorted(want)} (missing {sorted(want - got)}, "
+                             f"unexpected {sorted(got - want)})")
+
+    def _put(self, group, steps, rows):
+        last = self._last[group]
+        if last is not None and steps[0] <= last:
+            raise ValueError(f"{group}: step {int(steps[0])} is not after the last step {last} "
+                             "(steps must be strictly increasing per group)")
+        self._last[group] = int(steps[-1])
+        while True:
+            try:
+                self._q.put(("rows", (group, steps, rows)), timeout=1.0)
+                return
+            except queue.Full:  # back-pressure; a dead thread would block forever
+                self._raise_if_failed()
+
+    def _raise_if_failed(self):
+        if self._error is not None:
+            raise StoreWriteError(f"trace writer for {self.path} failed: "
+                                  f"{type(self._error).__name__}: {self._error}") from self._error
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            kind, payload = self._q.get()
+            pending: dict[str, list] = {}
+            events = []
+            n_rows = 0
+            while True:
+                if kind == "rows":
+                    pending.setdefault(payload[0], []).append(payload)
+                    n_rows += len(payload[1])
+                elif kind == "flush":
+                    events.append(payload)
+                elif kind == "stop":
+                    stop = True
+                if stop or events or n_rows >= self._max_rows:
+                    break
+                try:  # linger: fewer, larger writes rewrite the tail chunk less often
+                    kind, payload = self._q.get(timeout=self._linger)
+                except queue.Empty:
+                    break
+            if self._error is None:
+                try:
+                    for g, items in pending.items():
+                        self._write(g, items)
+                except BaseException as e:  # noqa: BLE001 - surfaced on the producer side
+                    self._error = e
+            for ev in events:
+                ev.set()
+
+    def _write(self, g: str, items: list) -> None:
+        steps = np.concatenate([it[1] for it in items])
+        n0 = self._n[g]
+        n1 = n0 + steps.size
+        arrays = self._arrays[g]
+        chunk = arrays["step"].chunks[0]
+        if arrays["step"].shape[0] < n1:
+            cap = -(-n1 // chunk) * chunk
+            for a in arrays.values():
+                a.resize((cap, *a.shape[1:]))
+        for name in GROUPS[g]:
+            block = np.concatenate([it[2][name] for it in items]) if len(items) > 1 \
+                else items[0][2][name]
+            arrays[name][n0:n1] = block
+        arrays["step"][n0:n1] = steps
+        self._groups[g].attrs["committed_steps"] = n1  # the commit: strictly after the data
+        self._n[g] = n1
+
+
+def _create_group(root: zarr.Group, g: str, labels: dict, chunk_steps: int) -> None:
+    grp = root.create_group(g)
+    sizes = {d: len(labels[d]) for d in LABEL_DIMS[g]}
+    for d in LABEL_DIMS[g]:
+        vals = np.array(labels[d], dtype=str)
+        c = grp.create_array(d, shape=(vals.size,), dtype=str, dimension_names=(d,))
+        if vals.size:
+            c[:] = vals
+    for name, spec in GROUPS[g].items():
+        grp.create_array(
+            name, shape=(0, *row_shape(g, name, sizes)), dtype=spec.dtype,
+            chunks=chunk_shape(g, name, sizes, chunk_steps), fill_value=fill_value(spec.dtype),
+            dimension_names=("step", *spec.dims),
+        )
+    grp.create_array("step", shape=(0,), dtype="int64", chunks=(chunk_steps,), fill_value=-1,
+                     dimension_names=("step",))
+    grp.attrs["committed_steps"] = 0
+
+
+def _jsonable(obj):
+    """Round-trip through JSON so numpy scalars / tuples / paths in attrs fail or convert now."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, _dt.datetime)):
+        return str(o)
+    raise TypeError(f"attribute value of type {type(o).__name__} is not JSON-serialisable")

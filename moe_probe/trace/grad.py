@@ -1,0 +1,146 @@
+"""Gradient conflict between the understanding and generation losses, per layer × component.
+
+A traced step runs two backward passes per micro-batch: ``torch.autograd.grad`` of the und
+loss (graph retained), then the untraced step's own ``(und + gen).backward()`` into an emptied
+``.grad``; gen = that fresh gradient − und, and the earlier micro-batches' ``.grad`` is added
+back. Why not ``backward(und)`` then ``backward(gen)``: the sum of two separately computed
+gradients differs from an untraced step's in the last bits, and Adam turns last-bit noise on
+near-zero gradients (|g| ≪ eps) into visible update differences (~lr·0.3). This way ``.grad``
+— hence the update — is bit-identical to an untraced step's, shielding included, and the
+per-task gradients never pass through a subtraction of earlier micro-batches' ``.grad``.
+
+Per step: one (cell, 3) tensor of [u·g, u·u, g·g] sums built on device, one host transfer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moe_probe.modalities import GRAD_COMPONENTS
+
+ALL = "all"
+IO = "io"
+
+
+def grad_layers(model) -> list[str]:
+    """Layer labels of the ``grad`` group: the model's layers in order, then ``all``."""
+    return [name for name, _ in model.moe_layers()] + [ALL]
+
+
+def plain_backward(task_losses: dict[str, torch.Tensor]) -> None:
+    """An untraced step's backward: the sum of the task losses that carry a graph."""
+    parts = [v for v in task_losses.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    if parts:
+        sum(parts[1:], parts[0]).backward()
+
+
+class GradConflictTracer:
+    """Accumulates per-task gradients over a step's micro-batches and reduces them per cell."""
+
+    def __init__(self, model):
+        comps = model.param_components()
+        self.layers = grad_layers(model)
+        self.components = list(GRAD_COMPONENTS)
+        layer_ix = {n: i for i, n in enumerate(self.layers)}
+        comp_ix = {c: i for i, c in enumerate(self.components)}
+        all_row = layer_ix[ALL]
+        C = len(self.components)
+        self.params: list[torch.nn.Parameter] = []
+        own_cell, all_cell = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name not in comps:
+                raise ValueError(f"parameter {name!r} is missing from model.param_components()")
+            layer, comp = comps[name]
+            if comp not in comp_ix:
+                raise ValueError(f"parameter {name!r}: unknown component {comp!r}")
+            if layer != IO and layer not in layer_ix:
+                raise ValueError(f"parameter {name!r}: unknown layer {layer!r}")
+            self.params.append(p)
+            # io parameters (embeddings, heads, final norm) count only toward layer `all`;
+            # they are routed into a throw-away cell past the grid.
+            own_cell.append(layer_ix[layer] * C + comp_ix[comp] if layer != IO else len(self.layers) * C)
+            all_cell.append(all_row * C + comp_ix[comp])
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self._own = torch.tensor(own_cell, dtype=torch.int64, device=dev)
+        self._all = torch.tensor(all_cell, dtype=torch.int64, device=dev)
+        n_cells = len(self.layers) * C
+        present = np.zeros(n_cells + 1, dtype=bool)
+        present[own_cell] = True
+        present[all_cell] = True
+        self._present = present[:n_cells].reshape(len(self.layers), C)
+        self._und: list[torch.Tensor | None] = []
+        self._gen: list[torch.Tensor | None] = []
+        self.start()
+
+    def start(self) -> None:
+        """Forget the previous step's per-task gradients."""
+        self._und = [None] * len(self.params)
+        self._gen = [None] * len(self.params)
+
+    def backward(self, task_losses: dict[str, torch.Tensor]) -> None:
+        """Two passes for one micro-batch; ``.grad`` ends up exactly as an untraced backward's."""
+        und, gen = task_losses.get("und"), task_losses.get("gen")
+        und_live = isinstance(und, torch.Tensor) and und.requires_grad
+        gen_live = isinstance(gen, torch.Tensor) and gen.requires_grad
+        g_und = (torch.autograd.grad(und, self.params, retain_graph=True, allow_unused=True)
+                 if und_live and gen_live else None)
+        # The second pass is the untraced step's own backward, into an emptied .grad: its result
+        # is bit-identical to an untraced step's, and the gen gradient is what it adds to und's
+        # (exactly zero where gen does not reach, so the cosine there stays NaN).
+        held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        plain_backward(task_losses)
+        for i, p in enumerate(self.params):
+            fresh = p.grad
+            if fresh is None:
+                p.grad = held[i]
+                continue
+            if g_und is not None:
+                u = g_und[i]
+                g = fresh - u if u is not None else fresh.clone()
+            elif und_live:
+                u, g = fresh.clone(), None
+            else:
+                u, g = None, fresh.clone()
+            if u is not None:
+                self._und[i] = u if self._und[i] is None else self._und[i].add_(u)
+            if g is not None:
+                self._gen[i] = g if self._gen[i] is None else self._gen[i].add_(g)
+            # Same single add as autograd's gradient accumulation into an existing .grad.
+            p.grad = fresh if held[i] is None else held[i].add_(fresh)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The ``grad`` row: cosine, norm_und, norm_gen (layer, component); then reset."""
+        L, C = len(self.layers), len(self.components)
+        dev = self._own.device
+        rows = []
+        for u, g in zip(self._und, self._gen):
+            uu = u.float() if u is not None else None
+            gg = g.float() if g is not None else None
+            zero = torch.zeros((), device=dev)
+            rows.append(torch.stack([
+                (uu * gg).sum() if uu is not None and gg is not None else zero,
+                uu.square().sum() if uu is not None else zero,
+                gg.square().sum() if gg is not None else zero,
+            ]))
+        cells = torch.zeros(L * C + 1, 3, dtype=torch.float64, device=dev)
+        if rows:
+            stats = torch.stack(rows).to(torch.float64)
+            cells.index_add_(0, self._own, stats)
+            cells.index_add_(0, self._all, stats)
+        s = cells[: L * C].cpu().numpy().reshape(L, C, 3)
+        self.start()
+        dot, nu2, ng2 = s[..., 0], s[..., 1], s[..., 2]
+        norm_und, norm_gen = np.sqrt(nu2), np.sqrt(ng2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cosine = np.where((nu2 > 0) & (ng2 > 0), dot / (norm_und * norm_gen), np.nan)
+        cosine = np.clip(cosine, -1.0, 1.0)
+        absent = ~self._present
+        cosine[absent] = np.nan
+        norm_und[absent] = np.nan
+        norm_gen[absent] = np.nan
+        return {"cosine": cosine, "norm_und": norm_und, "norm_gen": norm_gen}

@@ -1,0 +1,160 @@
+"""The trainer's one handle on tracing (INTERNAL_API §3).
+
+The trainer calls ``begin_step / backward / end_step / on_eval / flush / close`` and never
+learns what is traced; the session decides from :class:`TraceConfig` which tracers run at a
+step, hands small numpy rows to the store writer and guarantees every hook it added is gone
+after ``end_step`` / ``close`` / ``with`` — also when the step raised.
+
+Rows whose group the store lacks (e.g. ``probe`` for a model without shared experts) are
+skipped, so the store layout (see :func:`store_layout`) decides what is recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+
+import numpy as np
+import torch
+
+from moe_probe.modalities import LOSS_TERMS
+from moe_probe.trace.capture import capture_forward
+from moe_probe.trace.config import TraceConfig
+from moe_probe.trace.grad import GradConflictTracer, plain_backward
+from moe_probe.trace.isolated import ISOLATED_METRICS, isolated_metrics
+from moe_probe.trace.layout import writer_labels
+from moe_probe.trace.probes import PROBE_TASKS, probe_row
+from moe_probe.trace.routing import RoutingTracer, counter_for
+from moe_probe.trace.snapshot import SnapshotTracer
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class TraceSession:
+    """Per-step tracing for one run; use as a context manager (or call ``close``)."""
+
+    def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None):
+        self.model, self.cfg, self.writer = model, cfg, writer
+        self.probe_batch_fn = probe_batch_fn
+        self._groups = set(getattr(writer, "groups", ()) or ())
+        self._stack: ExitStack | None = None
+        self._grad_on = False
+        self._routing_on = False
+        self._counter = counter_for(model, cfg.nominal_capacity) \
+            if cfg.enabled and cfg.routing_every > 0 and "routing" in self._groups else None
+        self._grad: GradConflictTracer | None = None
+        self._snapshot = SnapshotTracer(self._counter.n_experts if self._counter else
+                                        max(m.routing_info().n_experts for _, m in model.moe_layers()))
+        self._last_probe: int | None = None
+        self._probe_batch = None
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, step: int) -> None:
+        """Decide this step's tracers and attach the routing hooks (removed in ``end_step``)."""
+        self._detach()
+        self._stack = ExitStack()
+        self._routing_on = self._counter is not None and _due(step, self.cfg.routing_every)
+        if self._routing_on:
+            self._stack.enter_context(RoutingTracer(self.model, self._counter))
+        self._grad_on = (self.cfg.enabled and "grad" in self._groups and _due(step, self.cfg.grad_every))
+        if self._grad_on:
+            if self._grad is None:
+                self._grad = GradConflictTracer(self.model)
+            self._grad.start()
+
+    def backward(self, task_losses: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """One micro-batch's backward: two traced passes at a grad step, else the plain sum."""
+        if self._grad_on:
+            self._grad.backward(task_losses)
+        else:
+            plain_backward(task_losses)
+
+    def end_step(self, step: int, losses: dict[str, float]) -> None:
+        """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""
+        self._detach()
+        if "loss" in self._groups:
+            self.writer.append("loss", step, value=np.array(
+                [float(losses.get(t, math.nan)) for t in LOSS_TERMS]))
+        if self._routing_on:
+            self._routing_on = False
+            self.writer.append("routing", step, **self._counter.finish())
+        if self._grad_on:
+            self._grad_on = False
+            self.writer.append("grad", step, **self._grad.finish())
+
+    # ------------------------------------------------------------------ eval
+    def on_eval(self, step: int, metrics: dict[str, float], model=None, *, final: bool = False) -> None:
+        """Eval row; with tracing on, the routing snapshot and (when due) the probe rows.
+
+        Probes run at every eval when ``probe_every`` is None, else when ``probe_every`` steps
+        have passed since the last probe, and at ``final``.
+        """
+        model = model if model is not None else self.model
+        if "eval" in self._groups:
+            names = writer_labels(self.writer, "eval", "metric") or sorted(metrics)
+            self.writer.append("eval", step, value=np.array(
+                [float(metrics.get(n, math.nan)) for n in names]))
+        if not self.cfg.enabled or self.probe_batch_fn is None:
+            return
+        want_snap = self.cfg.snapshot and "snapshot" in self._groups
+        want_probe = "probe" in self._groups and self._probe_due(step, final)
+        if not (want_snap or want_probe):
+            return
+        batch = self._batch(model)
+        cap = capture_forward(model, batch, router=want_snap, shared=want_probe)
+        if want_snap:
+            self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids))
+        if want_probe:
+            self._last_probe = step
+            tasks = tuple(writer_labels(self.writer, "probe", "task") or PROBE_TASKS)
+            iso_names = writer_labels(self.writer, "probe", "metric") or list(ISOLATED_METRICS)
+            iso = isolated_metrics(model, batch)
+            self.writer.append("probe", step, **probe_row(batch, cap.shared, self.cfg, tasks),
+                               isolated=np.array([iso.get(n, math.nan) for n in iso_names]))
+
+    def _probe_due(self, step: int, final: bool) -> bool:
+        every = self.cfg.probe_every
+        if every == 0:
+            return False
+        if every is None or final or self._last_probe is None:
+            return True
+        return step - self._last_probe >= every
+
+    def _batch(self, model):
+        if self._probe_batch is None:
+            self._probe_batch = self.probe_batch_fn()
+        p = next(model.parameters(), None)
+        return self._probe_batch.to(p.device) if p is not None else self._probe_batch
+
+    # ------------------------------------------------------------------ lifetime
+    def _detach(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Remove any hook still attached (a step that raised), then close the writer (the
+        session owns it: rows still queued are written)."""
+        self._detach()
+        self._routing_on = self._grad_on = False
+        self.writer.close()
+
+    def __enter__(self) -> TraceSession:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            # Never mask the caller's error with a writer error; hooks still go.
+            self._detach()
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+        return False

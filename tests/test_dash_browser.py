@@ -1,0 +1,296 @@
+"""The dashboard in a real headless chromium against fixture stores.
+
+Values drawn in the graphs (read back from plotly's data in the page) are compared with values
+read from the stores through the public reader; every test also checks the browser console.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moe_probe
+from dashboards.testing import (
+    Server, browser_missing, graph_data, make_driver, quit_driver, severe_logs, wait_for,
+    wait_graph,
+)
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
+
+
+def _need_browser():
+    why = browser_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A writable copy of the fixture stores (the live test appends to one of them)."""
+    _need_browser()
+    r = tmp_path_factory.mktemp("dashroot")
+    for name in ("healthy", "collapse", "grad_conflict", "probe_regression", "und_only_control",
+                 "live"):
+        shutil.copytree(FIXTURES / name, r / name)
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    with Server(root, refresh=1.0) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def driver(server):
+    d = make_driver()
+    yield d
+    quit_driver(d)
+
+
+@pytest.fixture
+def page(driver, server):
+    """Driver with console errors checked after the test."""
+    severe_logs(driver)  # drop entries of earlier tests
+    yield driver
+    errs = severe_logs(driver)
+    assert not errs, f"browser console errors: {errs}"
+
+
+def _ds(root, run, group):
+    return moe_probe.open_run(root / run).dataset(group)
+
+
+def _arr(v):
+    return np.array([np.nan if x is None else x for x in v], dtype=float)
+
+
+def _mat(z):
+    return np.array([[np.nan if x is None else x for x in r] for r in z], dtype=float)
+
+
+def _select(d, dropdown_id, value):
+    """Pick an option of a Dash 4 dropdown the way a user does: open it, click the option."""
+    d.find_element("id", dropdown_id).click()
+    opt = wait_for(lambda: [o for o in d.find_elements("css selector", "[role=option]")
+                            if o.text.strip() == str(value)], 10, what=f"option {value}")
+    opt[0].click()
+
+
+def _goto(d, server, path, focus="healthy"):
+    d.get(server.url + path)
+    wait_for(lambda: d.find_element("id", "focus-run").text.strip(), 30, what="run list")
+    if d.find_element("id", "focus-run").text.strip() != focus:
+        _select(d, "focus-run", focus)
+    wait_for(lambda: d.find_element("id", "focus-run").text.strip() == focus, 10, what="focus")
+
+
+def test_routing_page_draws_store_values_and_follows_layer_and_modality(page, server, root):
+    d = page
+    _goto(d, server, "/routing", "collapse")
+    ds = _ds(root, "collapse", "routing")
+    steps = ds["step"].values
+    g = wait_graph(d, "routing-cap-lines", lambda g: "layer 0" in g["title"])
+    for t in g["traces"]:
+        want = ds["capacity_rate"].sel(layer="0", modality=t["name"]).values
+        np.testing.assert_array_equal(_arr(t["x"]), steps)
+        np.testing.assert_allclose(_arr(t["y"]), want, rtol=1e-6)
+    assert [t["name"] for t in g["traces"]] == ["text", "vit", "vae"]
+
+    # layer 3 collapses for text from step ~150: the plotted text series must show it
+    _select(d, "layer", "3")
+    g = wait_graph(d, "routing-cap-lines", lambda g: "layer 3" in g["title"])
+    text = _arr(next(t for t in g["traces"] if t["name"] == "text")["y"])
+    want = ds["capacity_rate"].sel(layer="3", modality="text").values
+    np.testing.assert_allclose(text, want, rtol=1e-6)
+    assert text[-20:].mean() < 0.8 < text[:50].mean()
+
+    # expert-load heat map: share of the modality's assignments per expert, expert × step
+    d.find_element("css selector", "#modality input[value=text]").click()
+    h = wait_graph(d, "routing-load-heat", lambda g: "layer 3, text" in g["title"])
+    load = ds["load"].sel(layer="3", modality="text").values.astype(float)
+    share = load / load.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(_mat(h["traces"][0]["z"]), share.T, rtol=1e-6)
+    c = wait_graph(d, "routing-cap-heat", lambda g: g["title"].endswith("text"))
+    np.testing.assert_allclose(_mat(c["traces"][0]["z"]),
+                               ds["capacity_rate"].sel(modality="text").values.T, rtol=1e-6)
+
+    # modality share per expert at the slider's step (defaults to the newest committed step)
+    sh = wait_graph(d, "routing-share", lambda g: "layer 3" in g["title"])
+    last = ds["load"].sel(layer="3").isel(step=-1).values.astype(float)  # (modality, expert)
+    got = np.array([_arr(t["y"]) for t in sh["traces"]])
+    np.testing.assert_allclose(got, last / last.sum(axis=0), rtol=1e-6)
+    assert f"step {int(steps[-1])}" in sh["title"]
+
+    # balance and snapshot views carry the store's numbers too
+    b = wait_graph(d, "routing-balance", lambda g: "layer 3" in g["title"])
+    ent = next(t for t in b["traces"] if t["name"] == "text")
+    np.testing.assert_allclose(_arr(ent["y"]), ds["entropy"].sel(layer="3", modality="text").values,
+                               rtol=1e-6)
+    snap = _ds(root, "collapse", "snapshot")
+    s = wait_graph(d, "routing-saturation", lambda g: "layer 3" in g["title"])
+    np.testing.assert_allclose(_arr(s["traces"][0]["y"]), snap["saturation"].sel(layer="3").values,
+                               rtol=1e-6)
+    co = wait_graph(d, "routing-coact", lambda g: "layer 3" in g["title"])
+    np.testing.assert_allclose(_mat(co["traces"][0]["z"]),
+                               snap["coactivation"].sel(layer="3").isel(step=-1).values, rtol=1e-6)
+
+
+def test_zoom_rebuckets_to_the_visible_range(page, server, root):
+    d = page
+    _goto(d, server, "/routing", "healthy")
+    wait_graph(d, "routing-cap-lines", lambda g: len(g["traces"][0]["x"]) > 200)
+    # what a user's box zoom does: plotly_relayout with the new x range
+    d.execute_script("""const gd = document.querySelector('#routing-cap-lines .js-plotly-plot');
+                        Plotly.relayout(gd, {'xaxis.range[0]': 100, 'xaxis.range[1]': 140});""")
+    g = wait_graph(d, "routing-cap-lines", lambda g: max(g["traces"][0]["x"]) <= 140)
+    x = _arr(g["traces"][0]["x"])
+    assert x.min() >= 100 and x.max() <= 140 and len(x) == 41
+    ds = _ds(root, "healthy", "routing")
+    want = ds["capacity_rate"].sel(layer="0", modality="text", step=slice(100, 140)).values
+    np.testing.assert_allclose(_arr(g["traces"][0]["y"]), want, rtol=1e-6)
+
+
+def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):
+    d = page
+    _goto(d, server, "/conflicts", "grad_conflict")
+    ds = _ds(root, "grad_conflict", "grad")
+    _select(d, "conflicts-component", "attn")
+    h = wait_graph(d, "conflicts-cosine", lambda g: g["title"].endswith("attn"))
+    want = ds["cosine"].sel(component="attn").values.T  # layer × step
+    np.testing.assert_allclose(_mat(h["traces"][0]["z"]), want, rtol=1e-6)
+    r = wait_graph(d, "conflicts-ratio", lambda g: "attn" in g["title"])
+    t = next(t for t in r["traces"] if t["name"] == "layer 0")
+    sel = ds.sel(layer="0", component="attn")
+    np.testing.assert_allclose(_arr(t["y"]), sel["norm_gen"].values / sel["norm_und"].values,
+                               rtol=1e-5)
+    # planted conflict: after step 100 the gen gradient is ~10× the und one
+    assert np.nanmedian(_arr(t["y"])[_arr(t["x"]) >= 100]) > 5
+
+
+def test_probes_page_with_control_overlay(page, server, root):
+    d = page
+    _goto(d, server, "/probes", "probe_regression")
+    ds = _ds(root, "probe_regression", "probe")
+    task = str(ds["task"].values[0])
+    g = wait_graph(d, "probes-lines", lambda g: task in g["title"])
+    acc = [t for t in g["traces"] if t["name"] == "layer 1"]
+    assert len(acc) == 2  # accuracy and selectivity panels
+    np.testing.assert_allclose(_arr(acc[0]["y"]), ds["accuracy"].sel(layer="1", task=task).values,
+                               rtol=1e-6)
+    np.testing.assert_allclose(_arr(acc[1]["y"]), ds["selectivity"].sel(layer="1", task=task).values,
+                               rtol=1e-6)
+    # the understanding-only control is overlaid by default (named like a control run)
+    iso = wait_graph(d, "probes-isolated",
+                     lambda g: any(t["name"].startswith("und_only_control") for t in g["traces"]))
+    ctl = _ds(root, "und_only_control", "probe")
+    m = str(ctl["metric"].values[0])
+    t = next(t for t in iso["traces"] if t["name"] == f"und_only_control · {m}")
+    np.testing.assert_allclose(_arr(t["y"]), ctl["isolated"].sel(metric=m).values, rtol=1e-6)
+
+
+def test_runs_page_verdicts_and_compare_overlay(page, server, root):
+    d = page
+    d.get(server.url + "/")
+    rows = wait_for(lambda: d.find_elements("css selector", "#runs-tbl tbody tr"), 60, what="rows")
+    assert [r.find_element("css selector", "td").text for r in rows] == sorted(
+        p.name for p in root.iterdir())
+    text = {r.find_element("css selector", "td").text: r.text for r in rows}
+    assert "routing_collapse" in text["collapse"] and "gradient_conflict" in text["grad_conflict"]
+    # last capacity rate per modality = mean over layers of the last committed row
+    ds = _ds(root, "collapse", "routing")
+    row = next(r for r in rows if r.find_element("css selector", "td").text == "collapse")
+    cells = row.find_elements("css selector", "td")[4:7]
+    for cell, m in zip(cells, ("text", "vit", "vae")):
+        want = float(np.nanmean(ds["capacity_rate"].sel(modality=m).isel(step=-1).values))
+        assert float(cell.get_attribute("data-value")) == pytest.approx(want, rel=1e-6)
+
+    for name in ("collapse", "healthy"):
+        d.find_element("css selector", f"#runs-pick input[value={name}]").click()
+    d.find_element("id", "nav-compare").click()  # client-side navigation keeps the selection
+    g = wait_graph(d, "compare-capacity", lambda g: {t["name"] for t in g["traces"]} ==
+                   {"collapse", "healthy"})
+    for t in g["traces"]:
+        cap = _ds(root, t["name"], "routing")["capacity_rate"]
+        # three panels (text, vit, vae) hold one trace per run each, in that order
+        i = [u for u in g["traces"] if u["name"] == t["name"]].index(t)
+        m = ("text", "vit", "vae")[i]
+        np.testing.assert_allclose(_arr(t["y"]), np.nanmean(cap.sel(modality=m).values, axis=1),
+                                   rtol=1e-5)
+    lo = wait_graph(d, "compare-loss", lambda g: len(g["traces"]) == 2)
+    for t in lo["traces"]:
+        want = _ds(root, t["name"], "loss")["value"].sel(term="gen").values
+        np.testing.assert_allclose(_arr(t["y"]), want, rtol=1e-6)
+    iso = wait_graph(d, "compare-isolated", lambda g: len(g["traces"]) == 2)
+    assert {t["name"] for t in iso["traces"]} == {"collapse", "healthy"}
+
+
+def test_live_run_appends_and_runs_come_and_go(page, server, root):
+    """A writer appends to `live` while the page refreshes: new committed steps appear, garbage
+    rows past the marker never do; a run directory appearing/disappearing is no error."""
+    from moe_probe.store import StoreWriter
+
+    d = page
+    _goto(d, server, "/routing", "live")
+    before = _ds(root, "live", "routing")
+    last = int(before["step"].values[-1])
+    g = wait_graph(d, "routing-cap-lines", lambda g: True)
+    assert max(g["traces"][0]["x"]) == last
+    assert np.nanmax(_arr(g["traces"][0]["y"])) < 2  # no GARBAGE (1e9) past the marker
+
+    writer, _ = StoreWriter.resume(root / "live")
+    L, M, E = (before.sizes[k] for k in ("layer", "modality", "expert"))
+    try:
+        for s in range(last + 1, last + 6):
+            load = np.full((L, M, E), 10, np.int32)
+            writer.append("routing", s, tokens=np.full((L, M), 40, np.int32),
+                          kept=np.full((L, M), 80.0, np.float32),
+                          capacity_rate=np.full((L, M), 0.5, np.float32),
+                          entropy=np.ones((L, M), np.float32), maxvio=np.zeros((L, M), np.float32),
+                          dead_frac=np.zeros((L, M), np.float32),
+                          confidence=np.full((L, M), 0.3, np.float32), load=load,
+                          router_z=np.ones(L, np.float32))
+            writer.flush()
+            time.sleep(0.4)  # appends land between refreshes
+    finally:
+        writer.close()
+    g = wait_graph(d, "routing-cap-lines", lambda g: max(g["traces"][0]["x"]) == last + 5, 30)
+    y = _arr(g["traces"][0]["y"])
+    assert list(y[-5:]) == [0.5] * 5
+
+    # a run appears, then disappears, while pages refresh
+    shutil.copytree(root / "healthy", root / "newcomer")
+    d.find_element("id", "nav-live").click()
+    wait_for(lambda: "newcomer" in d.find_element("id", "live-tbl").text, 30, what="new run")
+    shutil.rmtree(root / "newcomer")
+    wait_for(lambda: "newcomer" not in d.find_element("id", "live-tbl").text, 30, what="gone")
+    live_row = wait_for(lambda: [r for r in d.find_elements("css selector", "#live-tbl tr")
+                                 if r.text.startswith("live ")], 10, what="live row")
+    assert str(last + 5) in live_row[0].text
+
+
+def test_empty_and_vanishing_root_show_a_message(tmp_path):
+    _need_browser()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Server(empty, refresh=0.5) as srv:
+        d = make_driver()
+        try:
+            d.get(srv.url + "/routing")
+            msg = wait_for(lambda: d.find_element("id", "root-msg").text, 30, what="message")
+            assert "No runs under" in msg
+            empty.rmdir()
+            wait_for(lambda: "Cannot read the dashboard root" in
+                     d.find_element("id", "root-msg").text, 30, what="vanished-root message")
+            assert graph_data(d, "routing-cap-lines") is not None  # page still there, no crash
+            assert not severe_logs(d)
+        finally:
+            quit_driver(d)

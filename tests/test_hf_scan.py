@@ -1,0 +1,143 @@
+"""`moe-probe scan` end to end: CLI exit codes, the store it writes, and what the store says.
+
+Store counts are checked against the model's own ``output_router_logits`` top-k on the very
+batches the scan ran (rebuilt here from the same windows), not against the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from moe_probe.cli import main  # noqa: E402
+from moe_probe.hf.loading import load_model, read_windows  # noqa: E402
+from moe_probe.store.reader import open_run  # noqa: E402
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega").split()
+
+
+def _text(path: Path, seed: int, n: int = 600) -> Path:
+    rng = np.random.default_rng(seed)
+    words = WORDS[seed * 5: seed * 5 + 14]  # two overlapping vocabularies
+    path.write_text(" ".join(rng.choice(words, n)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scan")
+    a, b = _text(d / "a.txt", 0), _text(d / "b.txt", 1)
+    out = d / "run"
+    rc = main(["scan", "--model", str(FIX / "qwen2_moe.json"), "--text", str(a), "--text-b", str(b),
+               "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--max-batches", "4",
+               "--advise-groups", str(d / "groups.json"), "--und-fraction", "0.75", "--quiet"])
+    assert rc == 0
+    return d, a, b, out
+
+
+def test_scan_store_reads_and_follows_schema(qwen_run):
+    d, _, _, out = qwen_run
+    run = open_run(out)
+    assert set(run.groups) == {"routing", "loss", "grad", "probe"}
+    assert run.attrs["model"]["arch"] == "qwen2_moe"
+    assert run.attrs["model"]["shared_experts"] == 1
+    assert run.attrs["modalities"] == ["text", "text_b"]
+    r = run.dataset("routing")
+    assert list(r["modality"].values) == ["text", "text_b"]
+    assert list(r["layer"].values) == ["0", "1"]
+    assert list(r["step"].values) == [0, 1, 2, 3]
+    tokens = r["tokens"].values
+    assert (tokens == 2 * 32).all()  # 2 windows of 32 tokens per modality per step
+    np.testing.assert_array_equal(r["load"].values.sum(-1), tokens * 2)  # top-2
+    assert ((r["capacity_rate"].values > 0) & (r["capacity_rate"].values <= 1)).all()
+    g = run.dataset("grad")
+    assert list(g["layer"].values) == ["0", "1", "all"]
+    cos = g["cosine"].sel(component=["attn", "router", "shared", "experts", "norm"]).values
+    assert np.isfinite(cos).all() and (np.abs(cos) <= 1).all()
+    assert np.isnan(g["cosine"].sel(component="und_experts").values).all()
+    p = run.dataset("probe")
+    assert list(p["task"].values) == ["source", "position"]
+    acc = p["accuracy"].values
+    assert np.isfinite(acc).all() and ((acc >= 0) & (acc <= 1)).all()
+    np.testing.assert_allclose(p["selectivity"].values, acc - p["control_accuracy"].values, atol=1e-6)
+    iso = p["isolated"].sel(metric=["lm_full", "lm_shared_only"]).values
+    assert np.isfinite(iso).all()
+    e = xr.open_zarr(run.store_path, group="grad_expert", consolidated=False)
+    assert e["cosine"].dims == ("step", "layer", "expert")
+    # Per-expert squared norms add up to the layer's routed-experts norm².
+    np.testing.assert_allclose((e["norm_und"].values ** 2).sum(-1),
+                               g["norm_und"].sel(component="experts", layer=["0", "1"]).values ** 2,
+                               rtol=1e-4)
+
+
+def test_scan_counts_equal_model_router_logits(qwen_run):
+    _, a, b, out = qwen_run
+    model, tok, _ = load_model(str(FIX / "qwen2_moe.json"), seed=0)
+    wa = read_windows(str(a), tok, model.config.vocab_size, 32)
+    wb = read_windows(str(b), tok, model.config.vocab_size, 32)
+    ref = np.zeros((4, 2, 2, 8), dtype=np.int64)  # step, layer, modality, expert
+    for s in range(4):
+        ids = torch.cat([wa[2 * s: 2 * s + 2], wb[2 * s: 2 * s + 2]])
+        with torch.no_grad():
+            logits = model(input_ids=ids, output_router_logits=True).router_logits
+        for li, lg in enumerate(logits):
+            picks = torch.softmax(lg.float(), -1).topk(2, -1).indices.view(2, 2 * 32 * 2)
+            for m in range(2):
+                ref[s, li, m] = np.bincount(picks[m].numpy(), minlength=8)
+    np.testing.assert_array_equal(open_run(out).dataset("routing")["load"].values, ref)
+
+
+def test_advice_is_choose_groups_of_text_counts(qwen_run):
+    from moe_probe.model.convert import choose_groups
+
+    d, _, _, out = qwen_run
+    doc = json.loads((d / "groups.json").read_text())
+    assert doc["format"] == "moe_probe.groups/1"
+    load = open_run(out).dataset("routing")["load"].sel(modality="text").values.sum(0)  # L, E
+    np.testing.assert_array_equal(np.array(doc["counts"]), load)
+    assert doc["groups"] == [list(g) for g in choose_groups(load, 0.75)]
+    for und, gen in zip(doc["groups"], doc["gen"]):
+        assert len(und) == 6 and sorted(und + gen) == list(range(8))
+        # the und group holds the most-used experts
+        assert min(load[doc["groups"].index(und)][und]) >= max(load[doc["groups"].index(und)][gen])
+
+
+def test_single_text_scan_without_shared_experts(tmp_path):
+    a = _text(tmp_path / "a.txt", 0)
+    out = tmp_path / "run"
+    rc = main(["scan", "--model", str(FIX / "mixtral.json"), "--text", str(a), "--out", str(out),
+               "--batch-size", "2", "--seq-len", "16", "--max-batches", "2", "--quiet"])
+    assert rc == 0
+    run = open_run(out)
+    assert set(run.groups) == {"routing", "loss"}  # no text-b: no grad; no shared: no probe
+    assert list(run.dataset("routing")["modality"].values) == ["text"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", str(FIX / "llama_dense.json")], "no MoE layer"),
+    (["--model", "/nonexistent/model_dir"], "does not exist"),
+    (["--model", str(FIX / "qwen2_moe.json"), "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, needle):
+    a = _text(tmp_path / "a.txt", 0)
+    rc = main(["scan", *argv, "--text", str(a), "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_missing_text_exits_2(tmp_path, capsys):
+    rc = main(["scan", "--model", str(FIX / "mixtral.json"), "--text", str(tmp_path / "nope.txt"),
+               "--out", str(tmp_path / "r"), "--quiet"])
+    assert rc == 2 and "text file does not exist" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""User errors of `moe-probe train` / `info`: exit code 2, one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_probe.cli import main
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "moe_probe", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--recipe", "nope"], "unknown recipe 'nope'; known: base"),
+    (["train", "--recipe", "tiny-moe", "--resume", "--out", "{tmp}/missing"], "no checkpoint"),
+])
+def test_real_process_exits_2_with_one_line(tmp_path, args, needle):
+    p = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("moe-probe ") and needle in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # a rejected command writes nothing
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--recipe", "tiny-moe", "--set", "model.topk=2"], "did you mean model.top_k"),
+    (["train", "--recipe", "tiny-moe", "--set", "train.steps"], "expects KEY=VALUE"),
+    (["train", "--recipe", "tiny-moe", "--steps", "-1"], "--steps must be >= 0"),
+    (["train", "--recipe", "tiny-moe", "--set", "train.steps=-4"], "train.steps must be >= 0"),
+    (["train", "--recipe", "tiny-symbiotic", "--set", "model.top_k=3"], "larger than the gen group"),
+    (["train", "--recipe", "tiny-symbiotic", "--set", "model.und_fraction=0.95"], "group is empty"),
+    (["train", "--recipe", "tiny-moe", "--set", "train.micro_batches=3"], "divisible"),
+    (["info", "{tmp}/missing"], "no run directory"),
+    (["info", "{tmp}"], "not a moe-probe run"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, needle):
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main(["train", "--recipe", "tiny-moe", "--out", str(run)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == "{}"
