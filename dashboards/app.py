@@ -40,8 +40,26 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
     app.layout = _layout(root_p, refresh_s)
+    _warm_up()
     _app = app
     return app
+
+
+def _warm_up() -> None:
+    """Plotly imports its graph-object classes and templates lazily (~1 s on first figure); pay
+    that at start-up, not in the first page a user opens."""
+    from dashboards.components import add_line, heatmap, line_figure
+    import numpy as np
+    import plotly.io as pio
+    fig = line_figure("warm-up")
+    add_line(fig, np.arange(3), np.arange(3.0), "x")
+    pio.to_json(fig)
+    pio.to_json(heatmap(np.zeros((2, 2)), [0, 1], ["a", "b"], title="warm-up"))
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    sub = make_subplots(rows=1, cols=3)
+    sub.add_trace(go.Bar(x=[0], y=[1]), row=1, col=2)
+    pio.to_json(sub)
 
 
 def _layout(root_p: Path, refresh_s: float):

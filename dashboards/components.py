@@ -10,10 +10,12 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import dcc, html
 
-from dashboards.bucketing import mean_columns, minmax_line
+from dashboards.bucketing import TARGET_BUCKETS, mean_columns, minmax_line
 
 MODALITY_COLORS = {"text": "#1f77b4", "vit": "#2ca02c", "vae": "#ff7f0e"}
 RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+SUBPLOT_BUCKETS = 500
+"""Buckets per series in a one-third-width subplot."""
 _BASE = dict(template="plotly_white", margin=dict(l=55, r=20, t=45, b=40), height=330)
 
 
@@ -32,7 +34,9 @@ def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
     """Heatmap with rows y and columns x; categorical y stays in the given order."""
     if bucket_note > 1:
         title = f"{title}  <span style='font-size:11px'>(mean of {bucket_note} steps per column)</span>"
-    fig = go.Figure(go.Heatmap(z=z_YX, x=x, y=[str(v) for v in y], colorscale=colorscale,
+    # float32 halves what travels to the browser (plotly ships numpy arrays as typed binary)
+    z_YX = np.asarray(z_YX, dtype=np.float32)
+    fig = go.Figure(go.Heatmap(z=z_YX, x=np.asarray(x), y=[str(v) for v in y], colorscale=colorscale,
                                zmid=zmid, zmin=zmin, zmax=zmax, hoverongaps=False,
                                colorbar=dict(thickness=12)))
     fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
@@ -58,9 +62,14 @@ def line_figure(title: str, *, xlabel: str = "step", ylabel: str = "", uirevisio
 
 
 def add_line(fig: go.Figure, steps, values, name: str, *, color=None, dash="solid",
-             row=None, col=None, mode="lines", showlegend=True, legendgroup=None) -> None:
-    """A min/max-bucketed series: extremes of every bucket are drawn exactly."""
-    x, y = minmax_line(steps, values)
+             row=None, col=None, mode="lines", showlegend=True, legendgroup=None,
+             target: int = TARGET_BUCKETS) -> None:
+    """A min/max-bucketed series: extremes of every bucket are drawn exactly. Narrow subplots
+    pass a smaller `target`: SVG lines cost the browser per point, and a third of the width
+    cannot show more buckets anyway."""
+    x, y = minmax_line(steps, values, target)
+    x, y = np.asarray(x, dtype=np.int64 if np.asarray(x).dtype.kind in "iu" else np.float64), \
+        np.asarray(y, dtype=np.float32)
     trace = go.Scatter(x=x, y=y, name=name, mode=mode, showlegend=showlegend,
                          legendgroup=legendgroup or name,
                          line=dict(color=color, dash=dash, width=1.6))

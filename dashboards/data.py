@@ -9,7 +9,6 @@ touches only the zarr chunks that hold it.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -185,29 +184,39 @@ def group_dataset(root, run_id: str, group: str):
 
 # ------------------------------------------------------------------------------- slicing cache
 class _LRU:
-    """Tiny thread-safe LRU: callbacks are re-fired by the refresh interval with unchanged inputs;
-    keyed on the group's committed row count, a hit is only possible while nothing new landed."""
+    """Small thread-safe LRU with an entry and a byte budget. Keys include the group's committed
+    row count, so a hit is only possible while nothing new landed (refresh ticks re-fire
+    callbacks with unchanged inputs all the time)."""
 
-    def __init__(self, size: int = 64):
-        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = 64, max_bytes: int = 256 << 20):
+        self.size, self.max_bytes = size, max_bytes
+        self._d, self._lock, self._bytes = OrderedDict(), threading.Lock(), 0
 
     def get(self, key):
         with self._lock:
             if key in self._d:
                 self._d.move_to_end(key)
-                return self._d[key]
+                return self._d[key][0]
         return None
 
-    def put(self, key, value):
+    def put(self, key, value, nbytes: int = 0):
         with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            if key in self._d:
+                self._bytes -= self._d.pop(key)[1]
+            self._d[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes):
+                self._bytes -= self._d.popitem(last=False)[1][1]
 
 
-_cache = _LRU()
+_cache = _LRU(128, 256 << 20)
 _ds_cache = _LRU(32)
+_block_cache = _LRU(32, 384 << 20)
+
+# Arrays with these dims are chunked one layer at a time (store schema), so slicing them lazily
+# reads 1/L of the bytes. Every other array's chunk spans all its labels: one label costs the
+# same chunks as all of them, so their step window is read once and sliced in memory.
+_PER_LAYER_DIMS = {"expert", "expert2"}
 
 
 @dataclass(frozen=True)
@@ -221,14 +230,15 @@ class Slice:
 
 def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **sel) -> Slice | None:
     """One variable of one group, cut to labels `sel` (e.g. layer="3", modality="vae") and an
-    inclusive `step_range` before any data is read. None while the group holds no rows.
+    inclusive `step_range` before data is read. None while the group holds no rows.
 
-    Label selections use `isel` on positions found in the (small) coordinate arrays so the lazy
-    backend array is indexed directly and only the chunks covering the cut are fetched.
+    The step window and (for per-layer-chunked arrays) the label positions index the lazy backend
+    array directly, so only the chunks covering the cut are fetched and decoded.
     """
     store = open_store(root, run_id)
     committed = _committed(store, group)
-    key = (str(Path(root)), run_id, group, var, committed, tuple(sorted(sel.items())),
+    path = str(store.store_path)
+    key = (path, group, var, committed, tuple(sorted(sel.items())),
            tuple(step_range) if step_range else None)
     hit = _cache.get(key)
     if hit is not None:
@@ -246,17 +256,25 @@ def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **se
             raise DataError(f"{run_id}: {dim} {label!r} not in {group}")
         idx[dim] = labels.index(str(label))
     steps = np.asarray(ds["step"].values, dtype=np.int64)
+    a, b = 0, len(steps)
     if step_range is not None:
         lo, hi = step_range
-        a = int(np.searchsorted(steps, math.floor(lo), side="left"))
-        b = int(np.searchsorted(steps, math.ceil(hi), side="right"))
-        idx["step"] = slice(a, b)
+        a = int(np.searchsorted(steps, lo, side="left"))
+        b = int(np.searchsorted(steps, hi, side="right"))
         steps = steps[a:b]
-    da = da.isel(idx)
-    values = np.asarray(da.values)
-    coords = {d: [str(v) for v in ds[d].values] for d in da.dims if d != "step" and d in ds.coords}
-    out = Slice(steps=steps, values=values, dims=tuple(da.dims), coords=coords)
-    _cache.put(key, out)
+    if set(da.dims) & _PER_LAYER_DIMS:
+        values = np.asarray(da.isel({**idx, "step": slice(a, b)}).values)
+    else:
+        bkey = (path, group, var, committed, a, b)
+        block = _block_cache.get(bkey)
+        if block is None:
+            block = np.asarray(da.isel(step=slice(a, b)).values)
+            _block_cache.put(bkey, block, block.nbytes)
+        values = block[tuple(idx.get(d, slice(None)) for d in da.dims)]
+    dims = tuple(d for d in da.dims if d not in idx)
+    coords = {d: [str(v) for v in ds[d].values] for d in dims if d != "step" and d in ds.coords}
+    out = Slice(steps=steps, values=values, dims=dims, coords=coords)
+    _cache.put(key, out, values.nbytes)
     return out
 
 

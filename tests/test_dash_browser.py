@@ -98,7 +98,7 @@ def test_routing_page_draws_store_values_and_follows_layer_and_modality(page, se
     _goto(d, server, "/routing", "collapse")
     ds = _ds(root, "collapse", "routing")
     steps = ds["step"].values
-    g = wait_graph(d, "routing-cap-lines", lambda g: "layer 0" in g["title"])
+    g = wait_graph(d, "routing-cap-lines", lambda g: g["title"] == "collapse · capacity rate per modality — layer 0")
     for t in g["traces"]:
         want = ds["capacity_rate"].sel(layer="0", modality=t["name"]).values
         np.testing.assert_array_equal(_arr(t["x"]), steps)
@@ -147,7 +147,7 @@ def test_routing_page_draws_store_values_and_follows_layer_and_modality(page, se
 def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     d = page
     _goto(d, server, "/routing", "healthy")
-    wait_graph(d, "routing-cap-lines", lambda g: len(g["traces"][0]["x"]) > 200)
+    wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("healthy"))
     # what a user's box zoom does: plotly_relayout with the new x range
     d.execute_script("""const gd = document.querySelector('#routing-cap-lines .js-plotly-plot');
                         Plotly.relayout(gd, {'xaxis.range[0]': 100, 'xaxis.range[1]': 140});""")
@@ -164,10 +164,12 @@ def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):
     _goto(d, server, "/conflicts", "grad_conflict")
     ds = _ds(root, "grad_conflict", "grad")
     _select(d, "conflicts-component", "attn")
-    h = wait_graph(d, "conflicts-cosine", lambda g: g["title"].endswith("attn"))
+    h = wait_graph(d, "conflicts-cosine",
+                   lambda g: g["title"].startswith("grad_conflict") and g["title"].endswith("attn"))
     want = ds["cosine"].sel(component="attn").values.T  # layer × step
     np.testing.assert_allclose(_mat(h["traces"][0]["z"]), want, rtol=1e-6)
-    r = wait_graph(d, "conflicts-ratio", lambda g: "attn" in g["title"])
+    r = wait_graph(d, "conflicts-ratio",
+                   lambda g: g["title"].startswith("grad_conflict") and "attn" in g["title"])
     t = next(t for t in r["traces"] if t["name"] == "layer 0")
     sel = ds.sel(layer="0", component="attn")
     np.testing.assert_allclose(_arr(t["y"]), sel["norm_gen"].values / sel["norm_und"].values,
@@ -181,7 +183,7 @@ def test_probes_page_with_control_overlay(page, server, root):
     _goto(d, server, "/probes", "probe_regression")
     ds = _ds(root, "probe_regression", "probe")
     task = str(ds["task"].values[0])
-    g = wait_graph(d, "probes-lines", lambda g: task in g["title"])
+    g = wait_graph(d, "probes-lines", lambda g: g["title"].startswith("probe_regression") and task in g["title"])
     acc = [t for t in g["traces"] if t["name"] == "layer 1"]
     assert len(acc) == 2  # accuracy and selectivity panels
     np.testing.assert_allclose(_arr(acc[0]["y"]), ds["accuracy"].sel(layer="1", task=task).values,
@@ -190,7 +192,7 @@ def test_probes_page_with_control_overlay(page, server, root):
                                rtol=1e-6)
     # the understanding-only control is overlaid by default (named like a control run)
     iso = wait_graph(d, "probes-isolated",
-                     lambda g: any(t["name"].startswith("und_only_control") for t in g["traces"]))
+                     lambda g: g["title"].startswith("probe_regression") and any(t["name"].startswith("und_only_control") for t in g["traces"]))
     ctl = _ds(root, "und_only_control", "probe")
     m = str(ctl["metric"].values[0])
     t = next(t for t in iso["traces"] if t["name"] == f"und_only_control · {m}")
@@ -200,18 +202,21 @@ def test_probes_page_with_control_overlay(page, server, root):
 def test_runs_page_verdicts_and_compare_overlay(page, server, root):
     d = page
     d.get(server.url + "/")
-    rows = wait_for(lambda: d.find_elements("css selector", "#runs-tbl tbody tr"), 60, what="rows")
-    assert [r.find_element("css selector", "td").text for r in rows] == sorted(
-        p.name for p in root.iterdir())
-    text = {r.find_element("css selector", "td").text: r.text for r in rows}
+    # one JS read of the whole table: cells as [text, data-value] per row
+    rows = wait_for(lambda: d.execute_script(
+        "return Array.from(document.querySelectorAll('#runs-tbl tbody tr')).map(r =>"
+        " Array.from(r.querySelectorAll('td')).map(c => [c.innerText, c.dataset.value || null]))"),
+        60, what="rows")
+    assert [r[0][0] for r in rows] == sorted(p.name for p in root.iterdir())
+    text = {r[0][0]: " ".join(c[0] for c in r) for r in rows}
     assert "routing_collapse" in text["collapse"] and "gradient_conflict" in text["grad_conflict"]
+    assert text["healthy"].endswith("ok")
     # last capacity rate per modality = mean over layers of the last committed row
     ds = _ds(root, "collapse", "routing")
-    row = next(r for r in rows if r.find_element("css selector", "td").text == "collapse")
-    cells = row.find_elements("css selector", "td")[4:7]
-    for cell, m in zip(cells, ("text", "vit", "vae")):
+    row = next(r for r in rows if r[0][0] == "collapse")
+    for cell, m in zip(row[4:7], ("text", "vit", "vae")):
         want = float(np.nanmean(ds["capacity_rate"].sel(modality=m).isel(step=-1).values))
-        assert float(cell.get_attribute("data-value")) == pytest.approx(want, rel=1e-6)
+        assert float(cell[1]) == pytest.approx(want, rel=1e-6)
 
     for name in ("collapse", "healthy"):
         d.find_element("css selector", f"#runs-pick input[value={name}]").click()
@@ -242,7 +247,7 @@ def test_live_run_appends_and_runs_come_and_go(page, server, root):
     _goto(d, server, "/routing", "live")
     before = _ds(root, "live", "routing")
     last = int(before["step"].values[-1])
-    g = wait_graph(d, "routing-cap-lines", lambda g: True)
+    g = wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("live"))
     assert max(g["traces"][0]["x"]) == last
     assert np.nanmax(_arr(g["traces"][0]["y"])) < 2  # no GARBAGE (1e9) past the marker
 

@@ -117,6 +117,8 @@ def test_fixed_disjoint_splits_per_seed(data):
 def test_probe_batch_fixed_and_labelled(data):
     p, q = data.probe_batch(), data.probe_batch()
     assert torch.equal(p.tokens_BS, q.tokens_BS) and torch.equal(p.noise_BSP, q.noise_BSP)
+    q.noise_BSP.add_(1.0)  # callers' in-place edits never reach the cached probe batch
+    assert torch.equal(data.probe_batch().noise_BSP, p.noise_BSP)
     n = CFG.probe_per_class
     for kind in (KIND_MMU, KIND_T2I):
         labels = p.labels_B[p.kind_B == kind]

@@ -24,7 +24,7 @@ def fx(tmp_path_factory):
     from fixtures.generate import build
 
     out = tmp_path_factory.mktemp("diag_cli")
-    for name in ("healthy", "collapse", "grad_conflict", "und_only_control"):
+    for name in ("healthy", "collapse", "grad_conflict", "und_only_control", "live"):
         build(name, out)
     return out
 
@@ -41,6 +41,7 @@ def _cli(*args, cwd=ROOT):
     (["collapse"], "conflict", 0),  # findings, but none of that kind
     (["healthy", "grad_conflict"], "conflict", 1),
     (["collapse"], None, 0),  # no --fail-on: findings never change the exit code
+    (["live"], "any", 0),  # a store still being written: its committed rows are healthy
 ])
 def test_fail_on_exit_codes(fx, runs, fail_on, rc):
     r = _cli(*[fx / x for x in runs], *(["--fail-on", fail_on] if fail_on else []))

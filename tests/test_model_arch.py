@@ -69,6 +69,10 @@ def test_losses_match_records_and_independent_ce(data, batch):
         assert torch.equal(r.modality_T, batch.modality_BS[valid])
         lse2 = torch.logsumexp(r.logits_TE, -1).square() / len(r.modality_T)
         is_gen = r.modality_T == VAE
+        groups = ffn.routing_info().groups
+        assert torch.isin(r.topk_ids_TK[is_gen], torch.tensor(groups["gen"])).all()
+        assert torch.isin(r.topk_ids_TK[~is_gen], torch.tensor(groups["und"])).all()
+        assert r.kept_TK is not None and r.kept_TK.shape == r.topk_ids_TK.shape
         z_und, z_gen = z_und + lse2[~is_gen].sum(), z_gen + lse2[is_gen].sum()
         for g, ids in ffn.routing_info().groups.items():
             sel = is_gen if g == "gen" else ~is_gen
@@ -217,3 +221,31 @@ def test_config_validation():
         ModelConfig(arch="dense")
     with pytest.raises(ValueError, match="layers"):
         ModelConfig(arch="symbiotic", n_layers=2, groups=((0, 1, 2),))
+
+
+def test_bf16_autocast_matches_fp32(data, batch):
+    m = build(data, arch="symbiotic", capacity_factor=2.0)
+    ref = m(batch).losses
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(batch)
+    out.losses["total"].backward()
+    for k in ("lm", "mmu", "gen", "aux", "z"):
+        assert torch.allclose(out.losses[k].float(), ref[k], rtol=0.05, atol=0.05), k
+
+
+@pytest.mark.parametrize("arch", ["moe", "mot", "symbiotic"])
+def test_overfits_one_batch(data, batch, arch):
+    m = build(data, arch=arch, capacity_factor=1.25)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        out = m(batch)
+        opt.zero_grad()
+        out.losses["total"].backward()
+        opt.step()
+        first = first if first is not None else {k: float(v.detach()) for k, v in out.losses.items()}
+    with torch.no_grad():
+        last = m(batch).losses
+    assert float(last["lm"]) < 0.7 * first["lm"]
+    assert float(last["mmu"]) < 0.7 * first["mmu"]
+    assert float(last["gen"]) < 0.9 * first["gen"]

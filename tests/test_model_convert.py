@@ -147,3 +147,24 @@ def test_sample_and_classify(stage1, data):
     pred = stage1.classify_images(images, tok)
     logits = stage1(mmu).lm_logits_BSV[:, data.layout.mmu_answer_pos - 1][:, tok.digit_ids]
     assert torch.equal(pred, logits.argmax(-1))
+
+
+def test_other_patch_size_end_to_end():
+    d = MultimodalData(DataConfig(vocab_words=100, patch_size=4, seq_len=12), seed=0)
+    b = d.batch("train", 8, torch.Generator().manual_seed(0))
+    assert b.patches_BSP.shape == (8, 12, 16)
+    assert ((b.modality_BS != 0).sum(1)[b.kind_B != 0] == 4).all()
+    torch.manual_seed(0)
+    m = MultimodalMoE(ModelConfig(**{**TINY, "arch": "mot"}, max_seq_len=12, patch_dim=16, n_image_tokens=4),
+                      d.tokenizer.vocab_size)
+    out = m(b)
+    out.losses["total"].backward()
+    assert m.sample_images([1, 2], d.tokenizer, 2).shape == (2, 8, 8)
+    assert m.classify_images(d.images[:3], d.tokenizer).shape == (3,)
+    with pytest.raises(ValueError, match="seq_len"):
+        MultimodalData(DataConfig(vocab_words=100, patch_size=2, seq_len=12), seed=0)
+    with pytest.raises(ValueError, match="patch_size"):
+        MultimodalData(DataConfig(vocab_words=100, patch_size=3), seed=0)
+    long = MultimodalData(DataConfig(vocab_words=100, seq_len=30), seed=0).batch("train", 2, torch.Generator())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(long)

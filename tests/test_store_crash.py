@@ -111,8 +111,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         committed = _check_committed(run)
         # resumed children continue where the committed rows end: no gap, no duplicate
         if mode == "resume":
-            assert start == min(seen[-1]["loss"], seen[-1]["routing"], 10 * seen[-1]["grad"] - 9
-                                if seen[-1]["grad"] else 0) or start <= committed["loss"]
+            prev = seen[-1]  # what was committed when the previous child was killed
+            grad_next = 10 * (prev["grad"] - 1) + 1 if prev["grad"] else 0
+            assert start == min(prev["loss"], prev["routing"], grad_next)
         seen.append(committed)
         mode = "resume"
     assert seen[-1]["loss"] > seen[0]["loss"] > 0, seen  # the trials did write, and kept it

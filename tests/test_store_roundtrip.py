@@ -123,6 +123,10 @@ def test_append_validation(tmp_path):
                  norm_gen=np.ones((4, 7)))
     with pytest.raises(ValueError, match="not in this store"):
         w.append("nope", 0, value=[1])
+    bad_counts = routing_row(0)
+    bad_counts["tokens"] = np.full((3, 3), np.nan)
+    with pytest.raises(ValueError, match="routing/tokens holds counts"):
+        w.append("routing", 0, **bad_counts)
     w.append("loss", 5, value=np.zeros(6))
     for bad in (5, 4):
         with pytest.raises(ValueError, match="strictly increasing"):

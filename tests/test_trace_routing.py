@@ -220,3 +220,21 @@ def test_tracer_removes_hooks_on_exception():
             assert _n_hooks(model) == 2
             raise RuntimeError("boom")
     assert _n_hooks(model) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a GPU")
+def test_add_never_syncs_with_the_host_on_cuda():
+    info = LayerRouting(n_experts=4, top_k=2, capacity_factor=None,
+                        groups={"und": (0, 1), "gen": (2, 3)}, modality_group={"vae": "gen"})
+    c = RoutingCounter(["0"], [info], device="cuda")
+    r = REC_A
+    r = RouterRecord(*(t.cuda() for t in (r.logits_TE, r.topk_ids_TK, r.topk_weights_TK)), None,
+                     r.modality_T.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        c.add(0, r)
+        c.add(0, r)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    np.testing.assert_array_equal(c.finish()["tokens"], [[4, 2, 2]])

@@ -106,21 +106,23 @@ def test_hooks_removed_when_a_step_raises(tmp_path, data):
 
 
 @pytest.mark.parametrize("arch", ["symbiotic", "moe"])
-def test_traced_step_updates_like_an_untraced_step(data, arch):
+def test_traced_step_updates_like_an_untraced_step(tmp_path, data, arch):
     base = _model(data, arch=arch)
     base.set_shield(0.1)  # shielding on: the traced gradients must include its scaling
     batches = _batches(data, 2, seed=3)
     params_after = []
-    for traced in (False, True):
+    for name, cfg in (("plain", TraceConfig(enabled=False)), ("traced", TraceConfig(grad_every=1))):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        tracer = GradConflictTracer(model) if traced else None
-        for b in batches:
-            tl = {k: v / 2 for k, v in model(b).task_losses.items()}
-            tracer.backward(tl) if traced else plain_backward(tl)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with TraceSession(model, cfg, _writer(tmp_path / name, model), data.probe_batch) as s:
+            s.begin_step(0)
+            for b in batches:  # two micro-batches, as the trainer scales them
+                s.backward({k: v / 2 for k, v in model(b).task_losses.items()}, 0)
+            s.end_step(0, {})
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
         params_after.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert open_run(tmp_path / "traced").committed_steps("grad") == 1
     for n, p in params_after[0].items():
         torch.testing.assert_close(params_after[1][n], p, rtol=0, atol=1e-6, msg=n)
 
@@ -177,3 +179,50 @@ def test_capacity_layer_kept_matches_records(data):
             assert row["kept"][li, m] == pytest.approx(float(r.kept_TK[sel].sum()))
             assert row["tokens"][li, m] == int(sel.sum())
         assert row["kept"][li].sum() < row["load"][li].sum()  # C=1 drops something here
+
+
+def _steps(model, session, batches, steps):
+    for step in steps:
+        session.begin_step(step)
+        out = model(batches[step % len(batches)])
+        session.backward(out.task_losses, step)
+        session.end_step(step, {k: float(v.detach()) for k, v in out.losses.items()})
+        model.zero_grad(set_to_none=True)
+
+
+def test_rates_disabled_tracing_and_final_probe(tmp_path, data):
+    model = _model(data)
+    batches = _batches(data, 2)
+    cfg = TraceConfig(routing_every=2, grad_every=3, probe_every=100, snapshot=False)
+    with TraceSession(model, cfg, _writer(tmp_path / "a", model), data.probe_batch) as s:
+        _steps(model, s, batches, range(5))
+        s.on_eval(2, {}, model)             # first eval: probes (none done yet)
+        s.on_eval(4, {}, model)             # 2 < probe_every steps later: no probe
+        s.on_eval(5, {}, model, final=True)  # the end: probes regardless
+    run = open_run(tmp_path / "a")
+    assert list(run.dataset("routing")["step"].values) == [0, 2, 4]
+    assert list(run.dataset("grad")["step"].values) == [0, 3]
+    assert list(run.dataset("probe")["step"].values) == [2, 5]
+    assert run.committed_steps("snapshot") == 0
+
+    off = TraceConfig(enabled=False)
+    with TraceSession(model, off, _writer(tmp_path / "b", model), data.probe_batch) as s:
+        _steps(model, s, batches, range(2))
+        assert _hooks(model) == 0
+        s.on_eval(2, {"text_loss": 1.0}, model)
+    run = open_run(tmp_path / "b")
+    assert run.committed_steps("loss") == 2 and run.committed_steps("eval") == 1
+    assert all(run.committed_steps(g) == 0 for g in ("routing", "grad", "probe", "snapshot"))
+
+
+def test_layout_without_shared_experts_has_no_probe_group(tmp_path, data):
+    model = _model(data, arch="moe", n_shared=0)
+    attrs, coords = store_layout(model, eval_metrics=EVAL)
+    assert "probe" not in coords and attrs["model"]["shared_experts"] == 0
+    assert coords["grad"]["layer"] == ["0", "1", "all"]
+    with TraceSession(model, TraceConfig(), _writer(tmp_path, model), data.probe_batch) as s:
+        _steps(model, s, _batches(data, 1), range(1))
+        s.on_eval(1, {"text_loss": 2.0, "digit_acc": 0.5}, model)
+    run = open_run(tmp_path)
+    assert "probe" not in run.groups and run.committed_steps("snapshot") == 1
+    assert run.attrs["model"]["experts"] == 8

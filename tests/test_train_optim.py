@@ -14,6 +14,7 @@ from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.layout import store_layout
 from moe_probe.trace.session import TraceSession
 from moe_probe.train import recipes
+from moe_probe.train.config import TrainConfig
 from moe_probe.train.trainer import build_optimizer, fit, lr_factor, shield_scale, tag_lr
 
 
@@ -51,9 +52,9 @@ def test_param_groups_cover_every_parameter_once_with_the_right_lr(arch):
 
 
 def test_backbone_lr_defaults_to_lr_base():
-    tc = recipes.recipe("tiny-symbiotic").train
-    assert tc.lr_backbone is None
+    tc = replace(recipes.recipe("tiny-symbiotic").train, lr_backbone=None)
     assert tag_lr("backbone", tc) == tc.lr_base and tag_lr("gen_io", tc) == tc.lr_new
+    assert TrainConfig().lr_backbone is None
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

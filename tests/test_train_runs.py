@@ -72,15 +72,15 @@ def test_info_json_and_same_params_for_moe_and_symbiotic(cache, tmp_path, capsys
     runs = {}
     for arch in ("moe", "symbiotic", "mot"):
         run = tmp_path / arch
-        assert _train(run, f"tiny-{arch}", "--steps", "2") == 0
+        assert _train(run, f"tiny-{arch}", "--steps", "1") == 0
         capsys.readouterr()
         assert main(["info", str(run), "--json"]) == 0
         runs[arch] = json.loads(capsys.readouterr().out)
     for arch, info in runs.items():
-        assert info["arch"] == arch and info["steps_done"] == 2
+        assert info["arch"] == arch and info["steps_done"] == 1
         assert info["n_params"] > 0 and info["layers"] == 2 and info["experts"] == 8
         assert info["top_k"] == 2 and info["capacity_factor"] == 1.25 and info["shared_experts"] == 1
-        assert info["committed_steps"]["loss"] == 2
+        assert info["committed_steps"]["loss"] == 1
     assert runs["moe"]["n_params"] == runs["symbiotic"]["n_params"]  # zero extra parameters
     assert runs["mot"]["n_params"] > runs["moe"]["n_params"]          # untied towers
     assert runs["moe"]["groups"] is None
@@ -102,15 +102,20 @@ def test_stage1_is_cached_and_reused(cache, tmp_path, capsys):
     assert len(bases) == 1
     ckpt = bases[0] / "checkpoint.pt"
     before = (ckpt.stat().st_mtime_ns, ckpt.read_bytes())
-    main(["train", "--recipe", "tiny-und_only", "--out", str(tmp_path / "b"), "--steps", "1"])
+    main(["train", "--recipe", "tiny-und_only", "--out", str(tmp_path / "b"), "--steps", "0"])
     assert "reusing base" in capsys.readouterr().out
     assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before
     # A different base config (another seed) trains a second base.
-    assert _train(tmp_path / "c", "tiny-und_only", "--steps", "1", "--seed", "1") == 0
+    assert _train(tmp_path / "c", "tiny-und_only", "--steps", "0", "--seed", "1") == 0
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
     # und_only trains no generation: its generation metrics are NaN, not noise.
     ev = open_run(tmp_path / "a").dataset("eval")["value"]
     assert torch.isnan(torch.tensor(float(ev.sel(metric="gen_acc")[-1])))
+    # ... and `info --json` stays strict JSON (null, not NaN).
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "a"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert info["eval"]["gen_acc"] is None and info["eval"]["digit_acc"] is not None
 
 
 def test_resume_is_exact(cache, tmp_path):
@@ -124,6 +129,7 @@ def test_resume_is_exact(cache, tmp_path):
                  "--resume", "--quiet"]) == 0
     a, b = _state(full), _state(half)
     assert a["step"] == b["step"] == 6
+    assert json.loads((half / "config.json").read_text())["train"]["steps"] == 6
     for name, t in a["model"].items():
         assert torch.equal(t, b["model"][name]), name
     for pid, st in a["optimizer"]["state"].items():

@@ -3,12 +3,15 @@ modality), 5b (generation loss) and 6 (isolated shared-expert probe) for any set
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards import data
-from dashboards.components import add_line, line_figure, message_figure
+from dashboards.figures import memo
+from dashboards.components import SUBPLOT_BUCKETS, add_line, line_figure, message_figure
 
 _RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
                "#7f7f7f")
@@ -18,6 +21,7 @@ def _color(i):
     return _RUN_COLORS[i % len(_RUN_COLORS)]
 
 
+@memo
 def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
     """Fig. 5a: capacity rate averaged over layers, one panel per modality, one line per run."""
     if not run_ids:
@@ -31,21 +35,24 @@ def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
                                 step_range=xrange)
             if s is None:
                 continue
-            with np.errstate(invalid="ignore"):
-                mean = np.nanmean(s.values.astype(np.float64), axis=1) if s.values.size else s.values
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no vae tokens
+                mean = np.nanmean(s.values, axis=1, dtype=np.float64) if s.values.size else s.values
             add_line(fig, s.steps, mean, rid, color=_color(i), row=1, col=j,
-                     showlegend=(j == 1), legendgroup=rid)
-    fig.update_layout(template="plotly_white", height=330, margin=dict(l=45, r=20, t=45, b=40),
+                     showlegend=(j == 1), legendgroup=rid, target=SUBPLOT_BUCKETS)
+    fig.update_layout(template="plotly_white", height=350, margin=dict(l=45, r=20, t=75, b=40),
                       title="capacity rate per modality (mean over layers) — Fig. 5a",
                       legend=dict(orientation="h", y=-0.25), uirevision="cmp/cap")
     return fig
 
 
-def loss_term(root, run_ids, term="gen", xrange=None) -> go.Figure:
+@memo
+def loss_term(root, run_ids, term="gen", xrange=None, title=None) -> go.Figure:
     """Fig. 5b: a loss term (default the flow-matching generation loss) per run."""
     if not run_ids:
         return message_figure("pick runs to compare on the Runs page", f"{term} loss")
-    fig = line_figure(f"{term} loss — Fig. 5b", ylabel=f"{term} loss", uirevision="cmp/loss")
+    fig = line_figure(title or f"{term} loss — Fig. 5b", ylabel=f"{term} loss",
+                      uirevision="cmp/loss")
     for i, rid in enumerate(run_ids):
         s = data.read_slice(root, rid, "loss", "value", term=term, step_range=xrange)
         if s is not None:

@@ -6,6 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from dashboards import data
+from dashboards.figures import memo
 from dashboards.components import add_line, line_figure, message_figure, step_heatmap
 
 
@@ -24,30 +25,32 @@ def components(root, run_id) -> list[str]:
     return out or comps
 
 
+@memo
 def cosine_heatmap(root, run_id, component, xrange=None) -> go.Figure:
     """cos(∇_c L_und, ∇_c L_gen), layer × step: red = the tasks pull the component apart."""
     s = data.read_slice(root, run_id, "grad", "cosine", component=component, step_range=xrange)
     if s is None or len(s.steps) == 0:
         return message_figure("no gradient rows committed yet", "gradient cosine")
     return step_heatmap(s.steps, s.values, s.coords["layer"],
-                        title=f"gradient cosine und·gen — {component}", ylabel="layer",
+                        title=f"{run_id} · gradient cosine und·gen — {component}", ylabel="layer",
                         colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0,
                         uirevision=f"{run_id}/cos")
 
 
+@memo
 def norm_ratio(root, run_id, component, layers, xrange=None) -> go.Figure:
     """‖∇ L_gen‖ / ‖∇ L_und‖ of a component at the given layers (log axis: >1 = gen dominates)."""
-    fig = line_figure(f"gradient norm ratio gen/und — {component}", ylabel="‖∇gen‖ / ‖∇und‖",
+    fig = line_figure(f"{run_id} · gradient norm ratio gen/und — {component}", ylabel="‖∇gen‖ / ‖∇und‖",
                       uirevision=f"{run_id}/ratio")
+    und = data.read_slice(root, run_id, "grad", "norm_und", component=component, step_range=xrange)
+    gen = data.read_slice(root, run_id, "grad", "norm_gen", component=component, step_range=xrange)
+    if und is None or gen is None:
+        return message_figure("no gradient rows committed yet", "norm ratio")
     for layer in layers:
-        und = data.read_slice(root, run_id, "grad", "norm_und", layer=layer, component=component,
-                              step_range=xrange)
-        gen = data.read_slice(root, run_id, "grad", "norm_gen", layer=layer, component=component,
-                              step_range=xrange)
-        if und is None or gen is None:
-            return message_figure("no gradient rows committed yet", "norm ratio")
-        u = und.values.astype(np.float64)
-        ratio = np.divide(gen.values.astype(np.float64), u, out=np.full_like(u, np.nan), where=u > 0)
+        j = und.coords["layer"].index(str(layer))
+        u = und.values[:, j].astype(np.float64)
+        ratio = np.divide(gen.values[:, j].astype(np.float64), u, out=np.full_like(u, np.nan),
+                          where=u > 0)
         add_line(fig, und.steps, ratio, f"layer {layer}")
     fig.update_yaxes(type="log")
     return fig

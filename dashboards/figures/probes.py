@@ -31,15 +31,15 @@ def probe_lines(root, run_id, task) -> go.Figure:
             s = data.read_slice(root, run_id, "probe", var, layer=layer, task=task)
             add_line(fig, s.steps, s.values, f"layer {layer}", color=color, row=1, col=j,
                      mode="lines+markers", showlegend=(j == 1), legendgroup=f"layer {layer}")
-    fig.update_layout(template="plotly_white", height=330, margin=dict(l=45, r=20, t=45, b=40),
-                      title=f"shared-expert probes — task {task}",
+    fig.update_layout(template="plotly_white", height=350, margin=dict(l=45, r=20, t=75, b=40),
+                      title=f"{run_id} · shared-expert probes — task {task}",
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
 
 def isolated_lines(root, run_id, control_id=None) -> go.Figure:
     """Understanding metrics with routed experts masked; a control run drawn dashed beside it."""
-    fig = line_figure("isolated shared-expert eval", ylabel="metric")
+    fig = line_figure(f"{run_id} · isolated shared-expert eval", ylabel="metric")
     any_rows = False
     for k, rid in enumerate([run_id] + ([control_id] if control_id and control_id != run_id else [])):
         for metric in labels(root, rid, "metric"):

@@ -10,30 +10,29 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards import data
+from dashboards.figures import memo
 from dashboards.components import (
-    MODALITY_COLORS, add_line, heatmap, line_figure, message_figure, step_heatmap,
+    MODALITY_COLORS, SUBPLOT_BUCKETS, add_line, heatmap, line_figure, message_figure, step_heatmap,
 )
 
 
-def _modalities(root, run_id):
-    return data.run_meta(root, run_id)["modalities"]
-
-
+@memo
 def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
     """Capacity rate of each modality at one layer over steps (min/max per bucket)."""
-    fig = line_figure(f"capacity rate per modality — layer {layer}", ylabel="capacity rate",
+    fig = line_figure(f"{run_id} · capacity rate per modality — layer {layer}", ylabel="capacity rate",
                       uirevision=f"{run_id}/cap")
-    for m in _modalities(root, run_id):
-        s = data.read_slice(root, run_id, "routing", "capacity_rate", layer=layer, modality=m,
-                            step_range=xrange)
-        if s is None:
-            return message_figure("no routing rows committed yet", "capacity rate")
-        add_line(fig, s.steps, s.values, m, color=MODALITY_COLORS.get(m))
+    # One read of the layer's (step, modality) block: a chunk holds every modality anyway.
+    s = data.read_slice(root, run_id, "routing", "capacity_rate", layer=layer, step_range=xrange)
+    if s is None:
+        return message_figure("no routing rows committed yet", "capacity rate")
+    for j, m in enumerate(s.coords["modality"]):
+        add_line(fig, s.steps, s.values[:, j], m, color=MODALITY_COLORS.get(m))
     if xrange:
         fig.update_xaxes(range=list(xrange))
     return fig
 
 
+@memo
 def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
     """Capacity rate, layer × step, for one modality: where in depth the collapse starts."""
     s = data.read_slice(root, run_id, "routing", "capacity_rate", modality=modality,
@@ -41,10 +40,11 @@ def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
     if s is None or len(s.steps) == 0:
         return message_figure("no routing rows committed yet", "capacity rate by layer")
     return step_heatmap(s.steps, s.values, s.coords["layer"],
-                        title=f"capacity rate by layer — {modality}", ylabel="layer",
+                        title=f"{run_id} · capacity rate by layer — {modality}", ylabel="layer",
                         colorscale="RdYlGn", zmin=0.0, zmax=1.0, uirevision=f"{run_id}/caph")
 
 
+@memo
 def load_heatmap(root, run_id, layer, modality, xrange=None) -> go.Figure:
     """Share of the modality's assignments going to each expert, expert × step.
 
@@ -58,7 +58,7 @@ def load_heatmap(root, run_id, layer, modality, xrange=None) -> go.Figure:
     tot = load.sum(axis=1, keepdims=True)
     share = np.divide(load, tot, out=np.full_like(load, np.nan), where=tot > 0)
     return step_heatmap(s.steps, share, s.coords["expert"],
-                        title=f"expert load share — layer {layer}, {modality}", ylabel="expert",
+                        title=f"{run_id} · expert load share — layer {layer}, {modality}", ylabel="expert",
                         colorscale="Viridis", uirevision=f"{run_id}/load")
 
 
@@ -77,7 +77,7 @@ def modality_share(root, run_id, layer, step) -> go.Figure:
         fig.add_trace(go.Bar(x=experts, y=share, name=m, marker_color=MODALITY_COLORS.get(m)))
     fig.update_layout(template="plotly_white", barmode="stack", height=300,
                       margin=dict(l=55, r=20, t=45, b=40),
-                      title=f"modality share per expert — layer {layer}, step {st}",
+                      title=f"{run_id} · modality share per expert — layer {layer}, step {st}",
                       xaxis_title="expert", yaxis_title="share of assignments",
                       xaxis_type="category", legend=dict(orientation="h", y=-0.25))
     return fig
@@ -86,20 +86,19 @@ def modality_share(root, run_id, layer, step) -> go.Figure:
 BALANCE_VARS = ("entropy", "maxvio", "dead_frac")
 
 
+@memo
 def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
     """Entropy, MaxVio and dead-expert fraction per modality at one layer."""
     fig = make_subplots(rows=1, cols=3, subplot_titles=BALANCE_VARS, horizontal_spacing=0.07)
-    mods = _modalities(root, run_id)
     for j, var in enumerate(BALANCE_VARS, start=1):
-        for m in mods:
-            s = data.read_slice(root, run_id, "routing", var, layer=layer, modality=m,
-                                step_range=xrange)
-            if s is None:
-                return message_figure("no routing rows committed yet", "balance")
-            add_line(fig, s.steps, s.values, m, color=MODALITY_COLORS.get(m), row=1, col=j,
-                     showlegend=(j == 1), legendgroup=m)
-    fig.update_layout(template="plotly_white", height=300, margin=dict(l=45, r=20, t=45, b=40),
-                      title=f"balance — layer {layer}", uirevision=f"{run_id}/bal",
+        s = data.read_slice(root, run_id, "routing", var, layer=layer, step_range=xrange)
+        if s is None:
+            return message_figure("no routing rows committed yet", "balance")
+        for i, m in enumerate(s.coords["modality"]):
+            add_line(fig, s.steps, s.values[:, i], m, color=MODALITY_COLORS.get(m), row=1, col=j,
+                     showlegend=(j == 1), legendgroup=m, target=SUBPLOT_BUCKETS)
+    fig.update_layout(template="plotly_white", height=330, margin=dict(l=45, r=20, t=75, b=40),
+                      title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal",
                       legend=dict(orientation="h", y=-0.25))
     return fig
 
@@ -109,7 +108,7 @@ def saturation_line(root, run_id, layer) -> go.Figure:
     s = data.read_slice(root, run_id, "snapshot", "saturation", layer=layer)
     if s is None:
         return message_figure("no snapshot rows committed yet", "router saturation")
-    fig = line_figure(f"router saturation — layer {layer}", ylabel="saturation", height=300)
+    fig = line_figure(f"{run_id} · router saturation — layer {layer}", ylabel="saturation", height=300)
     add_line(fig, s.steps, s.values, f"layer {layer}", color="#444", mode="lines+markers")
     fig.update_yaxes(range=[0, 1.02])
     return fig
@@ -123,7 +122,7 @@ def coactivation_heatmap(root, run_id, layer, step) -> go.Figure:
     s = data.read_slice(root, run_id, "snapshot", "coactivation", layer=layer, step_range=(st, st))
     z = s.values[0]
     fig = heatmap(z, s.coords["expert2"], s.coords["expert"],
-                  title=f"co-activation P(e′|e) — layer {layer}, step {st}",
+                  title=f"{run_id} · co-activation P(e′|e) — layer {layer}, step {st}",
                   xlabel="expert e′", ylabel="expert e", colorscale="Blues", zmin=0, zmax=1)
     fig.update_xaxes(type="category")
     fig.update_layout(height=380)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from dashboards import data
 
@@ -16,30 +17,40 @@ _diag_cache: dict = {}
 _lock = threading.Lock()
 
 
+DIAGNOSE_EVERY_S = 30.0
+"""A run that keeps committing is re-diagnosed at most this often (a 50k-step diagnosis takes
+seconds; the Runs page refreshes every few)."""
+
+
 def diagnosis(root, run_id) -> dict:
-    """{"checks": {kind: status}, "findings": [...], "final_capacity_rate": {m: x}} or {"error"}."""
+    """{"checks": {kind: status}, "findings": [...], "final_capacity_rate": {m: x}, "as_of":
+    committed routing rows} or {"error": ...}. Cached per run and committed rows."""
     committed = data.committed(root, run_id)
-    key = (str(root), run_id, tuple(sorted(committed.items())))
+    key = (str(root), run_id)
+    version = tuple(sorted(committed.items()))
     with _lock:
-        if key in _diag_cache:
-            return _diag_cache[key]
+        hit = _diag_cache.get(key)
+    if hit and (hit[0] == version or time.monotonic() - hit[1] < DIAGNOSE_EVERY_S):
+        return hit[2]
     try:
         from moe_probe.diagnose.rundata import load_run
         from moe_probe.diagnose.runner import diagnose_run
         d = diagnose_run(load_run(data.resolve_run(root, run_id)))
         out = {"checks": dict(d.checks),
-               "findings": [f"{f.severity}: {f.kind}"
-                            + (f" ({f.modality})" if f.modality else "")
-                            + (f" from step {f.onset_step}" if f.onset_step is not None else "")
-                            for f in d.findings],
-               "final_capacity_rate": dict(d.final_capacity_rate)}
+               "findings": list(dict.fromkeys(  # one line per kind/modality/onset, not per layer
+                   f"{f.severity}: {f.kind}"
+                   + (f" ({f.modality})" if f.modality else "")
+                   + (f" from step {f.onset_step}" if f.onset_step is not None else "")
+                   for f in d.findings)),
+               "final_capacity_rate": dict(d.final_capacity_rate),
+               "as_of": d.last_step}
     except ImportError as e:
         out = {"error": f"diagnosis unavailable ({e})"}
     except Exception as e:  # noqa: BLE001 - a half-written run must not break the table
         log.warning("diagnose %s: %s", run_id, e)
         out = {"error": f"diagnosis failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
     with _lock:
-        _diag_cache[key] = out
+        _diag_cache[key] = (version, time.monotonic(), out)
         while len(_diag_cache) > 256:
             _diag_cache.pop(next(iter(_diag_cache)))
     return out

@@ -42,11 +42,12 @@ def _metrics(sel, current):
           Input("compare-loss", "relayoutData"), State("compare-zoom", "data"))
 def _zoom(cap, loss, z):
     z = dict(z or {})
+    new = dict(z)
     if ctx.triggered_id == "compare-capacity":
-        z["cap"] = zoom_range(cap, z.get("cap"))
+        new["cap"] = zoom_range(cap, z.get("cap"))
     elif ctx.triggered_id == "compare-loss":
-        z["loss"] = zoom_range(loss, z.get("loss"))
-    return z
+        new["loss"] = zoom_range(loss, z.get("loss"))
+    return dash.no_update if new == z else new  # redraws report relayoutData too
 
 
 @callback(Output("compare-capacity", "figure"), Output("compare-loss", "figure"),

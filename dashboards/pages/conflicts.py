@@ -44,7 +44,8 @@ def _zoom(relayout, sel, current):
     current = current or {}
     if ctx.triggered_id == "sel":
         return dash.no_update if current.get("run") == run else {"run": run, "range": None}
-    return {"run": run, "range": zoom_range(relayout, current.get("range"))}
+    new = {"run": run, "range": zoom_range(relayout, current.get("range"))}
+    return dash.no_update if new == current else new  # redraws report relayoutData too
 
 
 @callback(Output("conflicts-cosine", "figure"), Output("conflicts-ratio", "figure"),

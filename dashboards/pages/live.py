@@ -6,7 +6,7 @@ appearing or disappearing between ticks is just a different table, not an error.
 from __future__ import annotations
 
 import dash
-from dash import Input, Output, callback, html
+from dash import Input, Output, State, callback, dcc, html
 
 from dashboards import data
 from dashboards.components import graph, section
@@ -22,33 +22,42 @@ layout = html.Div([
             html.Div(id="live-tick", className="live-tick"),
             html.Div(id="live-table")),
     section("Focused run: total loss", graph("live-loss")),
+    dcc.Store(id="live-rows", data=None),
 ])
 
 
 @callback(Output("live-table", "children"), Output("live-msg", "children"),
-          Output("live-tick", "children"), Input("tick", "n_intervals"))
-def _table(n):
+          Output("live-tick", "children"), Output("live-rows", "data"),
+          Input("tick", "n_intervals"), State("live-rows", "data"))
+def _table(n, old):
     try:
         ids = data.list_runs(root_of())
     except (OSError, ValueError) as e:
-        return None, f"Cannot read the dashboard root: {e}", ""
-    rows = [html.Tr([html.Th("run"), *[html.Th(g) for g in _GROUPS], html.Th("last step")])]
+        return None, f"Cannot read the dashboard root: {e}", "", None
+    metas = {}
     for rid in ids:
         try:
-            meta = data.run_meta(root_of(), rid)
+            metas[rid] = data.run_meta(root_of(), rid)
         except data.DataError as e:
-            rows.append(html.Tr([html.Td(rid), html.Td(str(e), colSpan=len(_GROUPS) + 1)]))
+            metas[rid] = {"error": str(e)}
+    tick = f"refreshed {n or 0} times; rows below each group's commit marker only"
+    if metas == old:  # unchanged: keep the DOM (no flicker), only the counter moves
+        return dash.no_update, dash.no_update, tick, dash.no_update
+    rows = [html.Tr([html.Th("run"), *[html.Th(g) for g in _GROUPS], html.Th("last step")])]
+    for rid, meta in metas.items():
+        if "error" in meta:
+            rows.append(html.Tr([html.Td(rid), html.Td(meta["error"], colSpan=len(_GROUPS) + 1)]))
             continue
         c = meta["committed"]
         rows.append(html.Tr([html.Td(rid), *[html.Td(c.get(g, "–")) for g in _GROUPS],
                              html.Td("–" if meta["last_step"] is None else meta["last_step"],
                                      className="last-step")], id={"type": "live-row", "run": rid}))
     msg = "" if ids else f"No runs under {root_of()}."
-    return (html.Table(rows, className="runs", id="live-tbl"), msg,
-            f"refreshed {n or 0} times; rows below each group's commit marker only")
+    return html.Table(rows, className="runs", id="live-tbl"), msg, tick, metas
 
 
 @callback(Output("live-loss", "figure"), Input("sel", "data"), Input("versions", "data"))
 @figures_or_message(1, ("total loss",))
 def _loss(sel, _v):
-    return CMP.loss_term(root_of(), [need((sel or {}).get("focus"), "run")], "total")
+    run_id = need((sel or {}).get("focus"), "run")
+    return CMP.loss_term(root_of(), [run_id], "total", title=f"{run_id} · total loss")

@@ -61,12 +61,14 @@ def _zoom(cap_relayout, load_relayout, sel, z):
     key = [(sel or {}).get("focus"), (sel or {}).get("layer")]
     if ctx.triggered_id == "sel":
         return dash.no_update if z.get("key") == key else {"key": key, "cap": None, "load": None}
-    z["key"] = key
+    new = dict(z, key=key)
     if ctx.triggered_id == "routing-cap-lines":
-        z["cap"] = zoom_range(cap_relayout, z.get("cap"))
+        new["cap"] = zoom_range(cap_relayout, z.get("cap"))
     elif ctx.triggered_id == "routing-load-heat":
-        z["load"] = zoom_range(load_relayout, z.get("load"))
-    return z
+        new["load"] = zoom_range(load_relayout, z.get("load"))
+    # A graph reports relayoutData after every draw (autosize): re-sending an unchanged zoom
+    # would re-run the page's heaviest callbacks for nothing.
+    return dash.no_update if new == z else new
 
 
 @callback(Output("routing-cap-lines", "figure"), Output("routing-cap-heat", "figure"),

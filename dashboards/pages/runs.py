@@ -18,6 +18,7 @@ layout = html.Div([
             html.Div(id="runs-table")),
     section("Compare", html.P("Tick the runs to overlay on the Compare page."),
             dcc.Checklist(id="runs-pick", options=[], value=[], inline=True)),
+    dcc.Store(id="runs-rows", data=None),
 ])
 
 
@@ -55,18 +56,22 @@ def _table(rows):
 
 
 @callback(Output("runs-table", "children"), Output("runs-msg", "children"),
-          Output("runs-pick", "options"), Output("runs-pick", "value"),
-          Input("tick", "n_intervals"), State("sel", "data"))
-def _runs(_n, sel):
+          Output("runs-pick", "options"), Output("runs-pick", "value"), Output("runs-rows", "data"),
+          Input("tick", "n_intervals"), State("sel", "data"), State("runs-rows", "data"))
+def _runs(_n, sel, old_rows):
+    """Rebuilt only when a run or its committed rows changed: re-rendering the table on every
+    tick would flicker and drop the user's ticks mid-click."""
     try:
         ids = data.list_runs(root_of())
     except (OSError, ValueError) as e:
-        return None, f"Cannot read the dashboard root: {e}", [], []
+        return None, f"Cannot read the dashboard root: {e}", [], [], None
     if not ids:
-        return None, f"No runs under {root_of()}.", [], []
+        return None, f"No runs under {root_of()}.", [], [], None
     rows = [run_row(root_of(), rid) for rid in ids]
+    if rows == old_rows:
+        return (dash.no_update,) * 5
     picked = [r for r in ((sel or {}).get("runs") or []) if r in ids]
-    return _table(rows), "", ids, picked
+    return _table(rows), "", ids, picked, rows
 
 
 @callback(Output("sel", "data", allow_duplicate=True), Input("runs-pick", "value"),

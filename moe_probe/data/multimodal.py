@@ -188,4 +188,5 @@ class MultimodalData:
             self.layout.fill_lm(b, torch.arange(2 * nd, 2 * nd + nl), self.text_split["val"][text_idx],
                                 tl[text_idx])
             self._probe = b
-        return self._probe.select(slice(None))
+        # a copy: callers may move or edit it in place without touching the cached one
+        return self._probe.select(torch.arange(len(self._probe)))

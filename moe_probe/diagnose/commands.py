@@ -17,6 +17,9 @@ from moe_probe.diagnose.runner import diagnose as run_detectors
 
 def diagnose(args) -> int:
     cfg = DiagnoseConfig()
+    for out in (args.json_out, args.html):  # fail before the (slow) reading, not after it
+        if out and not Path(out).resolve().parent.is_dir():
+            raise ValueError(f"cannot write {out}: no such directory {Path(out).parent}")
     runs = [load_run(d) for d in args.run_dirs]
     control = load_run(args.control) if getattr(args, "control", None) else None
     report = run_detectors(runs, cfg, control)
@@ -35,7 +38,7 @@ def diagnose(args) -> int:
 
 
 def _write(path: str, text: str) -> None:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        raise ValueError(f"cannot write {path}: no such directory {p.parent}")
-    p.write_text(text, encoding="utf-8")
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None

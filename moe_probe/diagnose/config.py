@@ -30,8 +30,9 @@ class DiagnoseConfig:
     dead_critical: float = 0.5
     """Dead experts are `critical` when at least this fraction of the group is dead."""
     maxvio: float = 1.0
-    """Load-imbalance finding when MaxVio stays above this for `window` rows (1.0 = the busiest
-    expert gets twice the mean load)."""
+    """Load-imbalance finding when MaxVio of the load summed over `window` rows exceeds this (1.0
+    = the busiest expert gets twice the mean load). Summed, because per-step MaxVio of a few
+    tokens per expert is mostly sampling noise."""
     maxvio_critical: float = 3.0
     """Imbalance is `critical` when the final MaxVio exceeds this."""
     phase_fraction: float = 0.1

@@ -2,8 +2,11 @@
 
 Per layer, each expert's assignments are split by task (text+vit = und, vae = gen) and compared
 between the early and late phase of the run. Raw counts, not per-modality preferences: what
-matters for capacity is whose tokens fill the expert. Grouped layers (symbiotic, mot) cannot
-show it — vae tokens never reach und experts — so they pass without special-casing.
+matters for capacity is whose tokens fill the expert. An expert is taken over when generation's
+share of its work rises past `takeover_share` *and* generation tokens' own use of it grows: an
+expert that understanding tokens merely left (they piled onto others) is not "taken". Grouped
+layers (symbiotic, mot) cannot show it — vae tokens never reach und experts — so they pass
+without special-casing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import REMEDIES, CheckResult, Finding
-from moe_probe.diagnose.rundata import RunData
+from moe_probe.diagnose.rundata import RunData, layer_load
 from moe_probe.diagnose.windows import phases, sustained
 from moe_probe.modalities import TASK_OF_MODALITY
 
@@ -30,18 +33,20 @@ def detect_dominance(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
         return CheckResult(kind=kind, not_measured="needs both und and gen modalities")
     if n < max(cfg.window, 2):
         return CheckResult(kind=kind, not_measured=f"{n} routed rows < window {cfg.window}")
-    load = ds["load"].transpose("step", "layer", "modality", "expert").astype(float)
-    und_SLE = load.sel(modality=und).sum("modality").values
-    gen_SLE = load.sel(modality=gen).sum("modality").values
-    if np.nansum(gen_SLE) == 0:
+    if "tokens" in ds and float(ds["tokens"].sel(modality=gen).sum()) == 0:
         return CheckResult(kind=kind, not_measured="no generation tokens routed")
     early, late = phases(n, cfg.phase_fraction)
     steps = ds["step"].values
     experts = ds["expert"].values
     per, onsets = {}, []
+    any_gen = False
     for li, layer in enumerate(ds["layer"].values):
-        u_early, g_early = np.nansum(und_SLE[early, li], 0), np.nansum(gen_SLE[early, li], 0)
-        u_late, g_late = np.nansum(und_SLE[late, li], 0), np.nansum(gen_SLE[late, li], 0)
+        x = layer_load(ds, li)  # one layer in memory at a time: `load` is the big array
+        und_SE = x.sel(modality=und).sum("modality").values.astype(float)
+        gen_SE = x.sel(modality=gen).sum("modality").values.astype(float)
+        any_gen = any_gen or np.nansum(gen_SE) > 0
+        u_early, g_early = np.nansum(und_SE[early], 0), np.nansum(gen_SE[early], 0)
+        u_late, g_late = np.nansum(und_SE[late], 0), np.nansum(gen_SE[late], 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             gs_early = g_early / (u_early + g_early)
             gs_late = g_late / (u_late + g_late)
@@ -56,8 +61,8 @@ def detect_dominance(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
         if len(taken) < cfg.takeover_min_fraction * und_experts.size:
             continue
         # When did it happen: the first sustained stretch where gen fills most of those experts.
-        u_S = np.nansum(und_SLE[:, li][:, taken], 1)
-        g_S = np.nansum(gen_SLE[:, li][:, taken], 1)
+        u_S = np.nansum(und_SE[:, taken], 1)
+        g_S = np.nansum(gen_SE[:, taken], 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             share_S = g_S / (u_S + g_S)
         i = sustained(share_S, above=cfg.takeover_share - 1e-12, window=cfg.window,
@@ -73,6 +78,8 @@ def detect_dominance(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
             "gen_share_late": {str(int(experts[e])): float(gs_late[e]) for e in taken},
             "gen_use_growth": {str(int(experts[e])): float(growth[e]) for e in taken},
         }
+    if not any_gen:
+        return CheckResult(kind=kind, not_measured="no generation tokens routed")
     if not per:
         return CheckResult(kind=kind)
     n_taken = sum(len(v["taken_over"]) for v in per.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 
 import numpy as np
@@ -35,17 +36,47 @@ def bucket(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.n
     return steps[::b], out
 
 
-def plain(a, digits: int = 4) -> list:
-    """Plain JSON list (NaN -> None, rounded): plotly would otherwise base64-encode numpy arrays,
-    and rounding keeps heat maps small without changing what a reader sees."""
-    arr = np.asarray(a, dtype=float)
-    r = np.round(arr, digits).astype(object)
-    r[~np.isfinite(arr)] = None
-    return r.tolist()
+def plain(a, digits: int = 4) -> np.ndarray:
+    """Rounded float array: rounding keeps heat maps small without changing what a reader sees.
+    Arrays (not lists) because plotly validates lists element by element — seconds per report;
+    the HTML writer turns them into plain JSON lists (NaN -> null), see :func:`to_json_value`."""
+    return np.round(np.asarray(a, dtype=float), digits)
 
 
-def steps_list(s) -> list[int]:
-    return [int(x) for x in np.asarray(s)]
+def steps_list(s) -> np.ndarray:
+    return np.asarray(s, dtype=np.int64)
+
+
+def plain_spec(o):
+    """A figure's `to_plotly_json()` with plotly's base64 typed arrays ({dtype, bdata, shape},
+    which plotly >= 6 makes from numpy arrays) turned back into arrays for :func:`to_json_value`."""
+    if isinstance(o, dict):
+        if "bdata" in o and "dtype" in o:
+            a = np.frombuffer(base64.b64decode(o["bdata"]), dtype=np.dtype(o["dtype"]))
+            shape = o.get("shape")
+            if shape:
+                a = a.reshape([int(x) for x in str(shape).split(",")] if isinstance(shape, str)
+                              else shape)
+            return a
+        return {k: plain_spec(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [plain_spec(v) for v in o]
+    return o
+
+
+def to_json_value(o):
+    """`json.dumps` default for figure specs: arrays as plain lists, NaN/inf as null (plotly's
+    own JSON would base64-encode arrays, which a test or a reader cannot simply read back)."""
+    if isinstance(o, np.ndarray):
+        if o.dtype.kind == "f":
+            r = o.astype(object)
+            r[~np.isfinite(o)] = None
+            return r.tolist()
+        return o.tolist()
+    if isinstance(o, np.generic):
+        v = o.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 class _quiet:

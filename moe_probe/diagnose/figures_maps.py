@@ -9,10 +9,20 @@ from plotly.subplots import make_subplots
 
 from moe_probe.diagnose.figures_common import (MAX_COLUMNS, MAX_POINTS, bucket, color, nanmean,
                                                plain, steps_list)
-from moe_probe.diagnose.rundata import RunData
+from moe_probe.diagnose.rundata import RunData, layer_load
 
 MAX_COACT_LAYERS = 8
 """Co-activation panels per run (evenly spaced layers beyond this)."""
+MAX_LOAD_ROWS = 512
+"""(layer, expert) rows of the load heat map; beyond this, evenly spaced layers are shown (a
+32-layer × 64-expert model would otherwise put 2048 × 80 cells per modality into the page)."""
+
+
+def _spread(items: list, n: int) -> list:
+    """At most n items, evenly spaced, first and last kept."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, n).round().astype(int))]
 
 
 def load_figure(run: RunData) -> go.Figure | None:
@@ -21,26 +31,34 @@ def load_figure(run: RunData) -> go.Figure | None:
     ds = run.get("routing")
     if ds is None or "load" not in ds:
         return None
-    load = ds["load"].transpose("step", "modality", "layer", "expert")
-    mods = [str(m) for m in load["modality"].values]
-    layers = [str(x) for x in load["layer"].values]
-    experts = [str(e) for e in load["expert"].values]
+    mods = [str(m) for m in ds["modality"].values]
+    all_layers = [str(x) for x in ds["layer"].values]
+    experts = [str(e) for e in ds["expert"].values]
+    layers = _spread(all_layers, max(1, MAX_LOAD_ROWS // len(experts)))
     rows = [f"L{l}·E{e}" for l in layers for e in experts]
     fig = make_subplots(rows=1, cols=len(mods), subplot_titles=mods, shared_yaxes=True,
                         horizontal_spacing=0.03)
-    for mi, m in enumerate(mods):
-        x = load.values[:, mi].astype(float)  # (S, L, E)
+    # One layer in memory at a time (a 50k-step, 64-expert `load` is ~1 GB), bucketed at once.
+    per_layer = []
+    for layer in layers:
+        x = layer_load(ds, all_layers.index(layer)).values.astype(float)  # (S, M, E)
         tot = x.sum(-1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(tot > 0, x / tot, np.nan).reshape(x.shape[0], -1)
+            share = np.where(tot > 0, x / tot, np.nan)
         steps, sb = bucket(ds["step"].values, share, MAX_COLUMNS)
+        per_layer.append(sb)  # (S', M, E)
+    all_SMLE = np.stack(per_layer, axis=2)
+    for mi, m in enumerate(mods):
+        sb = all_SMLE[:, mi].reshape(all_SMLE.shape[0], -1)
         fig.add_trace(go.Heatmap(x=steps_list(steps), y=rows, z=plain(sb.T, 3), zmin=0,
                                  coloraxis="coloraxis", name=m,
                                  hovertemplate="step %{x}<br>%{y}<br>share %{z:.3f}"
                                                "<extra>" + m + "</extra>"), row=1, col=mi + 1)
-    fig.update_layout(title=f"{run.name}: expert load share per modality",
+    shown = "" if layers == all_layers else f" (layers {', '.join(layers)} of {len(all_layers)})"
+    fig.update_layout(title=f"{run.name}: expert load share per modality{shown}",
                       coloraxis={"colorscale": "Viridis", "colorbar": {"title": "share"}},
                       height=max(300, min(900, 12 * len(rows) + 120)))
+    fig.update_yaxes(autorange="reversed")  # layer 0, expert 0 at the top, like a table
     fig.update_xaxes(title_text="step")
     return fig
 
@@ -66,7 +84,8 @@ def cosine_figure(run: RunData) -> go.Figure | None:
                                  hovertemplate="step %{x}<br>layer %{y}<br>cos %{z:.3f}"
                                                "<extra>" + c + "</extra>"), row=1, col=ci + 1)
     fig.update_layout(title=f"{run.name}: gradient cosine und vs gen (per component)",
-                      coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "cos"}},
+                      coloraxis={"colorscale": "RdBu", "cmin": -1, "cmax": 1,
+                                 "colorbar": {"title": "cos"}},
                       height=max(260, 24 * len(layers) + 140))
     fig.update_xaxes(title_text="step")
     return fig
@@ -103,8 +122,7 @@ def snapshot_figure(run: RunData) -> go.Figure | None:
     if ds is None:
         return None
     layers = [str(x) for x in ds["layer"].values]
-    show = layers if len(layers) <= MAX_COACT_LAYERS else \
-        [layers[i] for i in np.linspace(0, len(layers) - 1, MAX_COACT_LAYERS).round().astype(int)]
+    show = _spread(layers, MAX_COACT_LAYERS)
     has_co = "coactivation" in ds
     cols = 1 + (len(show) if has_co else 0)
     fig = make_subplots(rows=1, cols=cols, horizontal_spacing=0.04,
@@ -127,5 +145,6 @@ def snapshot_figure(run: RunData) -> go.Figure | None:
                                                    + "</extra>"), row=1, col=i + 2)
         fig.update_layout(coloraxis={"colorscale": "Blues", "colorbar": {"title": "P(e'|e)"}})
     fig.update_layout(title=f"{run.name}: router saturation and co-activation "
-                            f"(step {steps[-1]})", height=340)
+                            f"(step {steps[-1]})", height=380,
+                      legend={"orientation": "h", "y": -0.25})  # clear of the colour bar
     return fig

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from datetime import datetime, timezone
 
 import plotly.offline
@@ -16,6 +17,7 @@ from moe_probe import __version__
 from moe_probe.diagnose.figures_curves import capacity_figure, loss_figure, probe_figure
 from moe_probe.diagnose.figures_maps import (cosine_figure, load_figure, ratio_figure,
                                              snapshot_figure)
+from moe_probe.diagnose.figures_common import plain_spec, to_json_value
 from moe_probe.diagnose.findings import Report
 from moe_probe.diagnose.rundata import RunData
 
@@ -39,23 +41,14 @@ document.querySelectorAll('script[type="application/json"][data-fig]').forEach(f
 def _fig_block(fig, fig_id: str) -> str:
     if fig is None:
         return ""
-    spec = json.dumps({"data": fig.to_plotly_json()["data"],
-                       "layout": fig.to_plotly_json()["layout"]},
-                      default=_json_default, allow_nan=False)
+    fj = plain_spec(fig.to_plotly_json())
+    spec = json.dumps({"data": fj["data"], "layout": fj["layout"]},
+                      default=to_json_value, allow_nan=False,
+                      separators=(",", ":"))
     # "</" inside a script element would end it early; "<\/" is the same JSON string.
     spec = spec.replace("</", "<\\/")
     return (f'<div class="fig" id="{fig_id}"></div>\n'
             f'<script type="application/json" data-fig="{fig_id}">{spec}</script>\n')
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _summary(report: Report) -> str:
@@ -74,6 +67,11 @@ def _summary(report: Report) -> str:
             f"<th>findings</th></tr>{''.join(rows)}</table>")
 
 
+def _text(s: str) -> str:
+    """Escaped text with the Markdown `code` spans the explanations and remedies use."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))
+
+
 def _findings(report: Report) -> str:
     out = []
     for r in report.runs:
@@ -83,12 +81,13 @@ def _findings(report: Report) -> str:
             out.append("<p>No findings.</p>")
         for f in r.findings:
             where = ", ".join(x for x in (
+                f.evidence.get("component", ""),
                 f.modality or "", "layers " + ",".join(f.layers) if f.layers else "",
                 f"from step {f.onset_step}" if f.onset_step is not None else "") if x)
             out.append(
                 f"<div class='finding {f.severity}'><b>{html.escape(f.kind)}</b> "
-                f"({f.severity}; {html.escape(where)})<p>{html.escape(f.explanation)}</p>"
-                f"<p><i>Remedy:</i> {html.escape(f.remedy)}</p>"
+                f"({f.severity}; {html.escape(where)})<p>{_text(f.explanation)}</p>"
+                f"<p><i>Remedy:</i> {_text(f.remedy)}</p>"
                 f"<details><summary>evidence</summary><pre>"
                 f"{html.escape(json.dumps(f.evidence, indent=1))}</pre></details></div>")
         skipped = [(k, v) for k, v in r.checks.items() if v.startswith("not measured")]

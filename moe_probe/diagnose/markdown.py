@@ -33,6 +33,8 @@ def render_markdown(report: Report) -> str:
             lines.append("No findings.")
         for f in r.findings:
             where = []
+            if f.evidence.get("component"):
+                where.append(f.evidence["component"])
             if f.modality:
                 where.append(f.modality)
             if f.layers:

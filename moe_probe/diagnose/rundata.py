@@ -49,17 +49,26 @@ class RunData:
     def expert_group(self, layer: str, modality: str, n_experts: int) -> list[int]:
         """Expert ids the modality's tokens can route into at `layer`.
 
-        From the model attrs when they carry per-layer groups; else, for a grouped arch without
-        that metadata, nothing can be said, and an ungrouped layer routes into all experts."""
+        From the model attrs (`groups` + `modality_group`, per layer) when present; by default a
+        modality routes into its task's group (TASK_OF_MODALITY), and an ungrouped layer — or a
+        store without that metadata — into all experts."""
         groups = _layer_groups(self.model, layer)
         if groups:
             from moe_probe.modalities import TASK_OF_MODALITY
 
-            name = TASK_OF_MODALITY.get(modality)
-            for key in (name, "all"):
+            mg = _layer_groups(self.model, layer, key=("modality_group",), values=str)
+            for key in (mg.get(modality), TASK_OF_MODALITY.get(modality), "all"):
                 if key in groups:
                     return [int(e) for e in groups[key]]
         return list(range(n_experts))
+
+
+def layer_load(ds: xr.Dataset, li: int) -> xr.DataArray:
+    """One layer's `load` in memory as (step, modality, expert).
+
+    Select the layer on the stored dims *before* transposing: the reader's lazy arrays turn an
+    index on a transposed view into a vectorized indexer, ~1000x slower on a long run."""
+    return ds["load"].isel(layer=li).load().transpose("step", "modality", "expert")
 
 
 def _as_dict(v) -> dict:
@@ -71,10 +80,11 @@ def _as_dict(v) -> dict:
     return dict(v) if isinstance(v, dict) else {}
 
 
-def _layer_groups(model: dict, layer: str) -> dict:
-    """Per-layer expert groups in whichever shape the writer used: {layer: {group: ids}}, a list
-    indexed by layer, or one {group: ids} for every layer."""
-    g = model.get("groups", model.get("expert_groups"))
+def _layer_groups(model: dict, layer: str, key=("groups", "expert_groups"),
+                  values=(list, tuple)) -> dict:
+    """A per-layer mapping in whichever shape the writer used: {layer: {...}}, a list indexed by
+    layer, or one {...} for every layer."""
+    g = next((model[k] for k in key if k in model), None)
     if isinstance(g, str):
         g = _as_dict(g)
     if isinstance(g, list):
@@ -84,7 +94,7 @@ def _layer_groups(model: dict, layer: str) -> dict:
             return {}
     elif isinstance(g, dict) and str(layer) in g:
         g = g[str(layer)]
-    if isinstance(g, dict) and all(isinstance(v, (list, tuple)) for v in g.values()):
+    if isinstance(g, dict) and g and all(isinstance(v, values) for v in g.values()):
         return g
     return {}
 
@@ -98,11 +108,24 @@ def load_run(run_dir: str | Path) -> RunData:
     path = Path(run_dir)
     if not path.exists():
         raise ValueError(f"no such run directory: {run_dir}")
-    store = open_run(path)
-    attrs = dict(store.attrs)
-    groups = {}
-    for g in store.groups:
-        if g in GROUPS and store.committed_steps(g) > 0:
-            groups[g] = store.dataset(g).load()
+    from moe_probe.store import StoreError
+
+    try:
+        store = open_run(path)
+        attrs = dict(store.attrs)
+        groups = {}
+        for g in store.groups:
+            if g in GROUPS and store.committed_steps(g) > 0:
+                ds = store.dataset(g)
+                # Everything but the expert-sized arrays now (and bad chunks surface here as
+                # one line); `load`/`coactivation` stay lazy and are read a layer at a time.
+                small = [v for v in ds.data_vars if "expert" not in ds[v].dims]
+                groups[g] = ds.assign({v: ds[v].load() for v in small})
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a chunk that cannot be decoded is bad input too
+        msg = str(e).strip().splitlines()
+        raise ValueError(f"cannot read {run_dir}: {type(e).__name__}: "
+                         f"{msg[0] if msg else ''}") from e
     name = _as_dict(attrs.get("run")).get("name") or path.name
     return RunData(name=str(name), run_dir=str(run_dir), attrs=attrs, groups=groups)

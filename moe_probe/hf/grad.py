@@ -4,13 +4,15 @@ Two plain LM losses on the same parameters, gradients by ``torch.autograd.grad``
 left on the model, no optimizer). Per MoE layer and component, the store's ``grad`` arrays:
 ``cosine`` = cos(∇L_text, ∇L_text_b) over the flattened gradients of the component (NaN where
 either is zero), ``norm_und`` = ‖∇L_text‖, ``norm_gen`` = ‖∇L_text_b‖ (the store's names: *und*
-is the first text set, *gen* the second). Layer ``all`` is the whole model (embeddings, heads,
-dense layers included). Components: ``attn`` (self-attention), ``router``, ``shared`` (shared
-experts and their gate), ``experts`` (routed), ``norm`` (the layer's norms); ``und_experts`` /
-``gen_experts`` stay NaN (an HF model has no expert groups).
+is the first text set, *gen* the second). Components: ``attn`` (self-attention), ``router``,
+``shared`` (shared experts and Qwen2-MoE's shared gate), ``experts`` (routed), ``norm`` (the
+layer's norms, plus anything else it owns); ``und_experts`` / ``gen_experts`` stay NaN (an HF
+model has no expert groups). Layer ``all``, per component, sums every decoder layer — dense
+ones (DeepSeek-V3's first layers) included, their MLP in ``norm`` — and puts embeddings, final
+norm and LM head in ``norm`` (the contract's ``io``).
 
-Per-expert detail: the routed experts' fused 3-D parameters are sliced along their first dim
-(E), giving (layer, expert) cosines and norms — ``expert_rows``.
+Per-expert detail: the routed experts' fused parameters (first dim E; gpt-oss's expert biases
+too) are sliced per expert, giving (layer, expert) cosines and norms, the second return value.
 
 Legend: L MoE layers, C components, E experts.
 """
@@ -25,29 +27,39 @@ from moe_probe.hf.discover import MoeLayer, decoder_layers
 from moe_probe.modalities import GRAD_COMPONENTS
 
 
+def _generic_component(local: str) -> str:
+    """Component of a decoder-layer parameter by name (``local`` = name inside the layer)."""
+    head = local.split(".")[0]
+    if "norm" in head:
+        return "norm"
+    if "attn" in head or "attention" in head:
+        return "attn"
+    return "norm"  # anything else (a dense layer's MLP, stray scalars): the catch-all column
+
+
 def param_components(model: torch.nn.Module, layers: list[MoeLayer]) -> dict[str, tuple[int, str]]:
-    """Parameter name -> (MoE layer row, component); parameters outside MoE layers -> (-1, "io")."""
+    """Parameter name -> (MoE layer row or -1, component). Row -1 counts only toward layer
+    ``all``: embeddings/head/final norm ("norm", the contract's ``io``), and dense decoder
+    layers (DeepSeek-V3's first ones) by their own components."""
     path, _ = decoder_layers(model)
+    row_of = {layer.index: li for li, layer in enumerate(layers)}
     out: dict[str, tuple[int, str]] = {}
     for name, _p in model.named_parameters():
-        out[name] = (-1, "io")
-        for li, layer in enumerate(layers):
-            pre = f"{path}.{layer.index}."
-            if not name.startswith(pre):
-                continue
+        if not name.startswith(path + "."):
+            out[name] = (-1, "norm")
+            continue
+        idx_s, _, local = name[len(path) + 1:].partition(".")
+        li = row_of.get(int(idx_s), -1) if idx_s.isdigit() else -1
+        comp = _generic_component(local)
+        if li >= 0:
+            layer = layers[li]
             if name.startswith(layer.router + "."):
                 comp = "router"
             elif name.startswith(layer.experts + "."):
                 comp = "experts"
             elif any(name.startswith(s + ".") for s in (*layer.shared, layer.shared_gate or "\0")):
                 comp = "shared"
-            elif "norm" in name[len(pre):].split(".")[0]:
-                comp = "norm"
-            elif "attn" in name or "attention" in name:
-                comp = "attn"
-            else:
-                comp = "norm"  # anything else a layer owns (rare: biases, scalars) — small, kept visible
-            out[name] = (li, comp)
+        out[name] = (li, comp)
     return out
 
 
@@ -82,7 +94,7 @@ class GradConflict:
             a64, b64 = a.detach().double(), b.detach().double()
             trip = np.array([(a64 * b64).sum().item(), a64.square().sum().item(),
                              b64.square().sum().item()])
-            c = GRAD_COMPONENTS.index("norm" if comp == "io" else comp)
+            c = GRAD_COMPONENTS.index(comp)
             if li >= 0:
                 s[li, c] += trip
                 present[li, c] = True

@@ -15,6 +15,13 @@ Deviations from / additions to docs/INTERNAL_API.md §2 (read these, trainer/tra
 - ``und_expert_counts(model, batches)`` (convert.py) counts text+vit routing per layer/expert,
   the input of ``choose_groups``.
 - MoT: ``n_experts``/``n_shared`` are per tower; ``LayerRouting.n_shared`` is per token.
+  ``set_shield`` has no effect on MoT (no shared expert is common to both tasks).
+- ``ModelOutput`` also carries ``lm_logits_BSV`` and ``velocity_BSP``. ``losses['aux']`` is the
+  Switch loss summed over a layer's groups and averaged over layers; ``losses['z']`` likewise
+  averaged over layers; ``losses['total']`` is defined as und + gen (bit-exact).
+- ``param_groups()`` always returns all seven tags (possibly empty lists). A plain ``moe``'s
+  routed experts/router are tagged ``und_experts``/``und_router``; a MoT gen tower's shared experts
+  ``gen_experts``; both towers' attention and norms ``backbone``.
 """
 
 from moe_probe.model.config import ARCHS, ModelConfig

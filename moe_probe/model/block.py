@@ -65,9 +65,9 @@ def _per_tower(x_ND, f_und, f_gen, und_idx, gen_idx, out_dim):
     """Apply f_und to rows und_idx and f_gen to rows gen_idx (MoT); just f_und otherwise."""
     if f_gen is None:
         return f_und(x_ND)
-    y = x_ND.new_zeros(x_ND.shape[0], out_dim)
-    y = y.index_copy(0, und_idx, f_und(x_ND[und_idx]))
-    return y.index_copy(0, gen_idx, f_gen(x_ND[gen_idx]))
+    a, b = f_und(x_ND[und_idx]), f_gen(x_ND[gen_idx])
+    y = a.new_zeros(x_ND.shape[0], out_dim)
+    return y.index_copy(0, und_idx, a).index_copy(0, gen_idx, b.to(a.dtype))
 
 
 class Block(nn.Module):
@@ -97,10 +97,10 @@ class Block(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask_B1SS)
         o_ND = o.transpose(1, 2).reshape(B * S, D)
         x_ND = x_ND + _per_tower(o_ND, self.attn.wo, self.gen_attn.wo if g else None,
-                                 ctx.und_pos, ctx.gen_pos, D)
+                                 ctx.und_pos, ctx.gen_pos, D).to(x_ND.dtype)
         # FFN on non-pad tokens only: pads never enter routing, capacity, records or losses.
         h_TD = x_ND[ctx.valid_idx]
         h_TD = _per_tower(h_TD, self.ffn_norm, self.gen_ffn_norm if g else None, ctx.und_T, ctx.gen_T, D)
         y_TD, aux_T, z_T = self.ffn(h_TD, ctx.modality_T, mask_routed=ctx.mask_routed)
-        x_ND = x_ND.index_add(0, ctx.valid_idx, y_TD)
+        x_ND = x_ND.index_add(0, ctx.valid_idx, y_TD.to(x_ND.dtype))
         return x_ND.view(B, S, D), aux_T, z_T

@@ -27,7 +27,7 @@ from moe_probe.model.block import Block, Context, attention_mask
 from moe_probe.model.config import ModelConfig
 from moe_probe.model.moe import MoE
 from moe_probe.modalities import TEXT, VAE, VIT
-from moe_probe.model import params as _params
+from moe_probe.model.params import param_components, param_groups
 
 
 @dataclass
@@ -169,10 +169,10 @@ class MultimodalMoE(nn.Module):
         return [(str(i), layer.ffn) for i, layer in enumerate(self.layers)]
 
     def param_components(self) -> dict[str, tuple[str, str]]:
-        return _params.param_components(self)
+        return param_components(self)
 
     def param_groups(self) -> dict[str, list[str]]:
-        return _params.param_groups(self)
+        return param_groups(self)
 
     def set_shield(self, scale: float) -> None:
         """Scale of the gradient from vae tokens into shared-expert weights (0 shielded, 1 off).

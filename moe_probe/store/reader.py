@@ -122,7 +122,7 @@ class RunStore:
         for d in LABEL_DIMS[group]:
             if d not in grp:
                 raise StoreError(f"corrupt store: {where} has no {d!r} coordinate array")
-            coords[d] = xr.Variable((d,), np.asarray(grp[d][:]).astype(str))
+            coords[d] = xr.Variable((d,), np.array([str(x) for x in grp[d][:]], dtype=object))
         if "step" not in grp:
             raise StoreError(f"corrupt store: {where} has no 'step' coordinate array")
         arrays = {name: grp[name] for name in [*GROUPS[group], "step"] if name in grp}
@@ -211,7 +211,9 @@ class _Rows(BackendArray):
                                                   self._raw)
 
     def _raw(self, key):
-        # slices arrive already bounded by self.shape, so rows past the marker are never read
+        # bound open slices by OUR shape (n rows), not the zarr array's: never read past the marker
+        key = tuple(k if not isinstance(k, slice) else slice(*k.indices(size))
+                    for k, size in zip(key, self.shape))
         return _read_key(self.arr, key, self.where)
 
 

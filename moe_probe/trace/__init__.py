@@ -1,1 +1,15 @@
-"""moe_probe.trace"""
+"""moe_probe.trace — tracers that turn hook-point values into small per-step store rows.
+
+- ``config``   TraceConfig: what is traced and how often.
+- ``routing``  RoutingCounter (model-agnostic: RouterRecord + LayerRouting; reused by ``hf``)
+               and RoutingTracer (forward hooks on every ``hook_router``).
+- ``grad``     gradient conflict between the und and gen losses per layer × component.
+- ``snapshot`` saturation / co-activation on the fixed probe batch at each eval.
+- ``probes``   linear probes on shared-expert outputs with control tasks;
+  ``isolated`` shared-experts-only understanding metrics.
+- ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3);
+  ``layout``   the store coords/attrs of a model; ``commands`` ``moe-probe probe``.
+- ``metrics``  numpy metric math from counts (shared with readers).
+
+Submodules are imported explicitly; this package import stays cheap.
+"""

@@ -71,20 +71,28 @@ class GradConflictTracer:
         present[own_cell] = True
         present[all_cell] = True
         self._present = present[:n_cells].reshape(len(self.layers), C)
-        self._und: list[torch.Tensor | None] = []
-        self._gen: list[torch.Tensor | None] = []
+        self._und: list[torch.Tensor] | None = None
+        self._gen: list[torch.Tensor] | None = None
         self.start()
 
     def start(self) -> None:
         """Forget the previous step's per-task gradients."""
-        self._und = [None] * len(self.params)
-        self._gen = [None] * len(self.params)
+        self._und = self._gen = None
+
+    def _accumulate(self, name: str, grads: list[torch.Tensor]) -> None:
+        acc = getattr(self, name)
+        if acc is None:
+            setattr(self, name, grads)
+        else:
+            torch._foreach_add_(acc, grads)
 
     def backward(self, task_losses: dict[str, torch.Tensor]) -> None:
         """Two passes for one micro-batch; ``.grad`` ends up exactly as an untraced backward's."""
         und, gen = task_losses.get("und"), task_losses.get("gen")
         und_live = isinstance(und, torch.Tensor) and und.requires_grad
         gen_live = isinstance(gen, torch.Tensor) and gen.requires_grad
+        if not (und_live or gen_live):
+            return
         g_und = (torch.autograd.grad(und, self.params, retain_graph=True, allow_unused=True)
                  if und_live and gen_live else None)
         # The second pass is the untraced step's own backward, into an emptied .grad: its result
@@ -94,42 +102,36 @@ class GradConflictTracer:
         for p in self.params:
             p.grad = None
         plain_backward(task_losses)
-        for i, p in enumerate(self.params):
-            fresh = p.grad
-            if fresh is None:
-                p.grad = held[i]
-                continue
-            if g_und is not None:
-                u = g_und[i]
-                g = fresh - u if u is not None else fresh.clone()
-            elif und_live:
-                u, g = fresh.clone(), None
-            else:
-                u, g = None, fresh.clone()
-            if u is not None:
-                self._und[i] = u if self._und[i] is None else self._und[i].add_(u)
-            if g is not None:
-                self._gen[i] = g if self._gen[i] is None else self._gen[i].add_(g)
-            # Same single add as autograd's gradient accumulation into an existing .grad.
-            p.grad = fresh if held[i] is None else held[i].add_(fresh)
+        got = [p.grad for p in self.params]
+        fresh = [f if f is not None else torch.zeros_like(p) for f, p in zip(got, self.params)]
+        if g_und is not None:
+            u = [x if x is not None else torch.zeros_like(p) for x, p in zip(g_und, self.params)]
+            self._accumulate("_und", u)
+            self._accumulate("_gen", torch._foreach_sub(fresh, u))
+        else:  # one live task: the whole gradient is its own (copied: .grad is modified later)
+            self._accumulate("_und" if und_live else "_gen", [f.clone() for f in fresh])
+        # Same single add as autograd's accumulation into an existing .grad.
+        both = [i for i, (h, f) in enumerate(zip(held, got)) if h is not None and f is not None]
+        if both:
+            torch._foreach_add_([held[i] for i in both], [got[i] for i in both])
+        for p, h, f in zip(self.params, held, got):
+            p.grad = h if h is not None else f
 
     def finish(self) -> dict[str, np.ndarray]:
         """The ``grad`` row: cosine, norm_und, norm_gen (layer, component); then reset."""
         L, C = len(self.layers), len(self.components)
         dev = self._own.device
-        rows = []
-        for u, g in zip(self._und, self._gen):
-            uu = u.float() if u is not None else None
-            gg = g.float() if g is not None else None
-            zero = torch.zeros((), device=dev)
-            rows.append(torch.stack([
-                (uu * gg).sum() if uu is not None and gg is not None else zero,
-                uu.square().sum() if uu is not None else zero,
-                gg.square().sum() if gg is not None else zero,
-            ]))
+        zeros = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
+
+        def sq_norms(grads):
+            return zeros if grads is None else torch.stack(torch._foreach_norm(grads)).double().square()
+
+        dot = zeros if self._und is None or self._gen is None else torch.stack(
+            [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(self._und, self._gen)]).double()
+        rows = [dot, sq_norms(self._und), sq_norms(self._gen)] if self.params else []
         cells = torch.zeros(L * C + 1, 3, dtype=torch.float64, device=dev)
         if rows:
-            stats = torch.stack(rows).to(torch.float64)
+            stats = torch.stack(rows, 1)
             cells.index_add_(0, self._own, stats)
             cells.index_add_(0, self._all, stats)
         s = cells[: L * C].cpu().numpy().reshape(L, C, 3)

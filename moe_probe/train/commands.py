@@ -6,6 +6,7 @@ User errors raise ValueError with one line (the CLI prints it and exits 2).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def run_info(run_dir: Path) -> dict:
         "groups": _groups_view(cfg),
         "base": summary.get("base"),
         "eval": summary.get("eval"),
+        "wall_s": summary.get("wall_s"),
         "committed_steps": _committed(run_dir),
     }
     return info
@@ -118,10 +120,21 @@ def _committed(run_dir: Path) -> dict[str, int] | None:
     return {g: int(store.committed_steps(g)) for g in store.groups}
 
 
+def _strict(obj):
+    """NaN/inf -> null: `info --json` must parse with strict JSON readers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def info(args) -> int:
     data = run_info(Path(args.run_dir))
     if args.json:
-        print(json.dumps(data, indent=2, default=float))
+        print(json.dumps(_strict(data), indent=2, allow_nan=False))
         return 0
     print(f"run          {data['run_dir']}  (recipe {data['recipe']}, seed {data['seed']}, "
           f"stage {data['stage']})")
@@ -138,7 +151,8 @@ def info(args) -> int:
     if data["base"]:
         print(f"base         {data['base']['dir']}")
     if data["eval"]:
-        print("eval         " + "  ".join(f"{k} {v:.4g}" for k, v in data["eval"].items()))
+        print("eval         " + "  ".join(f"{k} {v:.4g}" if v is not None else f"{k} n/a"
+                                          for k, v in data["eval"].items()))
     if data["committed_steps"] is not None:
         print("store        " + "  ".join(f"{g} {n}" for g, n in data["committed_steps"].items()))
     else:

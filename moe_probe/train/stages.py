@@ -15,10 +15,14 @@ A lock file serialises concurrent runs that need the same base.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,41 +36,36 @@ from moe_probe.train.evaluate import Evaluator
 from moe_probe.train.tracing import open_session
 from moe_probe.train.trainer import build_optimizer, fit
 
-UND_MIX = (0, 1, 1)
+UND_MIX = (0.0, 1.0, 1.0)
 """Data mix T2I : LM : MMU of the understanding-only stage-1 base (no generation data)."""
+
+
+STAGE2_MODEL_FIELDS = ("und_fraction",)
+"""ModelConfig fields that only matter after conversion: reset for the base so they cannot split
+the base cache."""
+
+NOT_IN_WEIGHTS = ("eval_every", "checkpoint_every", "eval_batches", "eval_images", "gen_per_class",
+                  "sample_steps", "group_batches")
+"""TrainConfig fields that change what is measured or saved, never the trained weights."""
 
 
 def base_config(cfg: RunConfig) -> RunConfig:
     """The stage-1 config of a stage-2 run: plain moe, understanding data, ``cfg.base`` trainer."""
     assert cfg.base is not None
-    model = replace(cfg.model, arch="moe", groups=None)
-    defaults = type(cfg.model)(**_required_model_fields(cfg.model))
-    # Stage-2-only fields go back to their defaults so they cannot split the base cache.
-    for name in STAGE2_MODEL_FIELDS:
-        if hasattr(model, name):
-            model = replace(model, **{name: getattr(defaults, name)})
+    defaults = {f.name: f.default for f in dataclasses.fields(type(cfg.model))}
+    model = replace(cfg.model, arch="moe", groups=None,
+                    **{k: defaults[k] for k in STAGE2_MODEL_FIELDS})
     return RunConfig(
         recipe=f"{cfg.recipe}/base", model=model,
         data=replace(cfg.data, mix=cfg.base_mix or UND_MIX),
         train=replace(cfg.base, stage=1, seed=cfg.train.seed), trace=cfg.trace)
 
 
-STAGE2_MODEL_FIELDS = ("und_fraction",)
-"""ModelConfig fields that only matter after conversion (ignored for the base)."""
-
-
-def _required_model_fields(m) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-
-
 def base_key(base_cfg: RunConfig) -> str:
-    """Cache key: everything that changes the trained base weights."""
+    """Cache key: everything that changes the trained base weights (model, data, trainer, seed)."""
     keyed = {k: v for k, v in to_dict(base_cfg).items() if k in ("model", "data", "train")}
-    keyed["train"].pop("eval_every", None)
-    keyed["train"].pop("checkpoint_every", None)
+    for k in NOT_IN_WEIGHTS:
+        keyed["train"].pop(k)
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,8 +103,11 @@ def ensure_base(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, log=print
         if done is not None and done >= bcfg.train.steps:
             log(f"stage 1: reusing base {bdir} ({done} steps)")
             return bdir
-        log(f"stage 1: training base into {bdir}")
-        run_stage(bcfg, bdir, resume=done is not None, quiet=quiet)
+        if done is None and bdir.exists():
+            # A base that died before its first checkpoint: derived data, start it over.
+            shutil.rmtree(bdir)
+        log(f"stage 1: {'resuming' if done is not None else 'training'} base in {bdir}")
+        run_stage(bcfg, bdir, resume=done is not None, quiet=quiet, log=log)
     return bdir
 
 
@@ -128,61 +130,76 @@ def count_expert_use(model, data: MultimodalData, n_batches: int, batch_size: in
     return und_expert_counts(model, (data.batch("train", batch_size, gen) for _ in range(n_batches)))
 
 
+def _resumed(cfg: RunConfig, run_dir: Path):
+    """Model, optimizer, generator and step from RUN_DIR's checkpoint.
+
+    ``cfg`` is the saved config with the user's --steps/--set applied (commands.train). The
+    stage-2 model is rebuilt as base skeleton + ``convert`` with the saved groups, then every
+    tensor is overwritten from the checkpoint, so no base model is needed to resume."""
+    payload = checkpoint.load(run_dir)
+    tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
+    model = build_model(replace(cfg, model=replace(cfg.model, arch="moe", groups=None)),
+                        tokenizer.vocab_size)
+    groups = payload["groups"]
+    if cfg.model.arch != "moe":
+        model = convert(model, cfg.model.arch, groups=groups)
+    optimizer = build_optimizer(model, cfg.train)
+    generator = torch.Generator()
+    start = checkpoint.restore(payload, model=model, optimizer=optimizer, generator=generator)
+    return cfg, model, tokenizer, groups, optimizer, generator, start
+
+
+def _converted(cfg: RunConfig, base_dir: Path):
+    """Stage 2 from a finished base: load it, choose groups (symbiotic), convert."""
+    payload = checkpoint.load(base_dir)
+    tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
+    model = build_model(run_config_from_json(payload["config"]), tokenizer.vocab_size)
+    model.load_state_dict(payload["model"])
+    groups = None
+    if cfg.model.arch == "symbiotic":
+        groups = cfg.model.groups
+        if groups is None:
+            und_data = MultimodalData(replace(cfg.data, mix=UND_MIX), cfg.train.seed, tokenizer)
+            counts = count_expert_use(model, und_data, cfg.train.group_batches,
+                                      cfg.train.batch_size, cfg.train.seed)
+            groups = choose_groups(counts, cfg.model.und_fraction)
+        groups = _plain(groups)
+    model = convert(model, cfg.model.arch, groups=groups)
+    return replace(cfg, model=replace(cfg.model, groups=groups)), model, tokenizer, groups
+
+
 def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False,
-              base_dir: Path | None = None, log=print) -> dict:
-    """Train one stage into ``run_dir`` (fresh or resumed); returns the run's summary dict."""
+              log=print) -> dict:
+    """Train one stage into ``run_dir`` (fresh or resumed); returns the run's summary dict
+    (also written to RUN_DIR/run.json: recipe, arch, n_params, groups, base, last eval)."""
     run_dir = Path(run_dir)
-    data = MultimodalData(cfg.data, cfg.train.seed)
+    optimizer = generator = None
+    start = 0
     if resume:
-        # ``cfg`` is the saved config with the user's --steps/--set applied (commands.train).
-        payload = checkpoint.load(run_dir)
-        tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
-        model = build_model(replace(cfg, model=replace(cfg.model, arch="moe", groups=None)),
-                            tokenizer.vocab_size)
-        groups = payload["groups"]
-        if cfg.model.arch != "moe":
-            model = convert(model, cfg.model.arch, groups=groups)
-        optimizer = build_optimizer(model, cfg.train)
-        generator = torch.Generator()
-        start = checkpoint.restore(payload, model=model, optimizer=optimizer, generator=generator)
+        cfg, model, tokenizer, groups, optimizer, generator, start = _resumed(cfg, run_dir)
         summary = json.loads((run_dir / "run.json").read_text())
     elif cfg.train.stage == 1:
-        tokenizer = data.tokenizer
-        model, groups, start = build_model(cfg, tokenizer.vocab_size), None, 0
-        optimizer, generator = None, None
-        summary = {}
+        tokenizer = Tokenizer.build(cfg.data.vocab_words)
+        model, groups, summary = build_model(cfg, tokenizer.vocab_size), None, {}
     else:
-        base_dir = base_dir or ensure_base(cfg, run_dir, quiet=quiet, log=log)
-        bpay = checkpoint.load(base_dir)
-        tokenizer = Tokenizer.from_state_dict(bpay["tokenizer"])
-        bcfg = run_config_from_json(bpay["config"])
-        model = build_model(bcfg, tokenizer.vocab_size)
-        model.load_state_dict(bpay["model"])
-        groups = None
-        if cfg.model.arch == "symbiotic":
-            groups = cfg.model.groups
-            if groups is None:
-                und_data = MultimodalData(replace(cfg.data, mix=UND_MIX), cfg.train.seed)
-                counts = count_expert_use(model, und_data, cfg.train.group_batches,
-                                          cfg.train.batch_size, cfg.train.seed)
-                groups = choose_groups(counts, cfg.model.und_fraction)
-        if cfg.model.arch != "moe":
-            model = convert(model, cfg.model.arch, groups=groups)
-        groups = _plain(groups)
-        cfg = replace(cfg, model=replace(cfg.model, groups=groups))
-        optimizer, generator, start = None, None, 0
-        base_summary = json.loads((Path(base_dir) / "run.json").read_text())
-        summary = {"base": {"dir": str(Path(base_dir).resolve()), "key": base_dir.name,
-                            "eval": base_summary.get("eval", {})}}
+        base_dir = ensure_base(cfg, run_dir, quiet=quiet, log=log)
+        cfg, model, tokenizer, groups = _converted(cfg, base_dir)
+        log(f"stage 2: {cfg.model.arch} from base {base_dir.name}"
+            + (f", und experts per layer: {groups}" if groups is not None else ""))
+        base_eval = json.loads((base_dir / "run.json").read_text()).get("eval", {})
+        summary = {"base": {"dir": str(base_dir.resolve()), "key": base_dir.name, "eval": base_eval}}
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         summary.update({"recipe": cfg.recipe, "arch": cfg.model.arch, "stage": cfg.train.stage,
                         "seed": cfg.train.seed, "n_params": n_params(model), "groups": groups})
-        _write_json(run_dir / "config.json", to_dict(cfg))
         _write_json(run_dir / "run.json", summary)
         if groups is not None:
             _write_json(run_dir / "groups.json", {"arch": cfg.model.arch, "groups": groups})
+    # Rewritten on resume too: --steps / --set train.* may have changed the plan.
+    _write_json(run_dir / "config.json", to_dict(cfg))
 
+    t0 = time.perf_counter()
+    data = MultimodalData(cfg.data, cfg.train.seed, tokenizer)
     evaluator = Evaluator(cfg, data, tokenizer)
     session = open_session(cfg, run_dir, model, data, evaluator.metric_names,
                            resume=resume, resume_step=start)
@@ -192,9 +209,9 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
                       start_step=start, groups=groups, quiet=quiet)
     finally:
         session.close()
-    if metrics:
-        summary["eval"] = metrics
-    summary["steps"] = read_progress(run_dir)
+    # Wall-clock of this stage's training + evaluation (summed over resumes), base excluded.
+    wall = summary.get("wall_s", 0.0) + time.perf_counter() - t0
+    summary.update(eval=metrics, steps=read_progress(run_dir), wall_s=round(wall, 1))
     _write_json(run_dir / "run.json", summary)
     return summary
 
@@ -212,9 +229,20 @@ def _plain(groups):
     return int(groups)
 
 
+def strict_json(obj):
+    """NaN/inf -> None, so the files parse with strict JSON readers (jq, browsers)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -4,7 +4,7 @@
     schedule   linear warm-up, cosine decay; shared-expert shielding by step
     step       micro-batches -> session.backward -> session.end_step -> clip -> optimizer
                -> loss-free balance-bias update
-    eval       at step 0 (fresh runs), every eval_every, at the end -> session.on_eval
+    eval       at the start step, every eval_every, at the end -> session.on_eval
     checkpoint every checkpoint_every and at the end (atomic; store flushed first)
 
 The trainer never knows what is traced: a :class:`TraceSession` gets every hook point it
@@ -79,7 +79,7 @@ def _due(done: int, every: int, total: int) -> bool:
 
 def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evaluator,
         optimizer=None, generator: torch.Generator | None = None, start_step: int = 0,
-        groups=None, quiet: bool = False, extra: dict | None = None) -> dict[str, float]:
+        groups=None, quiet: bool = False) -> dict[str, float]:
     """Train ``model`` for ``cfg.train.steps`` optimizer steps from ``start_step``.
 
     ``optimizer`` and ``generator`` come restored from a checkpoint on resume; fresh ones are
@@ -97,7 +97,7 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
         session.flush()
         checkpoint.save(run_dir, model=model, optimizer=optimizer, generator=generator, step=done,
                         config_json=config_json, tokenizer_state=tokenizer.state_dict(),
-                        groups=groups, extra=extra)
+                        groups=groups)
 
     # Fresh runs evaluate the starting point; resumed runs re-write the eval row at the
     # checkpoint step (the store dropped it, see tracing.open_session) with identical values.
@@ -127,7 +127,11 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
                 sums[k] = sums.get(k, 0.0) + v.detach() / tc.micro_batches
         losses = {k: float(v) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"non-finite loss at step {step}: {losses}")
+            # The run diverged under the user's settings: say so in one line (exit 2); the last
+            # checkpoint and the committed trace rows stay as they are.
+            raise ValueError(f"non-finite loss at step {step} ("
+                             + ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+                             + "); lower train.lr_* or set train.grad_clip")
         session.end_step(step, losses)
 
         if tc.grad_clip is not None:

@@ -1,0 +1,115 @@
+"""Trace-store costs, printed side by side (no assertions: figures to read and compare).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_writer.py [--steps 2000] [--step-ms 5] [--large-run DIR]
+
+* writer: per model size and routing chunk size, the training loop's time in ``append`` per step
+  (the hand-over), the background thread's time writing per step, and bytes on disk per step
+  (routing + loss rows, one optimizer step each);
+* reader (with ``--large-run``, a store from ``python -m fixtures.generate --large DIR``): time to
+  read one layer's full ``load`` history (the dashboard's heavy read), one step across all layers,
+  and the ``capacity_rate`` of every layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe_probe.store import StoreWriter, default_coords, open_run  # noqa: E402
+
+SIZES = {"demo (4 L × 8 E)": (4, 8), "hf (32 L × 64 E)": (32, 64)}
+
+
+def _rows(rng, steps, n_layers, n_experts):
+    """Distinct, realistic rows (Poisson loads, float metrics): repeated rows would flatter the
+    compressor."""
+    f = lambda: rng.random((steps, n_layers, 3), dtype=np.float32)  # noqa: E731
+    tokens = rng.poisson(100, (steps, n_layers, 3)).astype(np.int32)
+    load = rng.poisson(2 * tokens[..., None] / n_experts, (steps, n_layers, 3, n_experts))
+    return dict(tokens=tokens, kept=f(), capacity_rate=f(), entropy=f(), maxvio=f(),
+                dead_frac=f(), confidence=f(), load=load.astype(np.int32),
+                router_z=rng.random((steps, n_layers), dtype=np.float32))
+
+
+def bench_writer(steps: int, n_layers: int, n_experts: int, chunk: int, workdir: Path,
+                 step_s: float) -> dict:
+    rng = np.random.default_rng(0)
+    rows = _rows(rng, steps, n_layers, n_experts)  # generated up front: not timed
+    loss = rng.random((steps, 6), dtype=np.float32)
+    coords = default_coords(layers=[str(i) for i in range(n_layers)], n_experts=n_experts,
+                            isolated_metrics=None, groups=("routing", "loss"))
+    run = workdir / f"w{n_layers}-{n_experts}-{chunk}"
+    w = StoreWriter.create(run, attrs={"run": {"name": "bench"}, "model": {}}, coords=coords,
+                           chunk_steps={"routing": chunk})
+    t_append = 0.0
+    t0 = time.perf_counter()
+    for s in range(steps):
+        a = time.perf_counter()
+        w.append("routing", s, **{k: v[s] for k, v in rows.items()})
+        w.append("loss", s, value=loss[s])
+        t_append += time.perf_counter() - a
+        time.sleep(step_s)  # the training step (sleeping: leaves the CPU to the writer thread)
+    w.close()
+    wall = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in (run / "traces.zarr").rglob("*") if p.is_file())
+    return {"append_us": 1e6 * t_append / steps,
+            "write_us": 1e6 * w.stats["write_seconds"] / steps,
+            "writes": w.stats["writes"], "bytes": size / steps, "wall_s": wall}
+
+
+def bench_reader(run_dir: Path, repeat: int = 3) -> dict:
+    r = open_run(run_dir)
+    n_layers = len(r.dataset("routing")["layer"])
+    out = {}
+    cases = {
+        "load, one layer, all steps": lambda: r.dataset("routing")["load"]
+        .isel(layer=n_layers // 2).values,
+        "load, one step, all layers": lambda: r.dataset("routing")["load"].isel(step=-1).values,
+        "capacity_rate, all": lambda: r.dataset("routing")["capacity_rate"].values,
+        "open_run + dataset (no data)": lambda: open_run(run_dir).dataset("routing"),
+    }
+    for name, fn in cases.items():
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            x = fn()
+            times.append(time.perf_counter() - t)
+        shape = getattr(x, "shape", None)
+        out[name] = (min(times), shape)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--step-ms", type=float, default=5.0, help="simulated training step time")
+    p.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024])
+    p.add_argument("--large-run", type=Path, default=None)
+    a = p.parse_args(argv)
+    print(f"writer: {a.steps} steps of routing + loss rows, append per step, "
+          f"{a.step_ms} ms simulated step, writer linger 2 s (default)")
+    print(f"{'model':<18}{'chunk':>6}{'append µs/step':>16}{'write µs/step':>15}"
+          f"{'writes':>8}{'bytes/step':>12}{'wall s':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (nl, ne) in SIZES.items():
+            for chunk in a.chunks:
+                r = bench_writer(a.steps, nl, ne, chunk, Path(tmp), a.step_ms / 1e3)
+                print(f"{label:<18}{chunk:>6}{r['append_us']:>16.1f}{r['write_us']:>15.1f}"
+                      f"{r['writes']:>8}{r['bytes']:>12.0f}{r['wall_s']:>8.2f}")
+    if a.large_run:
+        r = open_run(a.large_run)
+        print(f"\nreader on {a.large_run} ({r.committed_steps('routing')} routing rows)")
+        for name, (sec, shape) in bench_reader(a.large_run).items():
+            print(f"  {name:<32}{sec * 1e3:>9.1f} ms   shape {shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

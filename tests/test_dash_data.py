@@ -1,0 +1,142 @@
+"""Dashboard data layer without a browser: ROOT confinement, bucketing, slicing, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moe_probe
+from dashboards import data
+from dashboards.bucketing import minmax_line, mean_columns, zoom_range
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "root"
+    r.mkdir()
+    shutil.copytree(FIXTURES / "healthy", r / "healthy")
+    shutil.copytree(FIXTURES / "collapse", r / "group" / "collapse")
+    return r
+
+
+def test_runs_are_listed_relative_to_root(root):
+    assert data.list_runs(root) == ["group/collapse", "healthy"]
+
+
+@pytest.mark.parametrize("bad", ["../healthy", "/etc", "healthy/../../x", "", "..", "a\x00b",
+                                 "C:/x", "group/../../root/healthy"])
+def test_run_ids_escaping_root_are_refused(root, bad):
+    with pytest.raises(data.DataError):
+        data.resolve_run(root, bad)
+
+
+def test_symlinks_out_of_root_are_neither_listed_nor_served(root, tmp_path):
+    outside = tmp_path / "outside"
+    shutil.copytree(FIXTURES / "healthy", outside / "secret")
+    (root / "link").symlink_to(outside / "secret")
+    (root / "linkdir").symlink_to(outside)
+    assert "link" not in data.list_runs(root)
+    for rid in ("link", "linkdir/secret"):
+        with pytest.raises(data.DataError, match="outside"):
+            data.read_slice(root, rid, "routing", "capacity_rate")
+    # a link that stays inside ROOT is fine
+    (root / "alias").symlink_to(root / "healthy")
+    assert data.read_slice(root, "alias", "loss", "value", term="gen") is not None
+
+
+def test_read_slice_matches_reader_and_cuts_steps(root):
+    ds = moe_probe.open_run(root / "healthy").dataset("routing")
+    s = data.read_slice(root, "healthy", "routing", "load", layer="2", modality="vit",
+                        step_range=(10.4, 20))
+    np.testing.assert_array_equal(s.steps, np.arange(11, 21))
+    np.testing.assert_array_equal(s.values, ds["load"].sel(layer="2", modality="vit",
+                                                           step=slice(11, 20)).values)
+    assert s.dims == ("step", "expert")
+    c = data.read_slice(root, "healthy", "routing", "capacity_rate", layer="1")
+    np.testing.assert_array_equal(c.values, ds["capacity_rate"].sel(layer="1").values)
+    assert c.coords == {"modality": ["text", "vit", "vae"]}
+
+
+def test_unknown_label_is_a_data_error(root):
+    with pytest.raises(data.DataError, match="layer"):
+        data.read_slice(root, "healthy", "routing", "load", layer="99")
+
+
+def test_minmax_buckets_keep_every_extreme():
+    rng = np.random.default_rng(0)
+    n = 50_000
+    steps = np.arange(n) * 2
+    y = rng.normal(size=n)
+    y[12345] = 40.0   # a spike ...
+    y[33333] = -35.0  # ... and a collapse somewhere inside buckets
+    y[100:130] = np.nan
+    x, v = minmax_line(steps, y, target=1000)
+    assert len(x) <= 2000
+    assert np.all(np.diff(x) > 0)  # still a series in step order
+    assert v.max() == 40.0 and x[v.argmax()] == steps[12345]
+    assert v.min() == -35.0 and x[v.argmin()] == steps[33333]
+    # every bucket's min and max are present exactly
+    b = -(-n // 1000)
+    for i in range(0, n, b):
+        chunk = y[i:i + b]
+        if np.isfinite(chunk).any():
+            assert np.nanmax(chunk) in v and np.nanmin(chunk) in v
+
+
+def test_short_series_are_untouched_and_heatmap_buckets_average():
+    x, v = minmax_line(np.arange(10), np.arange(10.0))
+    np.testing.assert_array_equal(v, np.arange(10.0))
+    xs, m, b = mean_columns(np.arange(10), np.arange(20.0).reshape(10, 2), target=5)
+    assert b == 2 and list(xs) == [0, 2, 4, 6, 8]
+    np.testing.assert_allclose(m[:, 0], [1, 5, 9, 13, 17])
+
+
+def test_zoom_range_from_relayout():
+    assert zoom_range({"xaxis.range[0]": 5, "xaxis.range[1]": 9.5}) == (5.0, 9.5)
+    assert zoom_range({"xaxis.range": [1, 2]}) == (1.0, 2.0)
+    assert zoom_range({"xaxis.autorange": True}, (1, 2)) is None
+    assert zoom_range({"autosize": True}, (1, 2)) == (1, 2)  # redraws keep the zoom
+    assert zoom_range(None, (3, 4)) == (3, 4)
+
+
+def test_cli_bad_root_and_port_exit_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in ([str(tmp_path / "missing")], [str(tmp_path), "--port", "0"],
+                 [str(tmp_path), "--refresh", "0"]):
+        r = subprocess.run([sys.executable, "-m", "moe_probe", "dash", *args], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
+
+
+def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
+    """A crafted callback payload (run id `../…`) gets a message figure, never the data."""
+    from dashboards.testing import Server
+    import json
+    import urllib.request
+
+    outside = tmp_path / "outside"
+    shutil.copytree(FIXTURES / "collapse", outside / "x")
+    with Server(root, refresh=60) as srv:
+        body = {"output": "routing-load-heat.figure",
+                "outputs": {"id": "routing-load-heat", "property": "figure"},
+                "inputs": [{"id": "sel", "property": "data",
+                            "value": {"focus": "../outside/x", "layer": "0", "modality": "vae"}},
+                           {"id": "routing-zoom", "property": "data", "value": None},
+                           {"id": "versions", "property": "data", "value": {}}],
+                "changedPropIds": ["sel.data"], "state": []}
+        req = urllib.request.Request(srv.url + "/_dash-update-component",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            fig = json.loads(r.read())["response"]["routing-load-heat"]["figure"]
+        assert fig["data"] == []
+        assert "outside the dashboard root" in fig["layout"]["annotations"][0]["text"]
