@@ -7,8 +7,9 @@ and batches, each through a real :class:`TraceSession` writing a real store:
 - ``routing``: routing tracer on every step (hooks + on-device counts + one host copy + row);
 - ``grad``:    gradient-conflict tracer on this step (two backward passes + per-cell reductions).
 
-Repeats are interleaved (plain, routing, grad, plain, …) so drifts in machine load hit all three
-alike; medians of per-step times are reported with the ratios against ``plain``, for two clocks:
+All three drive ONE model and optimizer (separate model copies differed by several percent
+from memory layout alone); repeats are interleaved, the order rotating each repeat, so drifts in
+machine load hit all three alike; medians of per-step times are reported with the ratios against ``plain``, for two clocks:
 process CPU time (all threads of this process, the store's writer thread included — robust when
 other processes share the cores) and wall time.
 Targets: routing ≤ 1.02, grad ≤ 1.7.
@@ -19,7 +20,6 @@ Targets: routing ≤ 1.02, grad ≤ 1.7.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -44,8 +44,8 @@ VARIANTS = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="symbiotic", help="demo recipe whose model/batch size to use")
-    ap.add_argument("--reps", type=int, default=15, help="interleaved repeats per variant")
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per repeat")
+    ap.add_argument("--reps", type=int, default=40, help="interleaved repeats per variant")
+    ap.add_argument("--steps", type=int, default=1, help="timed optimizer steps per repeat")
     ap.add_argument("--micro-batches", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -68,17 +68,18 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, device {args.device}")
 
     tmp = tempfile.TemporaryDirectory()
-    runs = {}
-    for i, (name, tcfg) in enumerate(VARIANTS.items()):
-        model = copy.deepcopy(base)
-        attrs, coords = store_layout(model, eval_metrics=["x"])
+    model = base
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    attrs, coords = store_layout(model, eval_metrics=["x"])
+    sessions = {}
+    for name, tcfg in VARIANTS.items():
         writer = StoreWriter.create(f"{tmp.name}/{name}", attrs={"run": {"name": name}, **attrs},
                                     coords=coords)
-        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), TraceSession(model, tcfg, writer))
-    step_no = {name: 0 for name in runs}
+        sessions[name] = TraceSession(model, tcfg, writer)
+    step_no = {name: 0 for name in sessions}
 
     def run_steps(name: str) -> tuple[float, float]:
-        model, opt, session = runs[name]
+        session = sessions[name]
         c0, t0 = time.process_time(), time.perf_counter()
         for s in range(args.steps):
             step = step_no[name]
@@ -94,22 +95,23 @@ def main() -> None:
             torch.cuda.synchronize()
         return (time.process_time() - c0) / args.steps, (time.perf_counter() - t0) / args.steps
 
-    for name in runs:  # warm-up: allocator, first-call overheads, lazy imports
+    names = list(sessions)
+    for name in names:  # warm-up: allocator, first-call overheads, lazy imports
         run_steps(name)
-    cpu = {name: [] for name in runs}
-    wall = {name: [] for name in runs}
-    for _ in range(args.reps):
-        for name in runs:
+    cpu = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names[rep % 3:] + names[:rep % 3]:
             c, w = run_steps(name)
             cpu[name].append(c)
             wall[name].append(w)
-    for _, _, session in runs.values():
+    for session in sessions.values():
         session.close()
     tmp.cleanup()
 
     for clock, times in (("cpu", cpu), ("wall", wall)):
         med = {n: statistics.median(t) for n, t in times.items()}
-        for name in runs:
+        for name in names:
             q = sorted(times[name])
             print(f"{clock:>4} {name:>8}: median {med[name] * 1e3:7.1f} ms/step  (p25 "
                   f"{q[len(q) // 4] * 1e3:.1f}, p75 {q[3 * len(q) // 4] * 1e3:.1f}; "

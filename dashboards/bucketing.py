@@ -7,6 +7,8 @@ spike or a collapse is drawn at its exact height and step at any zoom; heatmaps 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 TARGET_BUCKETS = 1500
@@ -78,16 +80,24 @@ class _quiet:
 def zoom_range(relayout: dict | None, current=None):
     """Visible x range from a graph's relayoutData, None for autorange (= whole run).
 
-    `current` is what the previous answer used, so unrelated relayouts (legend clicks, y-zoom)
-    keep the zoom instead of resetting it.
+    Any x axis counts (`xaxis2.range[0]`… in subplots whose x axes are linked). `current` is
+    what the previous answer used, so unrelated relayouts (legend clicks, y-zoom, redraws) keep
+    the zoom instead of resetting it.
     """
     if not relayout:
         return current
-    if relayout.get("xaxis.autorange"):
-        return None
-    if "xaxis.range[0]" in relayout and "xaxis.range[1]" in relayout:
-        return float(relayout["xaxis.range[0]"]), float(relayout["xaxis.range[1]"])
-    r = relayout.get("xaxis.range")
-    if isinstance(r, (list, tuple)) and len(r) == 2:
-        return float(r[0]), float(r[1])
+    for key, value in relayout.items():
+        m = _AXIS_KEY.fullmatch(key)
+        if not m:
+            continue
+        axis, part = m.group(1), m.group(2)
+        if part == ".autorange" and value:
+            return None
+        if part == ".range[0]" and f"{axis}.range[1]" in relayout:
+            return float(value), float(relayout[f"{axis}.range[1]"])
+        if part == ".range" and isinstance(value, (list, tuple)) and len(value) == 2:
+            return float(value[0]), float(value[1])
     return current
+
+
+_AXIS_KEY = re.compile(r"(xaxis\d*)(\.autorange|\.range\[0\]|\.range)")

@@ -28,10 +28,11 @@ def figures_or_message(n_figs: int, titles: tuple[str, ...] = ()):
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (DataError, OSError, KeyError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - a live store can fail in many ways mid-read
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 if not isinstance(e, DataError):
-                    log.warning("%s: %s", fn.__name__, msg)
+                    # unexpected: keep the page usable, but leave the trace in the server log
+                    log.warning("%s failed: %s", fn.__name__, msg, exc_info=True)
                 figs = [message_figure(msg, titles[i] if i < len(titles) else "")
                         for i in range(n_figs)]
                 return figs[0] if n_figs == 1 else tuple(figs)

@@ -133,6 +133,20 @@ return JSON.stringify({title: title, traces: gd._fullData.map(t => ({
 """
 
 
+_TITLE_JS = """
+const el = document.getElementById(arguments[0]);
+const gd = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
+if (!gd || !gd._fullLayout || !gd._fullData || !gd._fullData.length) return null;
+const t = gd._fullLayout.title; return [t ? (t.text || '') : '', gd._fullData.length];
+"""
+
+
+def graph_title(driver, graph_id: str):
+    """(title, number of traces) of a drawn graph, or None: a cheap poll that does not ship the
+    plotted arrays over the webdriver (which would itself slow a timed page down)."""
+    return driver.execute_script(_TITLE_JS, graph_id)
+
+
 def graph_data(driver, graph_id: str) -> dict | None:
     """Title and traces (type, name, x, y, z) that the page's plotly graph is drawing."""
     raw = driver.execute_script(_READ_GRAPH_JS, graph_id)

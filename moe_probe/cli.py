@@ -78,7 +78,7 @@ _COMMANDS = {
     "probe": "moe_probe.trace.commands:probe",
     "scan": "moe_probe.hf.commands:scan",
     "dash": "dashboards.app:serve",
-    "reproduce": "moe_probe.train.reproduce:reproduce",
+    "reproduce": "moe_probe.reproduce.commands:reproduce",
 }
 
 

@@ -144,6 +144,25 @@ def test_routing_page_draws_store_values_and_follows_layer_and_modality(page, se
                                snap["coactivation"].sel(layer="3").isel(step=-1).values, rtol=1e-6)
 
 
+def test_step_slider_moves_the_per_step_views(page, server, root):
+    from selenium.webdriver.common.keys import Keys
+
+    d = page
+    _goto(d, server, "/routing", "healthy")
+    wait_graph(d, "routing-share", lambda g: g["title"].startswith("healthy"))
+    box = d.find_element("css selector", "#routing-step input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys("120", Keys.TAB)  # the number box commits on blur
+    sh = wait_graph(d, "routing-share", lambda g: g["title"].endswith("layer 0, step 120"))
+    load = _ds(root, "healthy", "routing")["load"].sel(layer="0", step=120).values.astype(float)
+    np.testing.assert_allclose(np.array([_arr(t["y"]) for t in sh["traces"]]),
+                               load / load.sum(axis=0), rtol=1e-6)
+    # snapshots are every 50 steps: the co-activation view snaps to the nearest one (100)
+    co = wait_graph(d, "routing-coact", lambda g: g["title"].endswith("step 100"))
+    snap = _ds(root, "healthy", "snapshot")["coactivation"].sel(layer="0", step=100).values
+    np.testing.assert_allclose(_mat(co["traces"][0]["z"]), snap, rtol=1e-6)
+
+
 def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     d = page
     _goto(d, server, "/routing", "healthy")

@@ -140,3 +140,35 @@ def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
             fig = json.loads(r.read())["response"]["routing-load-heat"]["figure"]
         assert fig["data"] == []
         assert "outside the dashboard root" in fig["layout"]["annotations"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory):
+    """A run longer than the bucket target (the large generator, scaled down)."""
+    from fixtures.large import build_large
+    root = tmp_path_factory.mktemp("long")
+    build_large(root, n_steps=4000, n_layers=2, n_experts=8, block=1000, name="long")
+    return root
+
+
+def test_long_series_are_bucketed_with_exact_extremes(long_root):
+    from dashboards.figures import routing as R
+    ds = moe_probe.open_run(long_root / "long").dataset("routing")
+    fig = R.capacity_lines(long_root, "long", "1")
+    for t in fig.data:
+        want = ds["capacity_rate"].sel(layer="1", modality=t.name).values
+        y = np.asarray(t.y, dtype=float)
+        assert len(y) <= 2 * 1500 < len(want)
+        assert np.nanmax(y) == np.nanmax(want) and np.nanmin(y) == np.nanmin(want)
+        # every plotted point is a real (step, value) of the store
+        np.testing.assert_array_equal(want[np.asarray(t.x)], y)
+    heat = R.load_heatmap(long_root, "long", "1", "vae")
+    z = np.asarray(heat.data[0].z, dtype=float)  # expert × bucket
+    load = ds["load"].sel(layer="1", modality="vae").values.astype(float)
+    share = load / load.sum(axis=1, keepdims=True)
+    assert z.shape == (8, 1334)  # 4000 steps, 3 per column
+    np.testing.assert_allclose(z[:, 0], share[:3].mean(axis=0), rtol=1e-6)
+    assert "mean of 3 steps" in heat.layout.title.text
+    # a zoom re-reads only the window, at full resolution
+    zoomed = R.capacity_lines(long_root, "long", "1", (1000, 1999))
+    np.testing.assert_array_equal(np.asarray(zoomed.data[0].x), np.arange(1000, 2000))

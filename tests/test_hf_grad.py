@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,3 +106,22 @@ def test_mask_routed_equals_zeroed_experts_hook():
     assert (full - masked).abs().max() > 0
     # the capture context gave the model back untouched
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared",
+                                    "phimoe", "gpt_oss", "llama4_text"])
+def test_every_family_gets_components_and_expert_slices(family):
+    model, _, _ = load_model(str(FIX / f"{family}.json"), seed=0)
+    _, layers = find_moe_layers(model)
+    gen = torch.Generator().manual_seed(6)
+    ids_a, ids_b = torch.randint(3, 256, (2, 12), generator=gen), torch.randint(3, 256, (2, 12), generator=gen)
+    row, experts = GradConflict(model, layers).measure(ids_a, ids_b)
+    c = {k: GRAD_COMPONENTS.index(k) for k in GRAD_COMPONENTS}
+    # PhiMoE in eval: sparsemixer's gate is a softmax over the logits within 2·jitter of the max,
+    # usually one of them, so the router gets (almost) no gradient — a property of the model.
+    for k in ("attn", "experts", "norm") + (() if family == "phimoe" else ("router",)):
+        assert np.isfinite(row["norm_und"][:, c[k]]).all() and (row["norm_und"][:, c[k]] > 0).all(), k
+    assert np.isfinite(row["cosine"][:, c["shared"]]).all() == any(x.n_shared for x in layers)
+    # Every routed-expert parameter has E as first dim, so the slices add up to the layer.
+    np.testing.assert_allclose((experts["norm_und"] ** 2).sum(-1), row["norm_und"][:-1, c["experts"]] ** 2,
+                               rtol=1e-6)

@@ -141,3 +141,19 @@ def test_missing_text_exits_2(tmp_path, capsys):
     rc = main(["scan", "--model", str(FIX / "mixtral.json"), "--text", str(tmp_path / "nope.txt"),
                "--out", str(tmp_path / "r"), "--quiet"])
     assert rc == 2 and "text file does not exist" in capsys.readouterr().err
+
+
+def test_structural_scan_equals_table_scan(tmp_path, monkeypatch):
+    """A family treated as unknown (table disabled) gives the same store counts as the table."""
+    a = _text(tmp_path / "a.txt", 2)
+    loads = {}
+    for mode in ("table", "structural"):
+        if mode == "structural":
+            monkeypatch.setenv("MOE_PROBE_HF_STRUCTURAL", "1")
+        out = tmp_path / mode
+        assert main(["scan", "--model", str(FIX / "olmoe.json"), "--text", str(a), "--out", str(out),
+                     "--batch-size", "2", "--seq-len", "16", "--max-batches", "2", "--quiet"]) == 0
+        run = open_run(out)
+        assert run.attrs["model"]["discovery"] == ("table:olmoe" if mode == "table" else "structural")
+        loads[mode] = run.dataset("routing")["load"].values
+    np.testing.assert_array_equal(loads["table"], loads["structural"])

@@ -99,13 +99,15 @@ def _check_committed(run):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(tmp_path):
     rnd = random.Random()  # kill moments are meant to vary between runs
     run = tmp_path / "run"
     mode, seen = "create", []
     for trial in range(5):
         p, start = _spawn(tmp_path, run, mode)
-        time.sleep(rnd.uniform(0.05, 0.7))
+        time.sleep(rnd.uniform(0.1, 1.0))
+        assert p.poll() is None, f"writer child died before the kill: {p.stderr.read()}"
         p.send_signal(signal.SIGKILL)
         p.wait()
         committed = _check_committed(run)
@@ -116,7 +118,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
             assert start == min(prev["loss"], prev["routing"], grad_next)
         seen.append(committed)
         mode = "resume"
-    assert seen[-1]["loss"] > seen[0]["loss"] > 0, seen  # the trials did write, and kept it
+    # the trials did write and kept it (groups commit one after the other inside a batch, so
+    # a kill can leave them at quite different counts: only the total must grow)
+    assert sum(seen[-1].values()) > sum(seen[0].values()) > 0, seen
     # a final in-process resume: garbage past the markers is dropped, writing continues
     w, committed = StoreWriter.resume(run)
     assert committed == {g: seen[-1][g] for g in ("routing", "loss", "grad")}
@@ -127,6 +131,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     assert _check_committed(run)["loss"] == n + 3
 
 
+@pytest.mark.slow
 def test_reader_polling_a_store_being_written(tmp_path):
     run = tmp_path / "run"
     p, _ = _spawn(tmp_path, run, "create")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from moe_probe.data import Batch
@@ -117,3 +118,31 @@ def test_isolated_digit_accuracy_argmax_over_digit_words():
     logits[2, 1, 9] = 1.0
     logits[2, 1, 3] = 5.0       # a non-digit word scores higher: ignored -> right
     assert math.isclose(digit_accuracy(logits, b), 2 / 3)
+
+
+def test_capture_forward_removes_hooks_and_restores_mode_on_error():
+    from torch import nn
+
+    from moe_probe.model.hooks import HookPoint
+    from moe_probe.trace.capture import capture_forward
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = nn.Module()
+            self.ffn.hook_router, self.ffn.hook_shared = HookPoint(), HookPoint()
+
+        def moe_layers(self):
+            return [("0", self.ffn)]
+
+        def forward(self, batch, *, mask_routed=False):
+            assert not self.training and not torch.is_grad_enabled()
+            assert len(self.ffn.hook_router._forward_hooks) == 1
+            assert len(self.ffn.hook_shared._forward_hooks) == 1
+            raise RuntimeError("boom")
+
+    m = Broken().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        capture_forward(m, None)
+    assert m.training
+    assert not m.ffn.hook_router._forward_hooks and not m.ffn.hook_shared._forward_hooks

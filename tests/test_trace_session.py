@@ -14,7 +14,7 @@ from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS
 from moe_probe.model import ModelConfig, MultimodalMoE
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.config import TraceConfig
-from moe_probe.trace.grad import GradConflictTracer, grad_layers, plain_backward
+from moe_probe.trace.grad import GradConflictTracer, grad_layers
 from moe_probe.trace.layout import store_layout
 from moe_probe.trace.routing import RoutingTracer, counter_for
 from moe_probe.trace.session import TraceSession
@@ -226,3 +226,14 @@ def test_layout_without_shared_experts_has_no_probe_group(tmp_path, data):
     run = open_run(tmp_path)
     assert "probe" not in run.groups and run.committed_steps("snapshot") == 1
     assert run.attrs["model"]["experts"] == 8
+
+
+def test_abandoned_step_does_not_leak_into_the_next_row(tmp_path, data):
+    model = _model(data)
+    b = _batches(data, 1)[0]
+    with TraceSession(model, TraceConfig(grad_every=1), _writer(tmp_path, model), data.probe_batch) as s:
+        s.begin_step(0)
+        model(b)  # counted, then the step is abandoned (no backward, no end_step)
+        _steps(model, s, [b], [0])
+    tok = open_run(tmp_path).dataset("routing")["tokens"].values
+    assert tok[0].sum(-1).tolist() == [int(b.valid_BS.sum())] * 2

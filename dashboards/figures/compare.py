@@ -43,6 +43,7 @@ def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
     fig.update_layout(template="plotly_white", height=350, margin=dict(l=45, r=20, t=75, b=40),
                       title="capacity rate per modality (mean over layers) — Fig. 5a",
                       legend=dict(orientation="h", y=-0.25), uirevision="cmp/cap")
+    fig.update_xaxes(matches="x")  # one zoom for the three panels (and one re-bucketing)
     return fig
 
 

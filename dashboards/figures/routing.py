@@ -100,6 +100,7 @@ def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
     fig.update_layout(template="plotly_white", height=330, margin=dict(l=45, r=20, t=75, b=40),
                       title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal",
                       legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(matches="x")
     return fig
 
 

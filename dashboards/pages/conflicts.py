@@ -37,13 +37,16 @@ def _components(sel, current):
 
 
 @callback(Output("conflicts-zoom", "data"), Input("conflicts-cosine", "relayoutData"),
-          Input("sel", "data"), State("conflicts-zoom", "data"))
-def _zoom(relayout, sel, current):
-    """Visible step range of the cosine heat map (also used by the ratio plot); per run."""
+          Input("conflicts-ratio", "relayoutData"), Input("sel", "data"),
+          State("conflicts-zoom", "data"))
+def _zoom(cos_relayout, ratio_relayout, sel, current):
+    """Visible step range shared by the cosine heat map and the ratio plot (zoom either: both
+    follow, re-read and re-bucketed); per run."""
     run = (sel or {}).get("focus")
     current = current or {}
     if ctx.triggered_id == "sel":
         return dash.no_update if current.get("run") == run else {"run": run, "range": None}
+    relayout = cos_relayout if ctx.triggered_id == "conflicts-cosine" else ratio_relayout
     new = {"run": run, "range": zoom_range(relayout, current.get("range"))}
     return dash.no_update if new == current else new  # redraws report relayoutData too
 

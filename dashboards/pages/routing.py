@@ -26,7 +26,7 @@ layout = html.Div([
     ])),
     section("Balance", graph("routing-balance")),
     section("Router saturation", graph("routing-saturation")),
-    dcc.Store(id="routing-zoom", data={"cap": None, "load": None}),
+    dcc.Store(id="routing-zoom", data={"cap": None, "load": None, "bal": None}),
 ])
 
 
@@ -54,18 +54,23 @@ def _slider(sel, _n, value, old_max):
 
 
 @callback(Output("routing-zoom", "data"), Input("routing-cap-lines", "relayoutData"),
-          Input("routing-load-heat", "relayoutData"), Input("sel", "data"), State("routing-zoom", "data"))
-def _zoom(cap_relayout, load_relayout, sel, z):
+          Input("routing-load-heat", "relayoutData"), Input("routing-balance", "relayoutData"),
+          Input("sel", "data"), State("routing-zoom", "data"))
+def _zoom(cap_relayout, load_relayout, bal_relayout, sel, z):
     """Remember each time-series graph's visible step range; another run or layer resets it."""
     z = dict(z or {})
     key = [(sel or {}).get("focus"), (sel or {}).get("layer")]
     if ctx.triggered_id == "sel":
-        return dash.no_update if z.get("key") == key else {"key": key, "cap": None, "load": None}
+        if z.get("key") == key:
+            return dash.no_update
+        return {"key": key, "cap": None, "load": None, "bal": None}
     new = dict(z, key=key)
     if ctx.triggered_id == "routing-cap-lines":
         new["cap"] = zoom_range(cap_relayout, z.get("cap"))
     elif ctx.triggered_id == "routing-load-heat":
         new["load"] = zoom_range(load_relayout, z.get("load"))
+    elif ctx.triggered_id == "routing-balance":
+        new["bal"] = zoom_range(bal_relayout, z.get("bal"))
     # A graph reports relayoutData after every draw (autosize): re-sending an unchanged zoom
     # would re-run the page's heaviest callbacks for nothing.
     return dash.no_update if new == z else new
@@ -98,9 +103,16 @@ def _at_step(sel, step):
             R.coactivation_heatmap(root_of(), run_id, layer, step))
 
 
-@callback(Output("routing-balance", "figure"), Output("routing-saturation", "figure"),
-          Input("sel", "data"), Input("versions", "data"))
-@figures_or_message(2, ("balance", "router saturation"))
-def _balance(sel, _n):
+@callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("routing-zoom", "data"),
+          Input("versions", "data"))
+@figures_or_message(1, ("balance",))
+def _balance(sel, zoom, _v):
     run_id, layer, _m = _focus(sel)
-    return R.balance_lines(root_of(), run_id, layer), R.saturation_line(root_of(), run_id, layer)
+    return R.balance_lines(root_of(), run_id, layer, (zoom or {}).get("bal"))
+
+
+@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"))
+@figures_or_message(1, ("router saturation",))
+def _saturation(sel, _v):
+    run_id, layer, _m = _focus(sel)
+    return R.saturation_line(root_of(), run_id, layer)

@@ -1,1 +1,14 @@
-"""moe_probe.hf"""
+"""Hugging Face MoE adapter: routing capture through nnsight and ``moe-probe scan``.
+
+- ``families.py`` — the table (family -> router / experts / shared-expert paths, selection rule).
+- ``discover.py`` — MoE layers from the table, else by structure (``find_moe_layers``).
+- ``capture.py``  — ``RouterCapture``: router outputs -> ``RouterRecord`` in one nnsight trace;
+  shared-expert outputs; logits with routed experts masked.
+- ``loading.py``  — offline model loading (directory or config JSON) and text windows.
+- ``grad.py``, ``probes.py``, ``advise.py`` — gradient conflict, shared-expert probes, the
+  Symbiotic-MoE partition proposal.
+- ``scan.py`` / ``commands.py`` — the ``scan`` pipeline writing ``RUN_DIR/traces.zarr``.
+
+Only this package knows HF module names. Set ``MOE_PROBE_HF_STRUCTURAL=1`` to ignore the family
+table and find routers by structure alone (what a family missing from the table gets).
+"""

@@ -97,10 +97,14 @@ class RouterCapture:
                 logits = self.traced.output.logits.save()
         records = []
         for layer, out in zip(self.layers, saved):
-            if layer.returns_ids:
+            if layer.output == "ids":
                 logits_TE, w_TK, ids_TK = out[0], out[1], out[2]
+            elif layer.output == "scores_logits":  # Llama 4: picks = top-k logits, sigmoid weights
+                logits_TE = out[1]
+                top, ids_TK = logits_TE.float().topk(layer.top_k, dim=-1)
+                w_TK = torch.sigmoid(top)
             else:
-                logits_TE = out[0] if isinstance(out, tuple) else out
+                logits_TE = out
                 w_TK, ids_TK = picks_from_logits(logits_TE, layer.top_k)
             logits_TE = logits_TE.reshape(-1, logits_TE.shape[-1])
             records.append(RouterRecord(

@@ -38,8 +38,9 @@ class MoeLayer:
     shared: tuple[str, ...] = ()
     shared_gate: str | None = None
     n_shared: int = 0
-    returns_ids: bool = True
-    """Router returns (logits, weights, ids); False = bare logits, picks recomputed by softmax top-k."""
+    output: str = "ids"
+    """Router output form (``families.Family.output``): ``ids`` = (logits, weights, ids) recorded
+    as the model chose; ``logits`` = bare logits, picks = softmax top-k; ``scores_logits`` = Llama 4."""
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -103,7 +104,8 @@ def from_table(model: nn.Module, family: Family) -> list[MoeLayer]:
             name=str(i), index=i, router=f"{pre}.{family.block}.{family.router}",
             experts=f"{pre}.{family.block}.{family.experts}", n_experts=_n_experts(experts),
             top_k=int(getattr(router, "top_k", None) or _config_int(model.config, TOP_K_KEYS)),
-            shared=shared, shared_gate=f"{pre}.{gate}" if gate else None, n_shared=n_shared))
+            shared=shared, shared_gate=f"{pre}.{gate}" if gate else None, n_shared=n_shared,
+            output=family.output))
     return out
 
 
@@ -167,26 +169,37 @@ def find_structural(model: nn.Module) -> list[MoeLayer]:
 
 
 def _check_router_outputs(model: nn.Module, found: list[MoeLayer]) -> list[MoeLayer]:
-    """One tiny forward with temporary hooks: does each router return (logits, weights, ids)?"""
-    seen: dict[str, bool] = {}
+    """One tiny forward with temporary hooks: what does each router return? Only two forms are
+    read without a table entry — the (logits, weights, ids) tuple and bare [T, E] logits —
+    anything else is refused rather than guessed at."""
+    seen: dict[str, str] = {}
     handles = []
 
-    def hook(name):
+    def hook(name, E):
         def fn(_m, _a, out):
-            seen[name] = (isinstance(out, tuple) and len(out) >= 3 and torch.is_tensor(out[2])
-                          and not out[2].is_floating_point())
+            if (isinstance(out, tuple) and len(out) >= 3 and all(torch.is_tensor(t) for t in out[:3])
+                    and out[0].shape[-1] == E and not out[2].is_floating_point()):
+                seen[name] = "ids"
+            elif torch.is_tensor(out) and out.is_floating_point() and out.shape[-1] == E:
+                seen[name] = "logits"
+            else:
+                seen[name] = "unknown"
         return fn
 
     try:
         for m in found:
-            handles.append(model.get_submodule(m.router).register_forward_hook(hook(m.router)))
+            handles.append(model.get_submodule(m.router).register_forward_hook(hook(m.router, m.n_experts)))
         vocab = int(getattr(model.config, "vocab_size", 2) or 2)
         with torch.no_grad():
             model(input_ids=torch.arange(4).remainder(vocab)[None].to(_device(model)))
     finally:
         for h in handles:
             h.remove()
-    return [MoeLayer(**{**m.__dict__, "returns_ids": seen.get(m.router, False)}) for m in found]
+    bad = [m.router for m in found if seen.get(m.router, "unknown") == "unknown"]
+    if bad:
+        raise ValueError(f"{getattr(model.config, 'model_type', '?')}: router {bad[0]} returns a form "
+                         "the adapter cannot read without a family-table entry")
+    return [MoeLayer(**{**m.__dict__, "output": seen[m.router]}) for m in found]
 
 
 def _device(model: nn.Module) -> torch.device:

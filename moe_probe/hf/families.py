@@ -46,6 +46,9 @@ class Family:
     """Key of :data:`SELECTIONS`."""
     n_shared_key: str | None = None
     """Config attribute counting shared experts when one module fuses several (DeepSeek-V3)."""
+    output: str = "ids"
+    """What the router returns: ``ids`` = (logits, weights, ids); ``scores_logits`` = Llama 4's
+    (dense sigmoid scores, logits), picks = top-k of logits; ``logits`` = bare logits."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -64,4 +67,7 @@ FAMILIES: dict[str, Family] = {
     "phimoe": Family("mlp", "router", selection="sparsemixer"),
     # GptOssMLP returns (hidden, router_scores); only the router's output is read.
     "gpt_oss": Family("mlp", "router", selection="logit_topk"),
+    # Llama 4 text: experts run densely on sigmoid-scaled copies; non-picked scores are exactly 0.
+    "llama4_text": Family("feed_forward", "router", shared=("feed_forward.shared_expert",),
+                          selection="logit_topk", output="scores_logits"),
 }

@@ -71,8 +71,11 @@ def _balance_losses(records) -> tuple[float, float]:
     return float(np.mean(aux)), float(np.mean(z))
 
 
-def run_scan(args, *, use_table: bool = True, seed: int = 0) -> dict:
-    """The scan; returns a small summary (also for tests). ValueError for bad input."""
+def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
+    """The scan; returns a small summary (also for tests). ValueError for bad input.
+    ``use_table`` None = the family table unless ``MOE_PROBE_HF_STRUCTURAL=1``."""
+    import os
+
     from tqdm.auto import tqdm
 
     from moe_probe.hf.grad import GradConflict
@@ -82,6 +85,8 @@ def run_scan(args, *, use_table: bool = True, seed: int = 0) -> dict:
     from moe_probe.trace.routing import RoutingCounter
 
     _validate(args)
+    if use_table is None:
+        use_table = os.environ.get("MOE_PROBE_HF_STRUCTURAL", "") not in ("1", "true", "yes")
     model, tokenizer, source = load_model(args.model, seed=seed)
     how, layers = find_moe_layers(model, use_table=use_table)
     V = int(model.config.vocab_size)

@@ -6,7 +6,7 @@ is restored, so a snapshot taken between training steps changes nothing in train
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,14 +26,20 @@ class Captured:
     """Shared-expert output (T, D) of each layer; None where the layer has no shared experts."""
 
 
-def _attach_shared_hooks(model, callback):
+@contextmanager
+def _shared_hooks(model, callback):
+    """Forward hooks on every layer's ``hook_shared`` (layers without one are skipped)."""
     handles = []
-    for li, (_, layer) in enumerate(model.moe_layers()):
-        hook = getattr(layer, "hook_shared", None)
-        if hook is not None:
-            handles.append(hook.register_forward_hook(
-                lambda _m, args, _out, li=li: callback(li, args[0])))
-    return handles
+    try:
+        for li, (_, layer) in enumerate(model.moe_layers()):
+            hook = getattr(layer, "hook_shared", None)
+            if hook is not None:
+                handles.append(hook.register_forward_hook(
+                    lambda _m, args, _out, li=li: callback(li, args[0])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_forward(model, batch, *, router: bool = True, shared: bool = True,
@@ -49,20 +55,15 @@ def capture_forward(model, batch, *, router: bool = True, shared: bool = True,
         cap.shared[li] = h_TD.detach()
 
     was_training = model.training
-    handles = []
     with ExitStack() as stack:
-        try:
-            if router:
-                stack.enter_context(attach_router_hooks(model, on_router))
-            if shared:
-                handles = _attach_shared_hooks(model, on_shared)
-            model.eval()
-            with torch.no_grad():
-                cap.output = model(batch, mask_routed=mask_routed)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        if router:
+            stack.enter_context(attach_router_hooks(model, on_router))
+        if shared:
+            stack.enter_context(_shared_hooks(model, on_shared))
+        stack.callback(model.train, was_training)
+        model.eval()
+        with torch.no_grad():
+            cap.output = model(batch, mask_routed=mask_routed)
     return cap
 
 

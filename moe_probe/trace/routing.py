@@ -88,6 +88,13 @@ class RoutingCounter:
         self._size_LG = size_LG.clamp_min(1)
         self._layer_ids = torch.arange(len(infos), device=self.device)
         self._nominal_flag = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.device)
+        self._one = torch.ones(1, dtype=torch.float64, device=self.device)
+        # (L, M, E) experts of the group each modality routes into (padding experts in none)
+        self._masks_LME = np.zeros((len(infos), M, E), dtype=bool)
+        for li, info in enumerate(infos):
+            self._masks_LME[li, :, : info.n_experts] = metrics.group_masks(
+                info.n_experts, info.groups, info.modality_group)
+        self._k_L = np.array([i.top_k for i in infos], dtype=np.float64)
         self._pending: list[tuple[int, RouterRecord]] = []
         self._reset()
 
@@ -97,6 +104,10 @@ class RoutingCounter:
         E = self.n_experts
         self._acc = torch.zeros(len(self.layers), M * (3 + E) + 2, dtype=torch.float64, device=self.device)
         self._pending = []
+
+    def reset(self) -> None:
+        """Drop everything counted since the last ``finish`` (a step that was abandoned)."""
+        self._reset()
 
     def add(self, layer_index: int, record: RouterRecord) -> None:
         """Count one router call (one forward of one layer). No kernels, no host synchronisation."""
@@ -133,7 +144,7 @@ class RoutingCounter:
         slot_A, slot_T = torch.cat(slot_A), torch.cat(slot_T)
         # load per record (capacity is per forward), then summed per layer
         load_RME = torch.zeros(R * M * E, dtype=torch.float64, device=dev)
-        load_RME.index_add_(0, slot_A, torch.ones(slot_A.shape, dtype=torch.float64, device=dev))
+        load_RME.index_add_(0, slot_A, self._one.expand(slot_A.shape))
         load_RME = load_RME.view(R, M, E)
         load_LME = torch.zeros(L, M * E, dtype=torch.float64, device=dev)
         load_LME.index_add_(0, layer_R, load_RME.view(R, M * E))
@@ -147,8 +158,8 @@ class RoutingCounter:
         sum_N = (logits_NE - max_N[:, None]).clamp_min_(-30.0).exp_().sum(-1)
         lse_N = max_N + torch.log(sum_N)
         top1_N = sum_N.reciprocal()  # exp(max − lse)
-        ones_N = torch.ones(slot_T.shape, dtype=torch.float64, device=dev)
-        tokens_LM = torch.zeros(L * M, dtype=torch.float64, device=dev).index_add_(0, slot_T, ones_N)
+        tokens_LM = torch.zeros(L * M, dtype=torch.float64, device=dev).index_add_(
+            0, slot_T, self._one.expand(slot_T.shape))
         conf_LM = torch.zeros(L * M, dtype=torch.float64, device=dev).index_add_(0, slot_T, top1_N.double())
         z_L = torch.zeros(L, dtype=torch.float64, device=dev).index_add_(
             0, torch.div(slot_T, M, rounding_mode="floor"), lse_N.double().square())
@@ -186,12 +197,14 @@ class RoutingCounter:
         c = self.counts()
         self._reset()
         L = len(self.layers)
-        derived = {k: np.full((L, M), np.nan) for k in ("capacity_rate", "entropy", "maxvio", "dead_frac")}
-        for li, info in enumerate(self.infos):
-            E_l = info.n_experts
-            row = metrics.routing_metrics_for(info, c["tokens"][li], c["load"][li, :, :E_l], c["kept"][li])
-            for k, v in row.items():
-                derived[k][li] = v
+        # All layers at once (metrics take leading dims); masks hold each layer's groups.
+        mask, load = self._masks_LME, c["load"]
+        derived = {
+            "capacity_rate": metrics.capacity_rate(c["kept"], c["tokens"], self._k_L[:, None]),
+            "entropy": metrics.entropy(load, mask),
+            "maxvio": metrics.maxvio(load, mask),
+            "dead_frac": metrics.dead_frac(load, mask),
+        }
         with np.errstate(invalid="ignore", divide="ignore"):
             confidence = np.where(c["tokens"] > 0, c["confidence_sum"] / np.maximum(c["tokens"], 1), np.nan)
             router_z = np.where(c["z_count"] > 0, c["z_sum"] / np.maximum(c["z_count"], 1), np.nan)

@@ -57,6 +57,7 @@ class TraceSession:
         self._stack = ExitStack()
         self._routing_on = self._counter is not None and _due(step, self.cfg.routing_every)
         if self._routing_on:
+            self._counter.reset()  # nothing from an abandoned step leaks into this row
             self._stack.enter_context(RoutingTracer(self.model, self._counter))
         self._grad_on = (self.cfg.enabled and "grad" in self._groups and _due(step, self.cfg.grad_every))
         if self._grad_on:

@@ -1,0 +1,1 @@
+"""moe_probe.reproduce: the paper's experiment at CPU scale."""

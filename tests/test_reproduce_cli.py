@@ -1,0 +1,263 @@
+"""`moe-probe reproduce --quick` end to end (subprocess), interrupted and resumed.
+
+One module-scoped study (tiny recipes, 2 seeds): the first invocation is killed (SIGKILL, a
+crash) while a run is half done, the second continues it, the third finds everything done.
+The results are then checked against the stores: every cell's per-seed values are recomputed
+from its recorded sources with this file's own numpy code, and mean / CI / verdicts from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import moe_probe
+
+KINDS = ["moe", "mot", "symbiotic", "und_only", "sym_no_shield", "sym_no_difflr",
+         "sym_und_1_4", "sym_und_1_2"]
+SEEDS = [0, 1]
+VERDICTS = {"supports", "refutes", "inconclusive"}
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MOE_PROBE_JOBS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "moe_probe", "reproduce", "--quick", "--out", str(out), *extra]
+
+
+def _runs(out: Path):
+    return [out / k / f"seed{s}" for s in SEEDS for k in KINDS]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "study"
+    log = open(out.parent / "first.log", "w")
+    first = subprocess.Popen(_cmd(out), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    killed_partial = None
+    deadline = time.time() + 400
+    try:
+        # Kill once a run is finished and the next one has a checkpoint but no done marker.
+        while first.poll() is None and time.time() < deadline:
+            done = [r for r in _runs(out) if (r / "reproduce_done.json").is_file()]
+            partial = [r for r in _runs(out) if (r / "checkpoint.pt").is_file()
+                       and not (r / "reproduce_done.json").is_file()]
+            if done and partial:
+                first.send_signal(signal.SIGKILL)
+                killed_partial = partial[0]
+                break
+            time.sleep(0.02)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log.close()
+    assert killed_partial is not None, "the first invocation was not caught mid-run"
+    before = {r: (r / "reproduce_done.json").stat().st_mtime_ns for r in _runs(out)
+              if (r / "reproduce_done.json").is_file()}
+
+    second = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = {r: (r / "reproduce_done.json").stat().st_mtime_ns for r in _runs(out)}
+
+    t0 = time.perf_counter()
+    third = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=600)
+    third_s = time.perf_counter() - t0
+    assert third.returncode == 0, third.stderr[-3000:]
+    return {"out": out, "killed_partial": killed_partial, "before": before, "after": after,
+            "second": second, "third": third, "third_s": third_s}
+
+
+# ----------------------------------------------------------------------------- resumability
+
+def test_interrupted_run_is_continued_not_restarted(study):
+    mark = json.loads((study["killed_partial"] / "reproduce_done.json").read_text())
+    assert mark["resumed_from"] is not None and mark["resumed_from"] > 0
+    store = moe_probe.open_run(study["killed_partial"])
+    steps = store.dataset("loss")["step"].values
+    assert list(steps) == list(range(mark["steps"]))  # no step lost or written twice
+
+
+def test_finished_runs_are_skipped(study):
+    for run, mtime in study["before"].items():
+        assert study["after"][run] == mtime, f"{run} was trained again"
+    third = study["third"]
+    assert f"{len(KINDS) * len(SEEDS)} already done, 0 to train" in third.stdout + third.stderr
+    for run, mtime in study["after"].items():
+        assert (run / "reproduce_done.json").stat().st_mtime_ns == mtime
+    assert study["third_s"] < 120  # reading stores + report only
+
+
+def test_runs_of_a_seed_share_one_base(study):
+    bases = {}
+    for run in _runs(study["out"]):
+        mark = json.loads((run / "reproduce_done.json").read_text())
+        bases.setdefault(mark["seed"], set()).add(mark["base"])
+    assert all(len(b) == 1 for b in bases.values()), bases
+    assert len({next(iter(b)) for b in bases.values()}) == len(SEEDS)
+    assert all((study["out"] / ".base" / next(iter(b))).is_dir() for b in bases.values())
+
+
+# ----------------------------------------------------------------------------- results
+
+def _per_step(da) -> np.ndarray:
+    a = np.asarray(da.transpose("step", ...).values, dtype=float).reshape(da.sizes["step"], -1)
+    out = np.full(a.shape[0], np.nan)
+    for i, row in enumerate(a):
+        fin = row[np.isfinite(row)]
+        if fin.size:
+            out[i] = fin.mean()
+    return out
+
+
+def _reduce(v: np.ndarray, how: str, w: int) -> float:
+    if not np.isfinite(v).any():
+        return math.nan
+    if how == "tail_mean":
+        return float(np.nanmean(v[-w:]))
+    if how == "min_window_mean":
+        return float(min(np.nanmean(v[i - w + 1: i + 1]) for i in range(w - 1, len(v))
+                         if np.isfinite(v[i - w + 1: i + 1]).any()))
+    return float({"last": lambda: v[-1], "change": lambda: v[-1] - v[0],
+                  "max": lambda: np.nanmax(v), "min": lambda: np.nanmin(v),
+                  "mean": lambda: np.nanmean(v)}[how]())
+
+
+def _close(a, b):
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)):
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_result_files_have_the_documented_structure(study):
+    out = study["out"]
+    for name in ("results.md", "results.csv", "results.json", "report.html"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    res = json.loads((out / "results.json").read_text())
+    metrics = [m["key"] for m in res["metrics"]]
+    for key in ("cap_final_text", "cap_final_vit", "cap_final_vae", "cap_min_text", "cap_min_vit",
+                "cap_min_vae", "gen_loss", "gen_acc", "text_loss", "digit_acc", "iso_text_loss",
+                "iso_digit_acc", "selectivity", "shared_cos"):
+        assert key in metrics
+    assert [k["name"] for k in res["kinds"]] == KINDS
+    assert set(res["cells"]) == set(KINDS)
+    for kind in KINDS:
+        assert set(res["cells"][kind]) == set(metrics)
+        for cell in res["cells"][kind].values():
+            assert {"n", "mean", "ci_low", "ci_high", "values", "sources"} <= set(cell)
+            assert len(cell["sources"]) == len(SEEDS)
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(KINDS) * len(metrics)
+    assert {"kind", "metric", "n", "mean", "ci_low", "ci_high"} <= set(rows[0])
+    for row in rows:
+        cell = res["cells"][row["kind"]][row["metric"]]
+        assert int(row["n"]) == cell["n"]
+        assert _close(float(row["mean"]) if row["mean"] else None, cell["mean"])
+    md = (out / "results.md").read_text()
+    for kind in KINDS:
+        assert md.count(f"| {kind} |") == 3  # one row in each sub-table
+    for m in res["metrics"]:
+        assert m["label"] in md
+    html = (out / "report.html").read_text()
+    assert "symbiotic/seed1" in html and "und_only/seed0" in html
+
+
+def test_every_number_traces_back_to_a_store(study):
+    out = study["out"]
+    res = json.loads((out / "results.json").read_text())
+    stores = {}
+    for kind, row in res["cells"].items():
+        for key, cell in row.items():
+            for src, val in zip(cell["sources"], cell["values"]):
+                assert src["run"] == val["run"] and src["run"].startswith(f"{kind}/seed")
+                store = stores.setdefault(src["run"], moe_probe.open_run(out / src["run"]))
+                da = store.read(src["group"], src["var"], **src["sel"])
+                got = _reduce(_per_step(da), src["reduce"], src["window"])
+                assert _close(got, val["value"]), (kind, key, src, got, val)
+            xs = [v["value"] for v in cell["values"] if v["value"] is not None]
+            assert cell["n"] == len(xs)
+            if xs:
+                assert _close(float(np.mean(xs)), cell["mean"])
+            if len(xs) >= 2:
+                sem = stats.sem(xs)
+                lo, hi = ((np.mean(xs), np.mean(xs)) if sem == 0 else
+                          stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=sem))
+                assert _close(float(lo), cell["ci_low"]) and _close(float(hi), cell["ci_high"])
+            else:
+                assert cell["ci_low"] is None
+    # The generation metrics of the understanding-only control are not measured, not zero.
+    assert res["cells"]["und_only"]["gen_loss"]["n"] == 0
+    assert res["cells"]["symbiotic"]["gen_loss"]["n"] == len(SEEDS)
+
+
+def test_claim_verdicts_are_computed_from_the_table(study):
+    out = study["out"]
+    res = json.loads((out / "results.json").read_text())
+    cells = res["cells"]
+    assert [c["id"] for c in res["claims"]] == list(range(1, 8))
+    for claim in res["claims"]:
+        assert claim["verdict"] in VERDICTS and claim["expected"]
+        got = []
+        for c in claim["comparisons"]:
+            a, b = cells[c["a"]][c["metric"]], cells[c["b"]][c["metric"]]
+            if a["n"] < 2 or b["n"] < 2 or (a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]):
+                v = "inconclusive"
+            else:
+                v = "supports" if (a["mean"] > b["mean"]) == (c["expect"] == "greater") else "refutes"
+            assert c["verdict"] == v, c
+            got.append(v)
+        want = ("refutes" if "refutes" in got else
+                "supports" if set(got) == {"supports"} else "inconclusive")
+        assert claim["verdict"] == want
+    md = (out / "results.md").read_text()
+    for claim in res["claims"]:
+        assert f"**Claim {claim['id']}**" in md
+        assert f"**Verdict: {claim['verdict']}.**" in md
+    assert md.count("expected (paper):") == 7
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-probe reproduce: error:"), proc.stderr
+    return lines[0]
+
+
+def test_zero_seeds_is_bad_input(tmp_path):
+    proc = subprocess.run(_cmd(tmp_path / "o", "--seeds", "0"), env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert "--seeds" in _one_line_error(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_is_bad_input(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(_cmd(blocker / "out"), env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert "cannot write" in _one_line_error(proc)
+
+
+def test_out_of_another_plan_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps({"plan": {"quick": False, "size_overrides": []},
+                                                    "seeds": [0]}))
+    proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=120)
+    assert "another plan" in _one_line_error(proc)

@@ -1,0 +1,117 @@
+"""Fast checks of the reproduce plan, statistics and verdict logic (no training)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from moe_probe.reproduce import claims
+from moe_probe.reproduce.config import KINDS, make_config
+from moe_probe.reproduce.metrics import METRICS, reduce, window_rows
+from moe_probe.reproduce.runner import build_plan
+from moe_probe.reproduce.table import summarize
+
+
+def test_plan_covers_every_kind_and_seed_once(tmp_path):
+    cfg = make_config(quick=True, seeds=2)
+    plan = build_plan(cfg, tmp_path)
+    assert len(plan) == len(KINDS) * 2
+    assert len({s.run_dir for s in plan}) == len(plan)
+    assert {s.run_dir.relative_to(tmp_path).as_posix() for s in plan} == {
+        f"{k.name}/seed{s}" for k in KINDS for s in (0, 1)}
+    assert all(s.recipe.startswith("tiny-") for s in plan)
+    # The 3/4 split is the symbiotic run itself: no kind trains symbiotic at 0.75 again.
+    fractions = [o for k in KINDS for o in k.overrides if o.startswith("model.und_fraction")]
+    assert sorted(fractions) == ["model.und_fraction=0.25", "model.und_fraction=0.5"]
+
+
+def test_every_kind_resolves_to_a_valid_config(tmp_path):
+    from moe_probe.reproduce.runner import _planned_config
+
+    for quick in (True, False):
+        for spec in build_plan(make_config(quick=quick, seeds=1), tmp_path):
+            cfg = _planned_config(spec)  # unknown override keys raise here
+            assert cfg.train.stage == 2 and cfg.train.seed == 0
+            if spec.kind.name == "sym_no_shield":
+                assert cfg.train.shielding is False
+            if spec.kind.name == "sym_no_difflr":
+                assert cfg.train.differential_lr is False
+            if spec.kind.name == "sym_und_1_4":
+                assert cfg.model.und_fraction == 0.25
+
+
+def test_all_kinds_of_a_seed_map_to_one_base(tmp_path):
+    from moe_probe.reproduce.runner import _planned_config
+    from moe_probe.train.stages import base_config, base_key
+
+    plan = build_plan(make_config(quick=True, seeds=2), tmp_path)
+    keys = {}
+    for spec in plan:
+        keys.setdefault(spec.seed, set()).add(base_key(base_config(_planned_config(spec))))
+    assert all(len(v) == 1 for v in keys.values()) and keys[0] != keys[1]
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_seed_counts(bad):
+    with pytest.raises(ValueError, match="--seeds"):
+        make_config(quick=True, seeds=bad)
+
+
+def test_summary_uses_t_interval_and_skips_nan():
+    xs = [0.5, 0.7, 0.6, math.nan]
+    s = summarize(xs)
+    fin = [0.5, 0.7, 0.6]
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(fin), scale=stats.sem(fin))
+    assert s["n"] == 3 and math.isclose(s["mean"], 0.6)
+    assert math.isclose(s["ci_low"], lo) and math.isclose(s["ci_high"], hi)
+    one = summarize([0.3])
+    assert one["n"] == 1 and one["ci_low"] is None
+    assert summarize([math.nan])["mean"] is None
+    same = summarize([1.0, 1.0])
+    assert same["ci_low"] == same["ci_high"] == 1.0
+
+
+def test_reductions():
+    v = np.array([1.0, 0.5, np.nan, 0.9, 0.8])
+    assert reduce(v, "last", 1) == 0.8
+    assert math.isclose(reduce(v, "change", 1), -0.2)
+    assert reduce(v, "max", 1) == 1.0 and reduce(v, "min", 1) == 0.5
+    assert math.isclose(reduce(v, "tail_mean", 2), 0.85)
+    assert math.isclose(reduce(v, "min_window_mean", 2), 0.5)  # window [0.5, nan]
+    assert math.isnan(reduce(np.array([np.nan]), "last", 1))
+    assert window_rows(6) == 1 and window_rows(300) == 15
+    assert {m.reduce for m in METRICS} <= {"tail_mean", "min_window_mean", "last", "change",
+                                           "max", "min", "mean"}
+
+
+def _cell(mean, half, n=3):
+    return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+@pytest.mark.parametrize("a,b,expect,verdict", [
+    (_cell(0.9, 0.01), _cell(0.5, 0.01), "greater", "supports"),
+    (_cell(0.9, 0.01), _cell(0.5, 0.01), "less", "refutes"),
+    (_cell(0.9, 0.3), _cell(0.5, 0.3), "greater", "inconclusive"),  # CIs overlap
+    (_cell(0.9, 0.01, n=1), _cell(0.5, 0.01), "greater", "inconclusive"),  # n < 2
+])
+def test_comparison_verdicts(a, b, expect, verdict):
+    c = claims.Comparison(metric="text_loss", a="x", b="y", expect=expect)
+    assert claims.compare(c, {"x": {"text_loss": a}, "y": {"text_loss": b}})["verdict"] == verdict
+
+
+def test_every_claim_names_known_metrics_and_kinds():
+    keys = {m.key for m in METRICS}
+    names = {k.name for k in KINDS}
+    assert [c.id for c in claims.CLAIMS] == list(range(1, 8))
+    for claim in claims.CLAIMS:
+        for c in claim.comparisons:
+            assert c.metric in keys and c.a in names and c.b in names
+            assert c.expect in ("greater", "less")
+
+
+def test_missing_kind_gives_inconclusive():
+    out = claims.evaluate({})
+    assert {c["verdict"] for c in out} == {"inconclusive"}
