@@ -8,6 +8,7 @@ app built in a process, so one process serves one app (tests start the server as
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import dash
@@ -39,7 +40,10 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
-    app.layout = _layout(root_p, refresh_s)
+    # A function: evaluated per page load, so the first run and its layers are already chosen in
+    # the HTML the browser gets (saves the round trips runs → focus → layers → sel before any
+    # graph callback can start).
+    app.layout = functools.partial(_layout, root_p, refresh_s)
     _warm_up()
     _app = app
     return app
@@ -62,14 +66,33 @@ def _warm_up() -> None:
     pio.to_json(sub)
 
 
+def _initial_selection(root_p: Path) -> tuple[list, str | None, list, str | None, str]:
+    """Runs, first run, its layers, first layer and a root message, as the refresh callbacks
+    would compute them; errors leave the choice empty (the callbacks then show the message)."""
+    try:
+        runs = data.list_runs(root_p)
+    except (OSError, ValueError) as e:
+        return [], None, [], None, f"Cannot read the dashboard root: {e}"
+    if not runs:
+        return [], None, [], None, (f"No runs under {root_p} "
+                                    "(a run is a directory holding traces.zarr).")
+    try:
+        layers = data.run_meta(root_p, runs[0])["layers"]
+    except data.DataError:
+        layers = []
+    return runs, runs[0], layers, (layers[0] if layers else None), ""
+
+
 def _layout(root_p: Path, refresh_s: float):
-    nav = [dcc.Link(p["name"], href=p["relative_path"], className="nav-link", id=f"nav-{p['module'].split('.')[-1]}")
+    runs, focus, layers, layer, msg = _initial_selection(root_p)
+    nav = [dcc.Link(p["name"], href=p["relative_path"], className="nav-link",
+                    id=f"nav-{p['module'].split('.')[-1]}")
            for p in dash.page_registry.values()]
     return html.Div([
         dcc.Location(id="url"),
         # Shared selection of every page. Root is for display only; the server uses its own.
         dcc.Store(id="sel", storage_type="memory",
-                  data={"root": str(root_p), "focus": None, "runs": [], "layer": None,
+                  data={"root": str(root_p), "focus": focus, "runs": [], "layer": layer,
                         "modality": "vae"}),
         dcc.Interval(id="tick", interval=int(refresh_s * 1000), n_intervals=0),
         # Committed rows per group of the runs in view; changes only when a writer committed, so
@@ -81,16 +104,18 @@ def _layout(root_p: Path, refresh_s: float):
             html.Nav(nav, className="nav"),
             html.Div([
                 html.Div([html.Label("run"), dcc.Dropdown(id="focus-run", clearable=False,
+                                                          options=runs, value=focus,
                                                           style={"width": "260px"})],
                          className="control"),
                 html.Div([html.Label("layer"), dcc.Dropdown(id="layer", clearable=False,
+                                                            options=layers, value=layer,
                                                             style={"width": "90px"})],
                          className="control"),
                 html.Div([html.Label("modality"),
                           dcc.RadioItems(id="modality", options=["text", "vit", "vae"],
                                          value="vae", inline=True)], className="control"),
             ], className="controls"),
-            html.Div(id="root-msg", className="root-msg"),
+            html.Div(msg, id="root-msg", className="root-msg"),
         ]),
         html.Main(dash.page_container),
     ])

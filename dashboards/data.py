@@ -9,7 +9,6 @@ touches only the zarr chunks that hold it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -21,7 +21,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe and write RUN_DIR/traces.zarr")
     t.add_argument("--recipe", required=True)
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None,
+                   help="steps of this stage (stage 1 of a stage-2 recipe: --set base.steps=N)")
     t.add_argument("--out", default=None, help="run directory (default runs/<recipe>-s<seed>)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -56,6 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advise-groups", default=None, metavar="JSON",
                    help="write a Symbiotic-MoE expert partition proposal here")
     s.add_argument("--und-fraction", type=float, default=0.75)
+    s.add_argument("--structural", action="store_true",
+                   help="find routers by structure only (ignore the known-family table)")
     s.add_argument("--quiet", action="store_true")
 
     da = sub.add_parser("dash", help="interactive routing dashboard")
@@ -100,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"moe-probe {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `moe-probe info RUN --json | head`: the reader left; not an error of ours.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"moe-probe {args.command}: interrupted", file=sys.stderr)
         return 130

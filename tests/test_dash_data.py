@@ -172,3 +172,14 @@ def test_long_series_are_bucketed_with_exact_extremes(long_root):
     # a zoom re-reads only the window, at full resolution
     zoomed = R.capacity_lines(long_root, "long", "1", (1000, 1999))
     np.testing.assert_array_equal(np.asarray(zoomed.data[0].x), np.arange(1000, 2000))
+
+
+def test_a_broken_run_is_a_row_with_its_error_not_a_crash(root):
+    from dashboards.figures.runs import run_row
+    (root / "broken" / "traces.zarr").mkdir(parents=True)  # no zarr.json: not a moe_probe store
+    assert "broken" in data.list_runs(root)
+    row = run_row(root, "broken")
+    assert "not a moe_probe store" in row["error"]
+    ok = run_row(root, "healthy")
+    assert ok["arch"] == "symbiotic" and ok["diagnosis"]["findings"] == []
+    assert set(ok["capacity"]) == {"text", "vit", "vae"}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,3 +119,44 @@ def test_every_claim_names_known_metrics_and_kinds():
 def test_missing_kind_gives_inconclusive():
     out = claims.evaluate({})
     assert {c["verdict"] for c in out} == {"inconclusive"}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "moe_probe", "reproduce", "--quick", "--out", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MOE_PROBE_JOBS": "1"}
+
+
+def _one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-probe reproduce: error:"), proc.stderr
+    return lines[0]
+
+
+def test_zero_seeds_is_bad_input(tmp_path):
+    proc = subprocess.run(_cmd(tmp_path / "o", "--seeds", "0"), env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert "--seeds" in _one_line_error(proc)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out_is_bad_input(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(_cmd(blocker / "out"), env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert "cannot write" in _one_line_error(proc)
+
+
+def test_out_of_another_plan_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps({"plan": {"quick": False, "size_overrides": []},
+                                                    "seeds": [0]}))
+    proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=120)
+    assert "another plan" in _one_line_error(proc)

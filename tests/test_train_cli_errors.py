@@ -57,3 +57,8 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert main(["train", "--recipe", "tiny-moe", "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "config.json").read_text() == "{}"
+    other = tmp_path / "scan"  # e.g. an HF scan: a store but no training config
+    (other / "traces.zarr").mkdir(parents=True)
+    assert main(["train", "--recipe", "tiny-moe", "--out", str(other)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["traces.zarr"]

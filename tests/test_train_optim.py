@@ -33,8 +33,8 @@ def test_param_groups_cover_every_parameter_once_with_the_right_lr(arch):
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     by_tag = {g["tag"]: g for g in opt.param_groups}
-    want = {"gen_experts": 1e-2, "gen_router": 1e-2, "gen_io": 1e-2, "und_experts": 1e-4,
-            "und_router": 1e-4, "shared": 1e-4, "backbone": 5e-4}
+    want = {"gen_experts": 1e-2, "gen_router": 1e-2, "gen_io": 1e-2, "gen_backbone": 1e-2,
+            "und_experts": 1e-4, "und_router": 1e-4, "shared": 1e-4, "backbone": 5e-4}
     for tag, group in by_tag.items():
         assert group["lr"] == want[tag], tag
     names = {id(p): n for n, p in model.named_parameters()}
@@ -44,6 +44,12 @@ def test_param_groups_cover_every_parameter_once_with_the_right_lr(arch):
         gen_router = [names[id(p)] for p in by_tag["gen_router"]["params"]]
         assert gen_router and all(".groups.gen.router." in n for n in gen_router)
         assert all(".groups.und." in names[id(p)] for p in by_tag["und_experts"]["params"])
+    if arch == "mot":  # the gen tower's attention and norms are new in stage 2: the new-parts LR
+        gen_tower = {names[id(p)] for p in by_tag["gen_backbone"]["params"]}
+        assert gen_tower and all(".gen_attn" in n or ".gen_" in n for n in gen_tower)
+        assert not any(".gen_" in names[id(p)] for p in by_tag["backbone"]["params"])
+    else:
+        assert "gen_backbone" not in by_tag
     if arch == "moe":  # a plain MoE has no generation experts: its experts are what the base knows
         assert "gen_experts" not in by_tag and "gen_router" not in by_tag
     # Switched off: one LR (the high one) everywhere.

@@ -142,3 +142,31 @@ def test_resume_is_exact(cache, tmp_path):
     ea, eb = (open_run(r).dataset("eval") for r in (full, half))
     assert list(eb["step"].values) == [0, 3, 4, 6]
     assert (ea["value"].sel(step=6).values == eb["value"].sel(step=6).values).all()
+
+
+def test_resume_after_a_crash_past_the_checkpoint(cache, tmp_path):
+    """A run that died after writing trace rows past its last checkpoint resumes from that
+    checkpoint: the stale rows are dropped and re-written, the result equals a clean run."""
+    import shutil
+
+    const = ["--set", "train.min_lr_ratio=1.0"]
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert _train(clean, "tiny-symbiotic", "--steps", "6", *const) == 0
+    assert _train(crashed, "tiny-symbiotic", "--steps", "4", *const) == 0
+    saved = tmp_path / "ckpt-4"
+    saved.mkdir()
+    for f in ("checkpoint.pt", "progress.json"):
+        shutil.copy2(crashed / f, saved / f)
+    assert main(["train", "--recipe", "tiny-symbiotic", "--out", str(crashed), "--steps", "6",
+                 "--resume", "--quiet"]) == 0
+    # "Crash": the store holds steps 4-5 and the eval at 6, the checkpoint is back at step 4.
+    for f in ("checkpoint.pt", "progress.json"):
+        shutil.copy2(saved / f, crashed / f)
+    assert main(["train", "--recipe", "tiny-symbiotic", "--out", str(crashed), "--steps", "6",
+                 "--resume", "--quiet"]) == 0
+    a, b = _state(clean), _state(crashed)
+    for name, t in a["model"].items():
+        assert torch.equal(t, b["model"][name]), name
+    la, lb = (open_run(r).dataset("loss") for r in (clean, crashed))
+    assert list(lb["step"].values) == list(range(6)) and (la["value"].values == lb["value"].values).all()
+    assert list(open_run(crashed).dataset("eval")["step"].values) == [0, 4, 6]

@@ -65,7 +65,7 @@ def isolated_metric(root, run_ids, metric=None) -> go.Figure:
     """Fig. 6: the isolated shared-expert metric per run (routed experts masked)."""
     if not run_ids:
         return message_figure("pick runs to compare on the Runs page", "shared-expert probe")
-    fig = line_figure(f"shared-expert probe (isolated) — {metric or '?'} — Fig. 6",
+    fig = line_figure(f"isolated shared experts — {metric or '?'} (Fig. 6)",
                       ylabel=str(metric or ""))
     for i, rid in enumerate(run_ids):
         ds = data.group_dataset(root, rid, "probe")

@@ -7,7 +7,7 @@ import dash
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboards import data
-from dashboards.components import graph, labelled, row, section
+from dashboards.components import graph, labelled, section
 from dashboards.figures import probes as P
 from dashboards.pages_common import figures_or_message, need, root_of
 

@@ -2,7 +2,7 @@
 
 Structural discovery (families missing from ``families.FAMILIES``) looks, inside each decoder
 layer, for an *experts* module (a direct 3-D parameter with first dim E, or a ModuleList of E
-sub-modules called ``experts``) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
+identically shaped sub-modules) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
 Modules named ``*shared*`` next to them are shared experts (a 1-output linear among them is the
 shared-expert gate). One probe forward with temporary hooks then checks what each router
 returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids recorded as the model chose
@@ -109,6 +109,11 @@ def from_table(model: nn.Module, family: Family) -> list[MoeLayer]:
     return out
 
 
+def _same_shapes(mods: nn.ModuleList) -> bool:
+    sig = [tuple(tuple(p.shape) for p in m.parameters()) for m in mods]
+    return bool(sig[0]) and all(x == sig[0] for x in sig)
+
+
 def _router_for(parent: nn.Module, experts_name: str, E: int) -> str | None:
     for name, child in parent.named_children():
         if name == experts_name or "shared" in name:
@@ -131,8 +136,8 @@ def find_structural(model: nn.Module) -> list[MoeLayer]:
             if "shared" in sub:
                 continue
             E = 0
-            if isinstance(mod, nn.ModuleList) and sub.endswith("experts") and len(mod) > 1:
-                E = len(mod)
+            if isinstance(mod, nn.ModuleList) and len(mod) > 1 and _same_shapes(mod):
+                E = len(mod)  # a list of identical expert MLPs (older / custom-code layouts)
             elif any(p.ndim == 3 for p in mod.parameters(recurse=False)):
                 E = _n_experts(mod)
             if E < 2 or sub == "":

@@ -73,7 +73,7 @@ def _balance_losses(records) -> tuple[float, float]:
 
 def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
     """The scan; returns a small summary (also for tests). ValueError for bad input.
-    ``use_table`` None = the family table unless ``MOE_PROBE_HF_STRUCTURAL=1``."""
+    ``use_table`` None = the family table unless ``--structural`` or ``MOE_PROBE_HF_STRUCTURAL=1``."""
     import os
 
     from tqdm.auto import tqdm
@@ -86,7 +86,8 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
 
     _validate(args)
     if use_table is None:
-        use_table = os.environ.get("MOE_PROBE_HF_STRUCTURAL", "") not in ("1", "true", "yes")
+        use_table = not (getattr(args, "structural", False)
+                         or os.environ.get("MOE_PROBE_HF_STRUCTURAL", "") in ("1", "true", "yes"))
     model, tokenizer, source = load_model(args.model, seed=seed)
     how, layers = find_moe_layers(model, use_table=use_table)
     V = int(model.config.vocab_size)
@@ -105,6 +106,8 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
     has_shared = any(x.n_shared > 0 for x in layers)
     names = [x.name for x in layers]
     E = max(x.n_experts for x in layers)
+    if args.advise_groups and not 0 < round(args.und_fraction * E) < E:
+        raise ValueError(f"--und-fraction {args.und_fraction} leaves an empty group of {E} experts")
 
     coords = default_coords(layers=names, n_experts=E, eval_metrics=[],
                             isolated_metrics=isolated_metric_names(M > 1) if has_shared else None,

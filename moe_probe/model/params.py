@@ -1,8 +1,10 @@
 """Parameter tags: components for the gradient-conflict tracer, groups for differential LR.
 
 Name patterns (``layers.{i}.`` prefix):
-- ``attn_norm``/``ffn_norm`` (+ ``gen_`` MoT tower) -> component ``norm``, tag ``backbone``
-- ``attn.*`` / ``gen_attn.*`` -> ``attn``, ``backbone``
+- ``attn_norm``/``ffn_norm`` -> component ``norm``, tag ``backbone``; the MoT gen tower's
+  ``gen_*_norm`` -> ``norm``, ``gen_backbone``
+- ``attn.*`` -> ``attn``, ``backbone``; ``gen_attn.*`` -> ``attn``, ``gen_backbone`` (the gen tower is
+  a new copy in stage 2, so differential LR trains it at the new-parts rate)
 - ``ffn.groups.{g}.router.weight`` -> ``router``; tag ``und_router`` (g = all/und) or ``gen_router``
 - ``ffn.groups.{g}.experts.*`` -> ``experts`` (g = all) / ``und_experts`` / ``gen_experts``; tag
   ``und_experts`` (a plain MoE's experts count as understanding experts) or ``gen_experts``
@@ -15,7 +17,8 @@ embedding are tagged ``gen_io``; token/position embeddings, vit_in, LM head, fin
 from __future__ import annotations
 
 GEN_IO_PREFIXES = ("vae_in.", "vae_out.", "vae_norm_out.", "t_embed.")
-PARAM_TAGS = ("gen_experts", "gen_router", "und_experts", "und_router", "shared", "backbone", "gen_io")
+PARAM_TAGS = ("gen_experts", "gen_router", "und_experts", "und_router", "shared", "backbone", "gen_io",
+              "gen_backbone")
 
 
 def _classify(name: str) -> tuple[str, str, str]:
@@ -25,9 +28,9 @@ def _classify(name: str) -> tuple[str, str, str]:
         return "io", "norm", "gen_io" if name.startswith(GEN_IO_PREFIXES) else "backbone"
     layer, mod = parts[1], parts[2]
     if mod.endswith("_norm"):
-        return layer, "norm", "backbone"
+        return layer, "norm", "gen_backbone" if mod.startswith("gen_") else "backbone"
     if mod in ("attn", "gen_attn"):
-        return layer, "attn", "backbone"
+        return layer, "attn", "gen_backbone" if mod == "gen_attn" else "backbone"
     assert mod == "ffn", name
     if parts[3] == "shared":
         return layer, "shared", "shared"

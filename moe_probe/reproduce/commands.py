@@ -39,6 +39,8 @@ def reproduce(args) -> int:
     print(_claims_summary(results))
     print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}; "
           f"report: {out / REPORT_HTML}")
+    print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all "
+          f"(sum of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
     return 0
 
 
@@ -60,6 +62,7 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
         "config": {"quick": cfg.quick, "seeds": list(cfg.seeds),
                    "size_overrides": list(cfg.size_overrides)},
         "this_invocation_train_s": round(train_s, 1),
+        "runs_wall_s_sum": round(sum(_marker(s).get("wall_s") or 0.0 for s in plan), 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "kinds": [{"name": k.name, "recipe": cfg.recipe_name(k), "overrides": list(cfg.overrides(k)),
@@ -78,6 +81,13 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
     return results
 
 
+def _marker(spec) -> dict:
+    from moe_probe.reproduce.runner import DONE
+
+    p = spec.run_dir / DONE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
 def _markdown(cfg: ReproduceConfig, results: dict, tables: str, claims: str) -> str:
     kinds = "\n".join(f"- `{k['name']}`: {k['about']} (recipe `{k['recipe']}`"
                       + (f", `--set {' '.join(k['overrides'])}`" if k["overrides"] else "") + ")"
@@ -89,7 +99,10 @@ def _markdown(cfg: ReproduceConfig, results: dict, tables: str, claims: str) -> 
         f"e.g. generation of the understanding-only control). Every cell's per-seed values and "
         f"store sources are in `results.json`.\n"
         f"Size overrides: {list(cfg.size_overrides) or 'none (recipes as they are)'}. "
-        f"Training wall-clock of this invocation: {results['this_invocation_train_s']} s.\n\n"
+        f"Training wall-clock of this invocation: {results['this_invocation_train_s']} s "
+        f"(sum of each run's wall-clock in the invocation that finished it, bases included: "
+        f"{results['runs_wall_s_sum']} s; "
+        f"{results['machine']['cpus']} CPUs).\n\n"
         f"Kinds:\n{kinds}\n\n"
         "Capacity rate: per-step mean over layers; *final* = mean of the last 5% of steps, "
         "*min* = lowest 5%-window running mean. Evaluation metrics are the last held-out eval; "

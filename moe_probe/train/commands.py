@@ -28,7 +28,9 @@ def resolve_config(args):
     run_dir = Path(args.out or f"runs/{args.recipe}-s{args.seed}")
     if args.resume:
         if not checkpoint_path(run_dir).is_file():
-            raise ValueError(f"cannot resume: no checkpoint in {run_dir}")
+            hint = (" (the run stopped before its first checkpoint; remove the directory to "
+                    "start over)" if (run_dir / "config.json").is_file() else "")
+            raise ValueError(f"cannot resume: no checkpoint in {run_dir}{hint}")
         cfg = _load_saved_config(run_dir)
         if cfg.recipe != args.recipe:
             raise ValueError(f"{run_dir} was trained with recipe {cfg.recipe!r}, not {args.recipe!r}")
@@ -49,7 +51,7 @@ def resolve_config(args):
 
 def train(args) -> int:
     cfg, run_dir = resolve_config(args)
-    if not args.resume and (run_dir / "config.json").exists():
+    if not args.resume and any((run_dir / f).exists() for f in ("config.json", "traces.zarr")):
         raise ValueError(f"{run_dir} already holds a run; use --resume or another --out")
     from moe_probe.train.stages import train_run  # torch: only once the input is known good
 
@@ -71,6 +73,8 @@ def run_info(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"no run directory {run_dir}")
+    if not (run_dir / "config.json").is_file() and (run_dir / "traces.zarr").exists():
+        return _store_only_info(run_dir)
     cfg = _load_saved_config(run_dir)
     summary_path = run_dir / "run.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -97,6 +101,25 @@ def run_info(run_dir: Path) -> dict:
         "committed_steps": _committed(run_dir),
     }
     return info
+
+
+def _store_only_info(run_dir: Path) -> dict:
+    """A run with a store but no training config (``moe-probe scan`` of a HF model)."""
+    from moe_probe import open_run
+
+    store = open_run(run_dir)
+    s = store.info()
+    model = store.attrs.get("model", {}) or {}
+    last = max((v for v in s["last_step"].values() if v is not None), default=None)
+    return {
+        "run_dir": str(run_dir), "recipe": s["recipe"], "arch": s["arch"], "stage": None,
+        "seed": s["seed"], "n_params": s["n_params"],
+        "steps_done": (last + 1) if last is not None else 0, "steps_planned": None,
+        "layers": s["layers"], "experts": s["experts"], "top_k": s["top_k"],
+        "capacity_factor": s["capacity_factor"], "shared_experts": model.get("shared_experts"),
+        "groups": None, "base": None, "eval": None, "wall_s": None,
+        "committed_steps": s["committed_steps"],
+    }
 
 
 def _groups_view(cfg) -> dict | None:
@@ -140,7 +163,8 @@ def info(args) -> int:
           f"stage {data['stage']})")
     print(f"arch         {data['arch']}  ({data['n_params']:,} parameters)" if data["n_params"]
           else f"arch         {data['arch']}")
-    print(f"steps        {data['steps_done']} of {data['steps_planned']}")
+    planned = f" of {data['steps_planned']}" if data["steps_planned"] is not None else ""
+    print(f"steps        {data['steps_done']}{planned}")
     cf = data["capacity_factor"]
     print(f"layers       {data['layers']}, {data['experts']} routed experts"
           f"{' per tower' if data['arch'] == 'mot' else ''}, top-{data['top_k']}, "

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from moe_probe.train import checkpoint
 from moe_probe.train.config import RunConfig, TrainConfig, to_json
 
-LR_TAGS = ("gen_experts", "gen_router", "gen_io", "und_experts", "und_router", "shared", "backbone")
-NEW_TAGS = frozenset({"gen_experts", "gen_router", "gen_io"})
+LR_TAGS = ("gen_experts", "gen_router", "gen_io", "gen_backbone", "und_experts", "und_router",
+           "shared", "backbone")
+NEW_TAGS = frozenset({"gen_experts", "gen_router", "gen_io", "gen_backbone"})
 """What stage 2 adds: trained at ``lr_new`` (paper: 1e-4 vs 1e-6 for what the base knows)."""
 
 
