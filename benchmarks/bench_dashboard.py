@@ -129,7 +129,7 @@ def bench_server_side(root, rid, layer="5", repeat=1):
 
 def bench_browser(root, rid):
     from dashboards.testing import (
-        Server, graph_title, make_driver, quit_driver, severe_logs, wait_for, wait_graph,
+        Server, graph_title, make_driver, quit_driver, severe_logs, wait_for, wait_graph, zoom_x,
     )
 
     def drawn(gid, prefix):
@@ -155,9 +155,9 @@ def bench_browser(root, rid):
                     ".map(e => e.responseEnd)")
                 print(f"  last callback response at {max(cb):.0f} ms after navigation; "
                       f"{len(cb)} callback requests")
+            time.sleep(1.0)  # let the page settle: time the zoom alone
             t0 = time.perf_counter()
-            d.execute_script("const gd = document.querySelector('#routing-cap-lines .js-plotly-plot');"
-                             "Plotly.relayout(gd, {'xaxis.range[0]': 20000, 'xaxis.range[1]': 25000});")
+            zoom_x(d, "routing-cap-lines", 20000, 25000)
             wait_graph(d, "routing-cap-lines", lambda g: min(g["traces"][0]["x"]) >= 20000, 60)
             # (this poll ships the arrays: an upper bound on the zoom answer as seen in the page)
             print(f"browser: zoom to 5k steps → re-bucketed line drawn: "

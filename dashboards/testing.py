@@ -176,6 +176,21 @@ def wait_graph(driver, graph_id: str, pred=lambda g: True, timeout: float = 30):
     return wait_for(ready, timeout, what=f"graph {graph_id}")
 
 
+def zoom_x(driver, graph_id: str, lo: float, hi: float, timeout: float = 30) -> None:
+    """Zoom a graph's x axis as a user's box zoom does (a plotly_relayout event).
+
+    Plotly draws (and fills _fullData) before Dash's Graph binds its relayout listener; a zoom
+    in between is lost, so wait for the listener first."""
+    sel = f"#{graph_id} .js-plotly-plot"
+    wait_for(lambda: driver.execute_script(
+        "const gd = document.querySelector(arguments[0]);"
+        "return !!(gd && gd._ev && gd._ev._events && gd._ev._events.plotly_relayout);", sel),
+        timeout, interval=0.05, what=f"{graph_id} listening")
+    driver.execute_script("Plotly.relayout(document.querySelector(arguments[0]),"
+                          " {'xaxis.range[0]': arguments[1], 'xaxis.range[1]': arguments[2]});",
+                          sel, lo, hi)
+
+
 def dash_idle(driver) -> bool:
     """No callback in flight (Dash marks the document while it waits for callbacks)."""
     return driver.execute_script(

@@ -17,7 +17,7 @@ import pytest
 import moe_probe
 from dashboards.testing import (
     Server, browser_missing, graph_data, make_driver, quit_driver, severe_logs, wait_for,
-    wait_graph,
+    wait_graph, zoom_x,
 )
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
@@ -168,8 +168,7 @@ def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     _goto(d, server, "/routing", "healthy")
     wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("healthy"))
     # what a user's box zoom does: plotly_relayout with the new x range
-    d.execute_script("""const gd = document.querySelector('#routing-cap-lines .js-plotly-plot');
-                        Plotly.relayout(gd, {'xaxis.range[0]': 100, 'xaxis.range[1]': 140});""")
+    zoom_x(d, "routing-cap-lines", 100, 140)
     g = wait_graph(d, "routing-cap-lines", lambda g: max(g["traces"][0]["x"]) <= 140)
     x = _arr(g["traces"][0]["x"])
     assert x.min() >= 100 and x.max() <= 140 and len(x) == 41

@@ -241,7 +241,22 @@ class StoreWriter:
                 self._q.put(("stop", None))
                 self._thread.join()
             _LIVE.discard(self)
+            if self._error is None:
+                self._trim()
         self._raise_if_failed()
+
+    def _trim(self) -> None:
+        """Cut the chunk-sized growth back to the committed rows on a clean close, so a finished
+        store read with plain ``xr.open_zarr`` shows exactly its rows (no fill-value tail).
+        Arrays stay >= the marker throughout, so a concurrent reader is never misled."""
+        try:
+            for g, arrays in self._arrays.items():
+                n = self._n[g]
+                for a in arrays.values():
+                    if a.shape[0] != n:
+                        a.resize((n, *a.shape[1:]))
+        except BaseException as e:  # noqa: BLE001 - surfaced like any other write failure
+            self._error = e
 
     def __enter__(self):
         return self

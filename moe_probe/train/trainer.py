@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from moe_probe.train import checkpoint
 from moe_probe.train.config import RunConfig, TrainConfig, to_json
+from moe_probe.train.distributed import SINGLE, Dist
 
 LR_TAGS = ("gen_experts", "gen_router", "gen_io", "gen_backbone", "und_experts", "und_router",
            "shared", "backbone")
@@ -80,34 +81,44 @@ def _due(done: int, every: int, total: int) -> bool:
 
 def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evaluator,
         optimizer=None, generator: torch.Generator | None = None, start_step: int = 0,
-        groups=None, quiet: bool = False) -> dict[str, float]:
+        groups=None, quiet: bool = False, dist: Dist = SINGLE) -> dict[str, float]:
     """Train ``model`` for ``cfg.train.steps`` optimizer steps from ``start_step``.
 
     ``optimizer`` and ``generator`` come restored from a checkpoint on resume; fresh ones are
-    built otherwise. Returns the last evaluation's metrics.
+    built otherwise. Returns the last evaluation's metrics ({} on ranks other than 0).
+    Under torchrun (``dist``) see :mod:`moe_probe.train.distributed` for who does what.
     """
     tc = cfg.train
     optimizer = optimizer or build_optimizer(model, tc)
     if generator is None:
         generator = torch.Generator().manual_seed(tc.seed)
-    micro_size = tc.batch_size // tc.micro_batches
+    micro_size = tc.batch_size // (tc.micro_batches * dist.world)
     config_json = to_json(cfg)
+    net = dist.wrap(model)  # training forwards only; eval and tracers use the bare model
 
     def save(done: int) -> None:
+        if not dist.is_main:
+            return
         # The store is flushed first: a checkpoint never points past committed trace rows.
         session.flush()
         checkpoint.save(run_dir, model=model, optimizer=optimizer, generator=generator, step=done,
                         config_json=config_json, tokenizer_state=tokenizer.state_dict(),
-                        groups=groups)
+                        groups=groups, extra={"world_size": dist.world})
+
+    def evaluate(done: int) -> dict[str, float]:
+        if not dist.is_main:  # rank 0 evaluates and writes; the others only train and trace
+            return {}
+        metrics = evaluator(model)
+        session.on_eval(done, metrics, model, final=done >= tc.steps)
+        return metrics
 
     # Fresh runs evaluate the starting point; resumed runs re-write the eval row at the
     # checkpoint step (the store dropped it, see tracing.open_session) with identical values.
-    metrics = evaluator(model)
-    session.on_eval(start_step, metrics, model, final=start_step >= tc.steps)
+    metrics = evaluate(start_step)
     if start_step == 0 and tc.steps == 0:
         save(0)
 
-    show = not quiet and sys.stderr.isatty()
+    show = not quiet and dist.is_main and sys.stderr.isatty()
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not show,
                desc=f"stage {tc.stage} {cfg.model.arch}", dynamic_ncols=True)
     for step in bar:
@@ -119,13 +130,24 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
 
         session.begin_step(step)
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(tc.micro_batches):
+        for i in range(tc.micro_batches * dist.world):
             batch = data.batch("train", micro_size, generator)
-            out = model(batch)
-            # Mean over micro-batches: the accumulated gradient equals one big batch's.
-            session.backward({k: v / tc.micro_batches for k, v in out.task_losses.items()}, step)
+            # Every rank draws the whole global batch (same generator, so the data position is
+            # rank-independent) and runs its own contiguous share of the micro-batches.
+            if i // tc.micro_batches != dist.rank:
+                continue
+            with dist.grad_sync(net, last=(i + 1) % tc.micro_batches == 0):
+                out = net(batch)
+                # Mean over micro-batches: the accumulated gradient equals one big batch's
+                # (DDP's average over ranks completes the mean over all of them).
+                session.backward({k: v / tc.micro_batches for k, v in out.task_losses.items()},
+                                 step)
             for k, v in out.losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / tc.micro_batches
+        if dist.enabled:  # the loss row is the global batch's (one collective per step)
+            names = sorted(sums)
+            means = dist.mean_(torch.stack([sums[k] for k in names]))
+            sums = dict(zip(names, means))
         losses = {k: float(v) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in losses.values()):
             # The run diverged under the user's settings: say so in one line (exit 2); the last
@@ -141,14 +163,14 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
         optimizer.zero_grad(set_to_none=True)
         # Loss-free balancing after the step, from this step's routing (never inside forward).
         if cfg.model.bias_balance:
+            dist.sum_balance_loads(model)
             model.update_balance_bias()
 
         done = step + 1
         if show:
             bar.set_postfix(total=f"{losses['total']:.3f}", lr=f"{factor:.2f}", refresh=False)
         if _due(done, tc.eval_every, tc.steps):
-            metrics = evaluator(model)
-            session.on_eval(done, metrics, model, final=done == tc.steps)
+            metrics = evaluate(done)
             if show:
                 bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if _due(done, tc.checkpoint_every, tc.steps):
