@@ -15,6 +15,7 @@ import dash
 from dash import Input, Output, Patch, State, callback, dcc, html
 
 from dashboards import data
+from moe_probe.modalities import MODALITIES
 from dashboards.pages_common import root_of
 
 _HERE = Path(__file__).parent
@@ -112,7 +113,7 @@ def _layout(root_p: Path, refresh_s: float):
                                                             style={"width": "90px"})],
                          className="control"),
                 html.Div([html.Label("modality"),
-                          dcc.RadioItems(id="modality", options=["text", "vit", "vae"],
+                          dcc.RadioItems(id="modality", options=list(MODALITIES),
                                          value="vae", inline=True)], className="control"),
             ], className="controls"),
             html.Div(msg, id="root-msg", className="root-msg"),
@@ -140,18 +141,25 @@ def _refresh_runs(_n, _path, current, old_opts, old_msg):
 
 
 @callback(Output("layer", "options"), Output("layer", "value"),
+          Output("modality", "options"), Output("modality", "value"),
           Input("focus-run", "value"), Input("tick", "n_intervals"), State("layer", "value"),
-          State("layer", "options"))
-def _layers(run_id, _n, current, old_opts):
-    layers = []
+          State("layer", "options"), State("modality", "value"), State("modality", "options"))
+def _layers(run_id, _n, current, old_opts, mod, old_mods):
+    """Layers and modalities of the focused run (an HF scan labels its token kinds by input
+    file, `text`/`text_b`, not text/vit/vae)."""
+    layers, mods = [], list(MODALITIES)
     if run_id:
         try:
-            layers = data.run_meta(root_of(), run_id)["layers"]
+            meta = data.run_meta(root_of(), run_id)
+            layers, mods = meta["layers"], meta["modalities"]
         except data.DataError:
-            layers = []
+            pass
     value = current if current in layers else (layers[0] if layers else None)
+    mvalue = mod if mod in mods else ("vae" if "vae" in mods else mods[-1])
     return (dash.no_update if layers == old_opts else layers,
-            dash.no_update if value == current else value)
+            dash.no_update if value == current else value,
+            dash.no_update if mods == old_mods else mods,
+            dash.no_update if mvalue == mod else mvalue)
 
 
 @callback(Output("sel", "data"), Input("focus-run", "value"), Input("layer", "value"),

@@ -183,3 +183,31 @@ def test_a_broken_run_is_a_row_with_its_error_not_a_crash(root):
     ok = run_row(root, "healthy")
     assert ok["arch"] == "symbiotic" and ok["diagnosis"]["findings"] == []
     assert set(ok["capacity"]) == {"text", "vit", "vae"}
+
+
+def test_runs_with_other_token_kinds_hf_scan_style(tmp_path):
+    """HF scans label token kinds by input file (text, text_b): views follow the run's labels."""
+    from dashboards.figures import compare as CMP, routing as R
+    from moe_probe.store import StoreWriter, default_coords
+
+    coords = default_coords(layers=["0", "1"], n_experts=4, groups=("routing", "loss"))
+    coords["routing"]["modality"] = ["text", "text_b"]
+    attrs = {"run": {"name": "scan"}, "model": {"arch": "hf", "experts": 4, "top_k": 2},
+             "modalities": ["text", "text_b"]}
+    with StoreWriter.create(tmp_path / "scan", attrs=attrs, coords=coords) as w:
+        for s in range(5):
+            w.append("routing", s, tokens=np.full((2, 2), 8, np.int32),
+                     kept=np.full((2, 2), 16.0, np.float32),
+                     capacity_rate=np.full((2, 2), 0.9 - s / 100, np.float32),
+                     entropy=np.ones((2, 2), np.float32), maxvio=np.zeros((2, 2), np.float32),
+                     dead_frac=np.zeros((2, 2), np.float32),
+                     confidence=np.ones((2, 2), np.float32),
+                     load=np.full((2, 2, 4), 4, np.int32), router_z=np.ones(2, np.float32))
+            w.append("loss", s, value=np.ones(6, np.float32))
+    assert data.run_meta(tmp_path, "scan")["modalities"] == ["text", "text_b"]
+    fig = R.capacity_lines(tmp_path, "scan", "1")
+    assert [t.name for t in fig.data] == ["text", "text_b"]
+    np.testing.assert_allclose(fig.data[1].y, 0.9 - np.arange(5) / 100, rtol=1e-6)
+    assert R.load_heatmap(tmp_path, "scan", "0", "text_b").data[0].z.shape == (4, 5)
+    cmp = CMP.capacity_by_modality(tmp_path, ["scan"])
+    assert [a.text for a in cmp.layout.annotations] == ["text", "text_b"]

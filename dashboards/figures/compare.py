@@ -26,11 +26,16 @@ def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
     """Fig. 5a: capacity rate averaged over layers, one panel per modality, one line per run."""
     if not run_ids:
         return message_figure("pick runs to compare on the Runs page", "capacity rate")
-    mods = ["text", "vit", "vae"]
-    fig = make_subplots(rows=1, cols=3, subplot_titles=mods, shared_yaxes=True,
+    mods = []  # union over the runs, in store order (HF scans have text/text_b)
+    for rid in run_ids:
+        mods += [m for m in data.run_meta(root, rid)["modalities"] if m not in mods]
+    fig = make_subplots(rows=1, cols=max(1, len(mods)), subplot_titles=mods, shared_yaxes=True,
                         horizontal_spacing=0.04)
     for i, rid in enumerate(run_ids):
+        has = data.run_meta(root, rid)["modalities"]
         for j, m in enumerate(mods, start=1):
+            if m not in has:
+                continue
             s = data.read_slice(root, rid, "routing", "capacity_rate", modality=m,
                                 step_range=xrange)
             if s is None:

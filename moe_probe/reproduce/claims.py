@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moe_probe.reproduce.metrics import BY_KEY
-from moe_probe.reproduce.table import fmt
+from moe_probe.reproduce.table import fmt, summarize
 
 VERDICTS = ("supports", "refutes", "inconclusive")
 
@@ -96,7 +96,7 @@ def compare(c: Comparison, cells: dict) -> dict:
     """Verdict of one comparison, with the numbers it rests on."""
     ca, cb = cells.get(c.a, {}).get(c.metric), cells.get(c.b, {}).get(c.metric)
     out = {"metric": c.metric, "a": c.a, "b": c.b, "expect": c.expect,
-           "a_cell": _brief(ca), "b_cell": _brief(cb)}
+           "a_cell": _brief(ca), "b_cell": _brief(cb), "paired_diff": _paired(ca, cb)}
     if not ca or not cb or ca["n"] < 2 or cb["n"] < 2:
         return {**out, "verdict": "inconclusive", "reason": "fewer than 2 seeds with a value"}
     if ca["ci_low"] <= cb["ci_high"] and cb["ci_low"] <= ca["ci_high"]:
@@ -105,6 +105,18 @@ def compare(c: Comparison, cells: dict) -> dict:
     ok = greater if c.expect == "greater" else not greater
     return {**out, "verdict": "supports" if ok else "refutes",
             "reason": "95% CIs disjoint, " + ("as expected" if ok else "opposite direction")}
+
+
+def _paired(ca, cb):
+    """a − b per seed (runs of a seed share base, data order and evaluation sets), with its
+    t-based CI: shown next to the verdict as the more sensitive view; the verdict itself
+    stays the conservative CI-overlap rule."""
+    if not ca or not cb or "values" not in ca or "values" not in cb:
+        return None
+    b_by_seed = {v["seed"]: v["value"] for v in cb["values"]}
+    diffs = [v["value"] - b_by_seed[v["seed"]] for v in ca["values"]
+             if v["value"] is not None and b_by_seed.get(v["seed"]) is not None]
+    return _brief(summarize(diffs)) if diffs else None
 
 
 def _brief(cell):
@@ -139,15 +151,13 @@ def markdown(claims: list[dict]) -> str:
         lines.append(f"- expected (paper): {cl['expected']}")
         for c in cl["comparisons"]:
             op = ">" if c["expect"] == "greater" else "<"
+            paired = f"; paired a−b {fmt(c['paired_diff'])}" if c["paired_diff"] else ""
             lines.append(f"- {BY_KEY[c['metric']].label}: {c['a']} {_num(c['a_cell'])} vs "
                          f"{c['b']} {_num(c['b_cell'])} (expected {op}) → {c['verdict']} "
-                         f"({c['reason']})")
+                         f"({c['reason']}{paired})")
         lines.append("")
     return "\n".join(lines)
 
 
 def _num(cell) -> str:
-    if not cell:
-        return "–"
-    s = fmt(cell)
-    return s if cell["n"] is None else f"{s} (n={cell['n']})"
+    return f"{fmt(cell)} (n={cell['n']})" if cell else "–"

@@ -72,13 +72,12 @@ def prepare_out(cfg: ReproduceConfig, out: Path) -> None:
     except OSError as e:
         raise ValueError(f"cannot write to --out {out}: {e.strerror or e}") from None
     manifest = out / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("plan") != cfg.plan_key():
-            raise ValueError(f"{out} holds a reproduce with another plan ({old.get('plan')}); "
-                             f"use another --out")
-    seeds = sorted(set(json.loads(manifest.read_text()).get("seeds", [])) | set(cfg.seeds)) \
-        if manifest.is_file() else list(cfg.seeds)
+    old = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if old and old.get("plan") != cfg.plan_key():
+        raise ValueError(f"{out} holds a reproduce with another plan ({old.get('plan')}); "
+                         f"use another --out")
+    # Seeds may grow between invocations (a later --seeds 5 adds to a finished --seeds 3).
+    seeds = sorted(set(old.get("seeds", [])) | set(cfg.seeds))
     _write_json(manifest, {"plan": cfg.plan_key(), "seeds": seeds})
 
 

@@ -38,7 +38,9 @@ def plain_backward(task_losses: dict[str, torch.Tensor]) -> None:
 class GradConflictTracer:
     """Accumulates per-task gradients over a step's micro-batches and reduces them per cell."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, distributed: bool = False):
+        self.distributed = distributed
+        """Under DDP: per-task gradients of the global batch (see ``_backward_ddp``)."""
         comps = model.param_components()
         self.layers = grad_layers(model)
         self.components = list(GRAD_COMPONENTS)
@@ -88,6 +90,8 @@ class GradConflictTracer:
 
     def backward(self, task_losses: dict[str, torch.Tensor]) -> None:
         """Two passes for one micro-batch; ``.grad`` ends up exactly as an untraced backward's."""
+        if self.distributed:
+            return self._backward_ddp(task_losses)
         und, gen = task_losses.get("und"), task_losses.get("gen")
         und_live = isinstance(und, torch.Tensor) and und.requires_grad
         gen_live = isinstance(gen, torch.Tensor) and gen.requires_grad
@@ -117,8 +121,38 @@ class GradConflictTracer:
         for p, h, f in zip(self.params, held, got):
             p.grad = h if h is not None else f
 
+    def _backward_ddp(self, task_losses: dict[str, torch.Tensor]) -> None:
+        """Under DDP the second pass is DDP's own backward (reduced on the rank's last micro-batch,
+        into the accumulated ``.grad``), so ``.grad`` is left alone here: only the und gradient is
+        kept, local — ``autograd.grad`` bypasses DDP's hooks — and averaged in ``finish``, where
+        gen = DDP's averaged total − averaged und."""
+        und = task_losses.get("und")
+        if isinstance(und, torch.Tensor) and und.requires_grad:
+            g = torch.autograd.grad(und, self.params, retain_graph=True, allow_unused=True)
+            self._accumulate("_und", [x if x is not None else torch.zeros_like(p)
+                                      for x, p in zip(g, self.params)])
+        plain_backward(task_losses)
+
+    def _reduce_ddp(self) -> None:
+        """Global per-task gradients: one collective (every rank joins, with zeros if it had no
+        und loss); ``.grad`` holds DDP's average of the total by now (end of the step)."""
+        import torch.distributed as dist
+
+        und = self._und or [torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([u.reshape(-1) for u in und])
+        # Divide, then sum: DDP's own averaging order, so und and the total agree bit for bit
+        # where gen does not reach (gen exactly 0 there, cosine NaN as single-process).
+        flat.div_(dist.get_world_size())
+        dist.all_reduce(flat)
+        self._und = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in self.params]),
+                                                    self.params)]
+        self._gen = [(p.grad if p.grad is not None else torch.zeros_like(p)) - u
+                     for p, u in zip(self.params, self._und)]
+
     def finish(self) -> dict[str, np.ndarray]:
         """The ``grad`` row: cosine, norm_und, norm_gen (layer, component); then reset."""
+        if self.distributed and self.params:
+            self._reduce_ddp()
         L, C = len(self.layers), len(self.components)
         dev = self._own.device
         zeros = torch.zeros(len(self.params), dtype=torch.float64, device=dev)

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from moe_probe.model.hooks import LayerRouting, RouterRecord
@@ -192,8 +193,16 @@ class RoutingCounter:
         return {"tokens": tokens, "load": load, "kept": kept, "confidence_sum": conf,
                 "z_sum": a[:, o], "z_count": a[:, o + 1]}
 
+    distributed: bool = False
+    """Under torch.distributed: ``finish`` sums the counts of every rank before any metric."""
+
     def finish(self) -> dict[str, np.ndarray]:
         """The ``routing`` row (arrays without the step dim), then reset for the next step."""
+        if self.distributed:
+            # Counts (and the sums behind confidence / router_z) are summed over ranks before the
+            # ratios: one collective on the one stacked accumulator per step.
+            self._reduce()
+            torch.distributed.all_reduce(self._acc)
         c = self.counts()
         self._reset()
         L = len(self.layers)

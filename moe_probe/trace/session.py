@@ -35,8 +35,13 @@ def _due(step: int, every: int) -> bool:
 class TraceSession:
     """Per-step tracing for one run; use as a context manager (or call ``close``)."""
 
-    def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None):
+    def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None, *,
+                 distributed: bool = False):
+        """``distributed``: under torch.distributed (DDP) every rank runs a session and the rows are
+        reduced over ranks (every rank must call begin_step / backward / end_step; only rank 0's
+        writer writes). ``model`` is the bare module, not the DDP wrapper."""
         self.model, self.cfg, self.writer = model, cfg, writer
+        self.distributed = distributed
         self.probe_batch_fn = probe_batch_fn
         self._groups = set(getattr(writer, "groups", ()) or ())
         self._stack: ExitStack | None = None
@@ -44,6 +49,8 @@ class TraceSession:
         self._routing_on = False
         self._counter = counter_for(model, cfg.nominal_capacity) \
             if cfg.enabled and cfg.routing_every > 0 and "routing" in self._groups else None
+        if self._counter is not None:
+            self._counter.distributed = distributed
         self._grad: GradConflictTracer | None = None
         self._snapshot = SnapshotTracer(self._counter.n_experts if self._counter else
                                         max(m.routing_info().n_experts for _, m in model.moe_layers()))
@@ -62,7 +69,7 @@ class TraceSession:
         self._grad_on = (self.cfg.enabled and "grad" in self._groups and _due(step, self.cfg.grad_every))
         if self._grad_on:
             if self._grad is None:
-                self._grad = GradConflictTracer(self.model)
+                self._grad = GradConflictTracer(self.model, distributed=self.distributed)
             self._grad.start()
 
     def backward(self, task_losses: dict[str, torch.Tensor], step: int | None = None) -> None:

@@ -49,14 +49,31 @@ def resolve_config(args):
     return validate(cfg), run_dir
 
 
+def _check_world(cfg, world: int) -> None:
+    """Under torchrun the global batch is train.batch_size, split over ranks and micro-batches."""
+    for name, tc in (("train", cfg.train), ("base", cfg.base)):
+        if tc is not None and world > 1 and tc.batch_size % (world * tc.micro_batches):
+            raise ValueError(f"{name}.batch_size ({tc.batch_size}) must be divisible by the number "
+                             f"of processes × {name}.micro_batches ({world} × {tc.micro_batches})")
+
+
 def train(args) -> int:
     cfg, run_dir = resolve_config(args)
+    # Under torchrun every rank checks before the process group exists: joining it is a
+    # rendezvous, so no rank can have written anything yet.
     if not args.resume and any((run_dir / f).exists() for f in ("config.json", "traces.zarr")):
         raise ValueError(f"{run_dir} already holds a run; use --resume or another --out")
-    from moe_probe.train.stages import train_run  # torch: only once the input is known good
+    # torch: only once the input is known good
+    from moe_probe.train.distributed import env_world_size, process_group
+    from moe_probe.train.stages import train_run
 
-    log = (lambda *a, **k: None) if args.quiet else print
-    summary = train_run(cfg, run_dir, resume=args.resume, quiet=args.quiet, log=log)
+    _check_world(cfg, env_world_size())
+
+    with process_group() as dist:
+        log = (lambda *a, **k: None) if args.quiet or not dist.is_main else print
+        summary = train_run(cfg, run_dir, resume=args.resume, quiet=args.quiet, log=log, dist=dist)
+    if not dist.is_main:
+        return 0
     ev = summary.get("eval", {})
     print(f"run: {run_dir}  ({cfg.recipe}, arch {cfg.model.arch}, {summary.get('steps')} steps)")
     if ev:

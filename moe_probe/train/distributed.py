@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -93,8 +95,8 @@ class Dist:
         return t
 
     # ------------------------------------------------------------------ model
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to call for training forwards: ``model`` itself, or DDP around it."""
+    def wrap(self, model: torch.nn.Module):
+        """What to call for training forwards: ``model`` itself, or DDP around it."""
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -104,13 +106,16 @@ class Dist:
         # router/experts (and stage 1 never reaches the vae I/O). broadcast_buffers off: the
         # balance loads (load_E) are per-rank accumulators, summed explicitly before use
         # (sum_balance_loads); rank 0's copy must not overwrite them at every forward.
-        return DDP(model, device_ids=[p.device.index] if p.is_cuda else None,
-                   find_unused_parameters=True, broadcast_buffers=False)
+        with warnings.catch_warnings():  # its successor still syncs buffers at init: not wanted
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DDP(_LossesOnly(model), device_ids=[p.device.index] if p.is_cuda else None,
+                      find_unused_parameters=True, broadcast_buffers=False)
+        return _DDPNet(ddp)
 
-    def grad_sync(self, net: torch.nn.Module, last: bool):
+    def grad_sync(self, net, last: bool):
         """Context for one micro-batch's forward + backward: DDP reduces on the last only."""
         if self.enabled and not last:
-            return net.no_sync()
+            return net.ddp.no_sync()
         return contextlib.nullcontext()
 
     def sum_balance_loads(self, model: torch.nn.Module) -> None:
@@ -127,6 +132,31 @@ class Dist:
 
 
 SINGLE = Dist()
+
+
+class _LossesOnly(torch.nn.Module):
+    """What DDP wraps: the model's forward reduced to its loss dicts. DDP looks for unused
+    parameters from the tensors a forward returns; the logits / velocity outputs reach heads
+    that a micro-batch's loss may not (no vae tokens -> no gen loss through the vae head), and
+    DDP would then wait forever for their gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model(batch)
+        return {"losses": out.losses, "task_losses": out.task_losses}
+
+
+class _DDPNet:
+    """Callable like the model for the trainer's needs: ``net(batch).losses / .task_losses``."""
+
+    def __init__(self, ddp):
+        self.ddp = ddp
+
+    def __call__(self, batch) -> SimpleNamespace:
+        return SimpleNamespace(**self.ddp(batch))
 
 
 def _timeout_s() -> float:
@@ -164,7 +194,11 @@ def process_group():
     dist.init_process_group(backend, timeout=timeout)
     try:
         yield Dist(rank=rank, world=world, local_rank=local_rank)
-    except dist.DistError as e:
+    except (dist.DistError, RuntimeError) as e:
+        # NCCL raises DistError; gloo a plain RuntimeError naming its transport ("Connection
+        # closed by peer", "Timed out waiting"). Anything else is a bug: keep its traceback.
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"moe-probe train: error: rank {rank} of {world}: a collective failed "
                          f"(a peer process died or timed out): {first}") from None

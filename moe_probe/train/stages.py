@@ -10,6 +10,11 @@
 2. loads the base, chooses symbiotic groups from its routing on understanding data
    (:func:`count_expert_use`), converts it (:func:`moe_probe.model.convert`) and trains.
 A lock file serialises concurrent runs that need the same base.
+
+Under torchrun (:mod:`moe_probe.train.distributed`) both stages train distributed: rank 0 takes
+the base lock and decides (reuse / resume / train), every rank trains the base, and a barrier
+holds the others until rank 0 has written it. A base trained on N > 1 ranks is cached under its
+own key (its micro-batches are not a single process's).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from moe_probe.data import MultimodalData, Tokenizer
 from moe_probe.model import MultimodalMoE, choose_groups, convert, und_expert_counts
 from moe_probe.train import checkpoint
 from moe_probe.train.config import RunConfig, run_config_from_json, to_dict
+from moe_probe.train.distributed import SINGLE, Dist
 from moe_probe.train.evaluate import Evaluator
 from moe_probe.train.tracing import open_session
 from moe_probe.train.trainer import build_optimizer, fit
@@ -61,11 +67,14 @@ def base_config(cfg: RunConfig) -> RunConfig:
         train=replace(cfg.base, stage=1, seed=cfg.train.seed), trace=cfg.trace)
 
 
-def base_key(base_cfg: RunConfig) -> str:
-    """Cache key: everything that changes the trained base weights (model, data, trainer, seed)."""
+def base_key(base_cfg: RunConfig, world_size: int = 1) -> str:
+    """Cache key: everything that changes the trained base weights (model, data, trainer, seed,
+    and the number of ranks when > 1: single-process keys are unchanged)."""
     keyed = {k: v for k, v in to_dict(base_cfg).items() if k in ("model", "data", "train")}
     for k in NOT_IN_WEIGHTS:
         keyed["train"].pop(k)
+    if world_size > 1:
+        keyed["world_size"] = world_size
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -94,20 +103,25 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_base(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, log=print) -> Path:
+def ensure_base(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, log=print,
+                dist: Dist = SINGLE) -> Path:
     """Directory of a finished stage-1 base for ``cfg`` (trained or resumed here if needed)."""
     bcfg = base_config(cfg)
-    bdir = cache_dir(run_dir) / base_key(bcfg)
-    with _locked(bdir.with_name(bdir.name + ".lock")):
-        done = read_progress(bdir)
+    bdir = cache_dir(run_dir) / base_key(bcfg, dist.world)
+    # Only rank 0 takes the lock (another rank waiting on it would starve rank 0's collectives);
+    # its decision is broadcast, so every rank trains or skips the base together.
+    lock = _locked(bdir.with_name(bdir.name + ".lock")) if dist.is_main else contextlib.nullcontext()
+    with lock:
+        done = dist.broadcast(read_progress(bdir) if dist.is_main else None)
         if done is not None and done >= bcfg.train.steps:
             log(f"stage 1: reusing base {bdir} ({done} steps)")
             return bdir
-        if done is None and bdir.exists():
+        if done is None and bdir.exists() and dist.is_main:
             # A base that died before its first checkpoint: derived data, start it over.
             shutil.rmtree(bdir)
         log(f"stage 1: {'resuming' if done is not None else 'training'} base in {bdir}")
-        run_stage(bcfg, bdir, resume=done is not None, quiet=quiet, log=log)
+        run_stage(bcfg, bdir, resume=done is not None, quiet=quiet, log=log, dist=dist)
+        dist.barrier()  # rank 0 has written the finished base before anyone loads it
     return bdir
 
 
@@ -130,13 +144,18 @@ def count_expert_use(model, data: MultimodalData, n_batches: int, batch_size: in
     return und_expert_counts(model, (data.batch("train", batch_size, gen) for _ in range(n_batches)))
 
 
-def _resumed(cfg: RunConfig, run_dir: Path):
+def _resumed(cfg: RunConfig, run_dir: Path, world_size: int = 1):
     """Model, optimizer, generator and step from RUN_DIR's checkpoint.
 
     ``cfg`` is the saved config with the user's --steps/--set applied (commands.train). The
     stage-2 model is rebuilt as base skeleton + ``convert`` with the saved groups, then every
     tensor is overwritten from the checkpoint, so no base model is needed to resume."""
     payload = checkpoint.load(run_dir)
+    saved_world = int(payload.get("extra", {}).get("world_size", 1))
+    if saved_world != world_size:
+        # Another world size would change the micro-batches (and so the training) mid-run.
+        raise ValueError(f"{run_dir} was trained on {saved_world} process(es); resume it with "
+                         f"the same number (torchrun --nproc_per_node {saved_world}), not {world_size}")
     tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
     model = build_model(replace(cfg, model=replace(cfg.model, arch="moe", groups=None)),
                         tokenizer.vocab_size)
@@ -169,26 +188,27 @@ def _converted(cfg: RunConfig, base_dir: Path):
 
 
 def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False,
-              log=print) -> dict:
+              log=print, dist: Dist = SINGLE) -> dict:
     """Train one stage into ``run_dir`` (fresh or resumed); returns the run's summary dict
     (also written to RUN_DIR/run.json: recipe, arch, n_params, groups, base, last eval)."""
     run_dir = Path(run_dir)
     optimizer = generator = None
     start = 0
     if resume:
-        cfg, model, tokenizer, groups, optimizer, generator, start = _resumed(cfg, run_dir)
+        cfg, model, tokenizer, groups, optimizer, generator, start = _resumed(cfg, run_dir,
+                                                                              dist.world)
         summary = json.loads((run_dir / "run.json").read_text())
     elif cfg.train.stage == 1:
         tokenizer = Tokenizer.build(cfg.data.vocab_words)
         model, groups, summary = build_model(cfg, tokenizer.vocab_size), None, {}
     else:
-        base_dir = ensure_base(cfg, run_dir, quiet=quiet, log=log)
+        base_dir = ensure_base(cfg, run_dir, quiet=quiet, log=log, dist=dist)
         cfg, model, tokenizer, groups = _converted(cfg, base_dir)
         log(f"stage 2: {cfg.model.arch} from base {base_dir.name}"
             + (f", und experts per layer: {groups}" if groups is not None else ""))
         base_eval = json.loads((base_dir / "run.json").read_text()).get("eval", {})
         summary = {"base": {"dir": str(base_dir.resolve()), "key": base_dir.name, "eval": base_eval}}
-    if not resume:
+    if not resume and dist.is_main:  # rank 0 alone writes the run's files
         run_dir.mkdir(parents=True, exist_ok=True)
         summary.update({"recipe": cfg.recipe, "arch": cfg.model.arch, "stage": cfg.train.stage,
                         "seed": cfg.train.seed, "n_params": n_params(model), "groups": groups})
@@ -196,19 +216,22 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
         if groups is not None:
             _write_json(run_dir / "groups.json", {"arch": cfg.model.arch, "groups": groups})
     # Rewritten on resume too: --steps / --set train.* may have changed the plan.
-    _write_json(run_dir / "config.json", to_dict(cfg))
+    if dist.is_main:
+        _write_json(run_dir / "config.json", to_dict(cfg))
 
     t0 = time.perf_counter()
     data = MultimodalData(cfg.data, cfg.train.seed, tokenizer)
     evaluator = Evaluator(cfg, data, tokenizer)
     session = open_session(cfg, run_dir, model, data, evaluator.metric_names,
-                           resume=resume, resume_step=start)
+                           resume=resume, resume_step=start, dist=dist)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
                       evaluator=evaluator, optimizer=optimizer, generator=generator,
-                      start_step=start, groups=groups, quiet=quiet)
+                      start_step=start, groups=groups, quiet=quiet, dist=dist)
     finally:
         session.close()
+    if not dist.is_main:
+        return summary
     # Wall-clock of this stage's training + evaluation (summed over resumes), base excluded.
     wall = summary.get("wall_s", 0.0) + time.perf_counter() - t0
     summary.update(eval=metrics, steps=read_progress(run_dir), wall_s=round(wall, 1))
@@ -246,6 +269,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False, log=print) -> dict:
+def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False, log=print,
+              dist: Dist = SINGLE) -> dict:
     """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one."""
-    return run_stage(cfg, Path(run_dir), resume=resume, quiet=quiet, log=log)
+    return run_stage(cfg, Path(run_dir), resume=resume, quiet=quiet, log=log, dist=dist)
