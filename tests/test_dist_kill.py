@@ -38,7 +38,8 @@ def _committed(run: Path) -> int:
         return 0
 
 
-def test_killing_one_rank_stops_the_run_and_keeps_the_store(tmp_path):
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank1", "rank0-the-writer"])
+def test_killing_one_rank_stops_the_run_and_keeps_the_store(tmp_path, victim):
     run = tmp_path / "r"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_PROBE_DIST_TIMEOUT": "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -52,7 +53,7 @@ def test_killing_one_rank_stops_the_run_and_keeps_the_store(tmp_path):
             assert launcher.poll() is None, launcher.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the run committed no steps in time"
             time.sleep(0.3)
-        victims = [p for p in _children(launcher.pid) if _rank_of(p) == 1]
+        victims = [p for p in _children(launcher.pid) if _rank_of(p) == victim]
         assert len(victims) == 1
         os.kill(victims[0], signal.SIGKILL)
         t0 = time.monotonic()
@@ -63,11 +64,11 @@ def test_killing_one_rank_stops_the_run_and_keeps_the_store(tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
     assert launcher.returncode != 0
-    assert "FAILED" in err and "rank      : 1" in err  # torchrun's report names the dead rank
+    assert "FAILED" in err and "Signal 9 (SIGKILL)" in err  # torchrun's report: the dead rank
     assert waited < 60
     store = open_run(run)
     n = store.committed_steps("routing")
-    assert 3 <= n < 400
+    assert 3 <= n < 400  # rank 0 may have died mid-append: rows past the marker are not read
     ds = store.dataset("routing")
     assert ds.sizes["step"] == n
     np.testing.assert_array_equal(ds["step"].values, np.arange(n))

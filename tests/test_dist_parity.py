@@ -18,7 +18,10 @@ import torch
 
 from moe_probe import open_run
 
-ARGS = ["--recipe", "tiny-base", "--quiet", "--set", "data.mix=6,2,2"]
+# Probes (sklearn fits at eval) are not what is compared here and cost seconds per launch.
+# Loss-free balancing on: its per-rank expert loads must be summed over ranks too.
+ARGS = ["--recipe", "tiny-base", "--quiet", "--set", "data.mix=6,2,2", "--set", "trace.grad_every=1",
+        "--set", "trace.probe_every=0", "--set", "model.bias_balance=true"]
 TIMEOUT = 240
 
 
@@ -44,48 +47,55 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """2 steps on 2 ranks and on 1 process (micro_batches=2), then both resumed to 4 steps."""
+def fresh(tmp_path_factory):
+    """2 steps on 2 ranks and on 1 process with micro_batches=2 (the same global batch)."""
     root = tmp_path_factory.mktemp("dist")
     r2, r1 = root / "r2", root / "r1"
     out = {"root": root, "r2": r2, "r1": r1}
-    out["fresh2"] = _ok(torchrun(*ARGS, "--steps", "2", "--out", str(r2)))
+    out["launch"] = _ok(torchrun(*ARGS, "--steps", "2", "--out", str(r2)))
     _ok(single(*ARGS, "--steps", "2", "--out", str(r1), "--set", "train.micro_batches=2"))
-    out["fresh_routing"] = (open_run(r2).dataset("routing"), open_run(r1).dataset("routing"))
-    out["resume2"] = _ok(torchrun(*ARGS, "--steps", "4", "--out", str(r2), "--resume"))
-    _ok(single(*ARGS, "--steps", "4", "--out", str(r1), "--set", "train.micro_batches=2",
-               "--resume"))
     return out
 
 
-def test_store_is_written_once_by_rank_0(runs):
-    assert sorted(p.parent.name for p in runs["root"].rglob("traces.zarr")) == ["r1", "r2"]
-    # Only rank 0 reports, once per invocation.
-    assert runs["fresh2"].stdout.count("run: ") == 1
-    a, b = open_run(runs["r2"]), open_run(runs["r1"])
+@pytest.fixture(scope="module")
+def resumed(fresh):
+    """Both runs resumed to 4 steps (the 2-rank one on 2 ranks again)."""
+    fresh["resume_launch"] = _ok(torchrun(*ARGS, "--steps", "4", "--out", str(fresh["r2"]),
+                                          "--resume"))
+    _ok(single(*ARGS, "--steps", "4", "--out", str(fresh["r1"]), "--set", "train.micro_batches=2",
+               "--resume"))
+    return fresh
+
+
+def test_store_is_written_once_by_rank_0(fresh):
+    assert sorted(p.parent.name for p in fresh["root"].rglob("traces.zarr")) == ["r1", "r2"]
+    assert fresh["launch"].stdout.count("run: ") == 1  # only rank 0 reports
+    a, b = open_run(fresh["r2"]), open_run(fresh["r1"])
     assert a.groups == b.groups
     for g in a.groups:
         steps = a.dataset(g)["step"].values
         assert len(np.unique(steps)) == len(steps), f"duplicate rows in {g}: {steps}"
         np.testing.assert_array_equal(steps, b.dataset(g)["step"].values)
-    assert a.committed_steps("routing") == a.committed_steps("loss") == 4
-    assert a.attrs["run"]["recipe"] == "tiny-base"
+    assert a.committed_steps("routing") == a.committed_steps("loss") == 2
+    assert a.committed_steps("eval") == 2  # start and end, once each
 
 
-@pytest.mark.parametrize("var", ["tokens", "load", "kept"])
-def test_routing_counts_equal_single_process_exactly(runs, var):
-    two, one = runs["fresh_routing"]
-    np.testing.assert_array_equal(two[var].values, one[var].values)
-    a, b = open_run(runs["r2"]).dataset("routing"), open_run(runs["r1"]).dataset("routing")
-    np.testing.assert_array_equal(a[var].values, b[var].values)  # also across the resume
-    # Global counts: every token of the global batch (8 samples × 24 positions, padding
-    # excluded) is counted once per layer, not once per rank.
-    assert a["tokens"].values.sum(-1).max() <= 8 * 24
-    assert a["tokens"].values.sum(-1).min() > 8 * 24 // 2
+def _same_counts(a, b):
+    for var in ("tokens", "load", "kept"):
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
 
 
-def test_derived_routing_and_losses_match(runs):
-    a, b = open_run(runs["r2"]), open_run(runs["r1"])
+def test_routing_counts_equal_single_process_exactly(fresh):
+    a, b = open_run(fresh["r2"]).dataset("routing"), open_run(fresh["r1"]).dataset("routing")
+    _same_counts(a, b)
+    # Global counts: the global batch's tokens (8 samples × 24 positions at most), not a
+    # rank's half of them.
+    per_layer = a["tokens"].values.sum(-1)
+    assert per_layer.max() <= 8 * 24 and per_layer.min() > 8 * 24 // 2
+
+
+def test_derived_routing_and_losses_match(fresh):
+    a, b = open_run(fresh["r2"]), open_run(fresh["r1"])
     for var in ("capacity_rate", "entropy", "maxvio", "dead_frac", "confidence", "router_z"):
         np.testing.assert_allclose(a.dataset("routing")[var].values,
                                    b.dataset("routing")[var].values, rtol=1e-6, atol=1e-9)
@@ -95,9 +105,7 @@ def test_derived_routing_and_losses_match(runs):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_cosines_and_norms_match(runs):
-    a, b = open_run(runs["r2"]).dataset("grad"), open_run(runs["r1"]).dataset("grad")
-    assert a.sizes["step"] == 2  # grad_every=2 over 4 steps
+def _same_grads(a, b):
     cos_a, cos_b = a["cosine"].values, b["cosine"].values
     np.testing.assert_array_equal(np.isnan(cos_a), np.isnan(cos_b))
     assert np.isfinite(cos_a).sum() > 10  # two live tasks: real cosines, not all NaN
@@ -106,25 +114,47 @@ def test_gradient_cosines_and_norms_match(runs):
         np.testing.assert_allclose(a[var].values, b[var].values, rtol=1e-5, atol=1e-9)
 
 
-def test_parameters_after_training_match(runs):
-    pa = torch.load(runs["r2"] / "checkpoint.pt", weights_only=True)
-    pb = torch.load(runs["r1"] / "checkpoint.pt", weights_only=True)
-    assert pa["step"] == pb["step"] == 4
+def test_gradient_cosines_and_norms_match(fresh):
+    a, b = open_run(fresh["r2"]).dataset("grad"), open_run(fresh["r1"]).dataset("grad")
+    assert a.sizes["step"] == 2
+    _same_grads(a, b)
+
+
+def _same_params(r2, r1, step):
+    pa = torch.load(r2 / "checkpoint.pt", weights_only=True)
+    pb = torch.load(r1 / "checkpoint.pt", weights_only=True)
+    assert pa["step"] == pb["step"] == step
     assert pa["extra"]["world_size"] == 2
     for k, v in pb["model"].items():
         torch.testing.assert_close(pa["model"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+    biases = [v for k, v in pa["model"].items() if k.endswith("bias_E")]
+    assert biases and any(b.abs().sum() > 0 for b in biases)  # the bias steps did happen
 
 
-def test_resume_with_another_world_size_is_an_error(runs, tmp_path):
-    proc = single(*ARGS, "--steps", "6", "--out", str(runs["r2"]), "--resume")
+def test_parameters_after_training_match(fresh):
+    _same_params(fresh["r2"], fresh["r1"], 2)
+
+
+def test_resume_with_the_same_world_size_continues(resumed):
+    a, b = open_run(resumed["r2"]), open_run(resumed["r1"])
+    assert a.committed_steps("routing") == a.committed_steps("grad") == 4
+    np.testing.assert_array_equal(a.dataset("routing")["step"].values, np.arange(4))
+    _same_counts(a.dataset("routing"), b.dataset("routing"))
+    _same_grads(a.dataset("grad"), b.dataset("grad"))
+    _same_params(resumed["r2"], resumed["r1"], 4)
+
+
+def test_resume_with_another_world_size_is_an_error(fresh):
+    proc = single(*ARGS, "--steps", "6", "--out", str(fresh["r2"]), "--resume")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "trained on 2 process(es)" in err[0], proc.stderr
     # and the other way round, under torchrun: every rank refuses, nothing hangs
-    proc = torchrun(*ARGS, "--steps", "6", "--out", str(runs["r1"]), "--resume")
+    before = open_run(fresh["r1"]).committed_steps("routing")
+    proc = torchrun(*ARGS, "--steps", "6", "--out", str(fresh["r1"]), "--resume")
     assert proc.returncode != 0
     assert "trained on 1 process(es)" in proc.stderr
-    assert open_run(runs["r1"]).committed_steps("routing") == 4  # untouched
+    assert open_run(fresh["r1"]).committed_steps("routing") == before  # untouched
 
 
 def test_global_batch_must_split_over_ranks(tmp_path):

@@ -160,3 +160,17 @@ def test_out_of_another_plan_is_refused(tmp_path):
                                                     "seeds": [0]}))
     proc = subprocess.run(_cmd(out), env=_env(), capture_output=True, text=True, timeout=120)
     assert "another plan" in _one_line_error(proc)
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_bad_jobs_env_is_bad_input(value, monkeypatch):
+    monkeypatch.setenv("MOE_PROBE_JOBS", value)
+    with pytest.raises(ValueError, match="MOE_PROBE_JOBS"):
+        make_config(quick=True, seeds=1)
+
+
+def test_default_jobs(monkeypatch):
+    monkeypatch.delenv("MOE_PROBE_JOBS", raising=False)
+    assert make_config(quick=True, seeds=1).jobs == 1
+    assert 1 <= make_config(quick=False, seeds=3).jobs <= 2
+    assert make_config(quick=False, seeds=None).seeds == (0, 1, 2)

@@ -39,8 +39,8 @@ def reproduce(args) -> int:
     print(_claims_summary(results))
     print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}; "
           f"report: {out / REPORT_HTML}")
-    print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all "
-          f"(sum of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
+    print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all (sum "
+          f"of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
     return 0
 
 

@@ -17,10 +17,15 @@ What each rank does (N = world size, m = train.micro_batches, B = train.batch_si
   probes use the unwrapped model: no collective there, so no rank can skip one).
 - stage 1 (the cached base of a stage-2 run) is trained distributed too, under rank 0's lock.
 
+- resume: only with the same number of ranks (the checkpoint records it; another number is a
+  one-line error). Ranks read rank 0's checkpoint and base cache: one node or a shared disk.
+
 Gloo on CPU; with CUDA present the group is ``cpu:gloo,cuda:nccl`` (this trainer keeps its
 tensors on the CPU, so gloo carries them). Collectives have a finite timeout
 (``MOE_PROBE_DIST_TIMEOUT`` seconds, default 900): a hung peer becomes an error, not a hang.
-It must exceed rank 0's longest evaluation, during which the other ranks wait.
+It must exceed rank 0's longest evaluation, during which the other ranks wait. A dead peer is
+seen at once (closed connection); either way the rank says so in one line and exits 1, and
+torchrun stops the others and reports which rank failed first.
 """
 
 from __future__ import annotations
@@ -81,16 +86,11 @@ class Dist:
         return box[0]
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
-        """In-place mean over ranks. Divided first, then summed: the same order as DDP's own
-        gradient averaging, so traced per-task gradients and DDP's total agree bit for bit where
-        they should (gloo has no AVG op)."""
+        """In-place mean over ranks (gloo has no AVG op). Divided first, then summed, as DDP
+        averages gradients: with 2 ranks, l0/2 + l1/2 is bit for bit a single process's mean of
+        two micro-batch losses."""
         if self.enabled:
             t.div_(self.world)
-            dist.all_reduce(t)
-        return t
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
             dist.all_reduce(t)
         return t
 
@@ -184,6 +184,9 @@ def process_group():
     if world == 1:
         yield SINGLE
         return
+    if "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but no RANK in the environment; launch with "
+                         f"torchrun --nproc_per_node {world} -m moe_probe train …")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     timeout = timedelta(seconds=_timeout_s())
     if torch.cuda.is_available():
