@@ -59,6 +59,10 @@ def mean_columns(steps: np.ndarray, values_SX: np.ndarray, target: int = TARGET_
     if pad:
         v = np.concatenate([v, np.full((pad,) + v.shape[1:], np.nan)], axis=0)
     v = v.reshape((nb, b) + v.shape[1:])
+    if not pad and not np.isnan(v).any():
+        # nanmean copies and masks the whole block (~3x a plain mean on a 50k × 64 load block);
+        # without NaN both give the same sums.
+        return steps[::b], v.mean(axis=1), b
     with np.errstate(invalid="ignore"), _quiet():
         m = np.nanmean(v, axis=1)
     return steps[::b], m, b

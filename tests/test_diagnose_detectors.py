@@ -282,3 +282,13 @@ def test_report_json_round_trip_and_fail_on():
     assert len(report.matching("any")) == 2 and report.matching(None) == []
     with pytest.raises(ValueError):
         Report.from_dict({"schema": "other"})
+
+
+def test_remedies_follow_the_runs_arch():
+    """A grouped (symbiotic/mot) run is never told to switch to the symbiotic recipe."""
+    from moe_probe.diagnose.findings import REMEDIES, remedy_for
+
+    assert "--recipe symbiotic" in remedy_for("routing_collapse", "moe")
+    for arch in ("symbiotic", "mot"):
+        for kind in REMEDIES:
+            assert "--recipe symbiotic" not in remedy_for(kind, arch), (kind, arch)

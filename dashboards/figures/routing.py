@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 from dashboards import data
 from dashboards.figures import memo
 from dashboards.components import (
-    MODALITY_COLORS, SUBPLOT_BUCKETS, add_line, heatmap, line_figure, message_figure, step_heatmap,
+    HALF_BUCKETS, MODALITY_COLORS, SUBPLOT_BUCKETS, add_line, heatmap, line_figure, message_figure, step_heatmap,
 )
 
 
@@ -26,7 +26,7 @@ def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
     if s is None:
         return message_figure("no routing rows committed yet", "capacity rate")
     for j, m in enumerate(s.coords["modality"]):
-        add_line(fig, s.steps, s.values[:, j], m, color=MODALITY_COLORS.get(m))
+        add_line(fig, s.steps, s.values[:, j], m, color=MODALITY_COLORS.get(m), target=HALF_BUCKETS)
     if xrange:
         fig.update_xaxes(range=list(xrange))
     return fig
@@ -41,7 +41,8 @@ def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
         return message_figure("no routing rows committed yet", "capacity rate by layer")
     return step_heatmap(s.steps, s.values, s.coords["layer"],
                         title=f"{run_id} · capacity rate by layer — {modality}", ylabel="layer",
-                        colorscale="RdYlGn", zmin=0.0, zmax=1.0, uirevision=f"{run_id}/caph")
+                        colorscale="RdYlGn", zmin=0.0, zmax=1.0, uirevision=f"{run_id}/caph",
+                        target=HALF_BUCKETS)  # half-width graph (next to the capacity lines)
 
 
 @memo

@@ -70,6 +70,35 @@ REMEDIES: dict[str, str] = {
         "`--recipe symbiotic` applies both."),
 }
 
+REMEDIES_GROUPED: dict[str, str] = {
+    # A run that already has modality-aware groups gains nothing from "use --recipe symbiotic".
+    "routing_collapse": (
+        "The expert groups are already separate: raise capacity with "
+        "`--set model.capacity_factor=1.5`, balance inside the groups with "
+        "`--set model.bias_balance=true`, or give the collapsing group more experts "
+        "(`--set model.und_fraction=…`)."),
+    "modality_dominance": (
+        "Check the expert partition (`moe-probe info RUN`): tokens should only reach their own "
+        "group; a larger group for the dominated kind (`--set model.und_fraction=…`) adds room."),
+    "gradient_domination": (
+        "Keep generation gradients off shared parameters: longer shielding "
+        "(`--set train.shield_steps=…`), a smaller `train.shield_release`, and differential LR "
+        "(`--set train.differential_lr=true`)."),
+    "gradient_conflict": (
+        "Keep gradient shielding on longer (`--set train.shield_steps=…`) or release less "
+        "(`--set train.shield_release=0.05`); lower `train.lr_base` for the shared parameters."),
+    "shared_regression": (
+        "Protect the shared experts: longer or stronger shielding (`--set train.shield_steps=…`, "
+        "`train.shield_release=0.05`) and a lower `--set train.lr_base=…` for what the base knows."),
+}
+"""Remedies for runs whose layers already have und/gen groups (symbiotic, mot)."""
+
+
+def remedy_for(kind: str, arch: str | None) -> str:
+    if arch in ("symbiotic", "mot") and kind in REMEDIES_GROUPED:
+        return REMEDIES_GROUPED[kind]
+    return REMEDIES[kind]
+
 
 def _clean(x):
     """JSON-safe numbers: numpy scalars to Python, NaN/inf to None (strict JSON has no NaN)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.dominance import detect_dominance
-from moe_probe.diagnose.findings import Report, RunDiagnosis
+from moe_probe.diagnose.findings import Report, RunDiagnosis, remedy_for
 from moe_probe.diagnose.gradients import detect_conflict, detect_domination
 from moe_probe.diagnose.probes import detect_regression
 from moe_probe.diagnose.routing import detect_collapse, detect_dead_experts, detect_imbalance
@@ -41,7 +43,8 @@ def diagnose_run(run: RunData, cfg: DiagnoseConfig | None = None,
         last_step=max(last) if last else None,
         final_capacity_rate=final_capacity_rate(run),
         checks={r.kind: r.status for r in results},
-        findings=tuple(f for r in results for f in r.findings))
+        findings=tuple(replace(f, remedy=remedy_for(f.kind, run.arch))
+                       for r in results for f in r.findings))
 
 
 def diagnose(runs: list[RunData], cfg: DiagnoseConfig | None = None,
