@@ -170,3 +170,6 @@ def test_resume_after_a_crash_past_the_checkpoint(cache, tmp_path):
     la, lb = (open_run(r).dataset("loss") for r in (clean, crashed))
     assert list(lb["step"].values) == list(range(6)) and (la["value"].values == lb["value"].values).all()
     assert list(open_run(crashed).dataset("eval")["step"].values) == [0, 4, 6]
+    # Probes keep their cadence across the resume: no extra probe row at the resume step.
+    pa, pb = (list(open_run(r).dataset("probe")["step"].values) for r in (clean, crashed))
+    assert pa == pb == [0, 6]

@@ -54,7 +54,11 @@ class TraceSession:
         self._grad: GradConflictTracer | None = None
         self._snapshot = SnapshotTracer(self._counter.n_experts if self._counter else
                                         max(m.routing_info().n_experts for _, m in model.moe_layers()))
-        self._last_probe: int | None = None
+        # A resumed store already holds probe rows: keep their cadence rather than probing again
+        # at the resume step (a resumed run must write the rows an uninterrupted one would).
+        last_step = getattr(writer, "last_step", None)
+        self._last_probe: int | None = \
+            last_step("probe") if callable(last_step) and "probe" in self._groups else None
         self._probe_batch = None
 
     # ------------------------------------------------------------------ per step
