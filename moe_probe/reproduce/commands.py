@@ -12,13 +12,13 @@ Bad input raises ValueError (one line, exit 2).
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moe_probe.jsonutil import strict_json
 from moe_probe.reproduce.config import ReproduceConfig, make_config
 
 RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
@@ -73,7 +73,7 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
         "cells": cells,
         "claims": claims,
     }
-    (out / RESULTS_JSON).write_text(json.dumps(_strict(results), indent=1, allow_nan=False) + "\n")
+    (out / RESULTS_JSON).write_text(json.dumps(strict_json(results), indent=1, allow_nan=False) + "\n")
     write_csv(out / RESULTS_CSV, cfg.kinds, cells)
     md = _markdown(cfg, results, markdown_tables(cfg.kinds, cells, len(cfg.seeds)),
                    claims_mod.markdown(claims))
@@ -129,14 +129,3 @@ def write_report(plan, out: Path) -> None:
             control = run
     report = diagnose(runs, control=control)
     (out / REPORT_HTML).write_text(render_html(report, runs, control), encoding="utf-8")
-
-
-def _strict(obj):
-    """NaN/inf → None so results.json parses with strict JSON readers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj

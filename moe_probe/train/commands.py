@@ -6,10 +6,10 @@ User errors raise ValueError with one line (the CLI prints it and exits 2).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
+from moe_probe.jsonutil import strict_json
 from moe_probe.train.config import apply_overrides, run_config_from_json, to_dict, validate
 
 
@@ -160,21 +160,10 @@ def _committed(run_dir: Path) -> dict[str, int] | None:
     return {g: int(store.committed_steps(g)) for g in store.groups}
 
 
-def _strict(obj):
-    """NaN/inf -> null: `info --json` must parse with strict JSON readers."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
 def info(args) -> int:
     data = run_info(Path(args.run_dir))
     if args.json:
-        print(json.dumps(_strict(data), indent=2, allow_nan=False))
+        print(json.dumps(strict_json(data), indent=2, allow_nan=False))
         return 0
     print(f"run          {data['run_dir']}  (recipe {data['recipe']}, seed {data['seed']}, "
           f"stage {data['stage']})")

@@ -24,7 +24,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moe_probe.data import MultimodalData, Tokenizer
+from moe_probe.jsonutil import strict_json
 from moe_probe.model import MultimodalMoE, choose_groups, convert, und_expert_counts
 from moe_probe.train import checkpoint
 from moe_probe.train.config import RunConfig, run_config_from_json, to_dict
@@ -250,17 +250,6 @@ def _plain(groups):
     if isinstance(groups, (list, tuple)):
         return [_plain(g) for g in groups]
     return int(groups)
-
-
-def strict_json(obj):
-    """NaN/inf -> None, so the files parse with strict JSON readers (jq, browsers)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
 
 
 def _write_json(path: Path, obj) -> None:
