@@ -9,11 +9,12 @@ Without --store the store is generated into a temporary directory with the fixtu
   the server does before the browser can draw), with cold caches, as a fresh page open does;
 * slider answer: the per-step views at another step; zoom answer: the time-series views re-read
   and re-bucketed for a 5k-step window;
-* with --browser: the same page opened in headless chromium, timed until its graphs hold data,
-  in four situations side by side (median of --browser-rounds): cold server + fresh browser,
-  reopen (both warm), cold server + warm browser, and a server that warmed the first run's
-  Routing views at start (`MOE_PROBE_DASH_PREWARM`, on by default; the wait for its log line
-  is printed, so the warm start is never passed off as a cold one).
+* with --browser: the same page opened in headless chromium, timed until the first graph, the
+  graphs of the first screen and all graphs hold the run's data, in four situations side by
+  side (median of --browser-rounds): a server that warmed the first run's Routing views at
+  start (`MOE_PROBE_DASH_PREWARM`, on by default; the wait for its log line is printed) with a
+  browser that never saw the dashboard; a reopen; and a server without warming, with a warm
+  and with a fresh browser.
 Targets from the issue: first paint < 1 s, slider/zoom answer < 300 ms.
 """
 
@@ -151,22 +152,26 @@ GRAPHS = ("routing-cap-lines", "routing-load-heat", "routing-cap-heat", "routing
           "routing-balance", "routing-coact", "routing-saturation")
 
 # Installed before any page script: records, on the page's own clock, when each graph first
-# holds the run's data (a 10 ms poll, so ±10 ms), and the main thread's long tasks.
+# holds the run's data (a 10 ms poll, so ±10 ms), whether it lies in the first screen, and the
+# main thread's long tasks.
 _PAGE_CLOCK_JS = """
-window.__drawn = {}; window.__long = 0;
+window.__drawn = {}; window.__fold = {}; window.__long = 0;
 try { new PerformanceObserver(l => l.getEntries().forEach(e => { window.__long += e.duration; }))
       .observe({type: 'longtask', buffered: true}); } catch (e) {}
 setInterval(() => document.querySelectorAll('.js-plotly-plot').forEach(gd => {
   const id = gd.parentElement && gd.parentElement.id;
   const t = gd._fullLayout && gd._fullLayout.title && gd._fullLayout.title.text;
-  if (id && t && t.startsWith(RID) && gd._fullData.length && !(id in window.__drawn))
-    window.__drawn[id] = performance.now(); }), 10);
+  if (id && t && t.startsWith(RID) && gd._fullData.length && !(id in window.__drawn)) {
+    window.__drawn[id] = performance.now();
+    window.__fold[id] = gd.getBoundingClientRect().top < window.innerHeight;
+  } }), 10);
 """
 
 
 def _open_routing(d, srv, rid):
-    """Open the Routing page; wall ms until all graphs are drawn (webdriver polls) plus what the
-    page's own clock says: all drawn, last callback response, requests, main-thread busy."""
+    """Open the Routing page; ms until the first graph holds data, until every graph of the
+    first screen (window 1400×1000) does, and until all do — on the page's clock — plus the
+    wall time seen by webdriver, requests and main-thread busy time."""
     from dashboards.testing import graph_title, wait_for
     t0 = time.perf_counter()
     d.get(srv.url + "/routing")
@@ -178,10 +183,14 @@ def _open_routing(d, srv, rid):
     page = d.execute_script(
         "const cb = performance.getEntriesByType('resource')"
         ".filter(e => e.name.includes('_dash-update-component'));"
-        "return [Math.max(...Object.values(window.__drawn)), Math.max(...cb.map(e => e.responseEnd)),"
-        " cb.length, cb.reduce((a, e) => a + e.transferSize, 0), window.__long];")
-    return dict(wall=wall, drawn=page[0], last_cb=page[1], n_cb=page[2], mb=page[3] / 1e6,
-                busy=page[4])
+        "const t = Object.values(window.__drawn);"
+        "const f = Object.keys(window.__drawn).filter(k => window.__fold[k]).map(k => window.__drawn[k]);"
+        "return [Math.min(...t), Math.max(...f), Math.max(...t), Math.max(...cb.map(e => e.responseEnd)),"
+        " cb.length, cb.reduce((a, e) => a + e.transferSize, 0), window.__long,"
+        " Object.keys(window.__drawn).filter(k => window.__fold[k]).sort().join(' '),"
+        " typeof Plotly === 'object' && Plotly.version];")
+    return dict(first=page[0], fold=page[1], drawn=page[2], wall=wall, last_cb=page[3],
+                n_cb=page[4], mb=page[5] / 1e6, busy=page[6], fold_ids=page[7], plotly=page[8])
 
 
 def _driver(rid):
@@ -192,88 +201,130 @@ def _driver(rid):
     return d
 
 
+def _wait_prewarm(srv):
+    from dashboards.testing import wait_for
+    t0 = time.perf_counter()
+    line = wait_for(lambda: [ln for ln in srv.output().splitlines()
+                             if ln.startswith(("prewarmed", "prewarm skipped"))], 60,
+                    what="start-up warm-up")[0]
+    return line, (time.perf_counter() - t0) * 1000
+
+
 def _browser_round(root, rid):
-    """The Routing page in headless chromium. A browser's first page pays plotly.js's parse and
-    set-up (seconds on its own), so server effects are shown with a warm browser too: one
-    browser, and servers started in turn on one port (the browser's code cache is per URL):
-    (1) server with start-up warming off, fresh browser profile: cold server, cold browser;
-    (2) same page reopened: warm server, warm browser;
-    (3) a new server, warming off: cold server, warm browser;
-    (4) a new server that warmed the first run's Routing views at start, opened once its
-        warm-up line is logged (the wait is printed): server warmed at start, warm browser.
-    Then a zoom on the last page."""
-    from dashboards.testing import (
-        Server, free_port, quit_driver, severe_logs, wait_for, wait_graph, zoom_x,
-    )
+    """The Routing page in headless chromium, in the situations a user meets, side by side:
+    (1) `moe-probe dash` started (it warms the first run's Routing views: the page is opened
+        once its log line says so; the wait is printed), a browser that never loaded the
+        dashboard (fresh profile: plotly.js not cached, not compiled) — a first visit;
+    (2) the same page reopened: warm server, warm browser — a reload, a second tab;
+    (3) a new server with start-up warming off, the warm browser — views nobody looked at
+        yet (another run or layer costs what this costs);
+    (4) a new server with warming off and a fresh browser: the worst case.
+    Servers run on one port in turn (the browser's caches are per URL). Then a zoom."""
+    from dashboards.testing import Server, free_port, quit_driver, severe_logs
 
     cols, errs, port = {}, [], free_port()
     old = os.environ.get("MOE_PROBE_DASH_PREWARM")
     d = _driver(rid)
+    d2 = None
     try:
-        os.environ["MOE_PROBE_DASH_PREWARM"] = "0"
+        os.environ["MOE_PROBE_DASH_PREWARM"] = "1"
         with Server(root, refresh=60.0, timeout=120, port=port) as srv:
-            cols["cold server, cold browser"] = _open_routing(d, srv, rid)
-            cols["warm server (reopen)"] = _open_routing(d, srv, rid)
+            line, prewarm_wait = _wait_prewarm(srv)
+            cols["warmed server, 1st visit"] = _open_routing(d, srv, rid)
+            cols["reopen (both warm)"] = _open_routing(d, srv, rid)
+            time.sleep(1.0)  # let the page settle: time the answers alone
+            zoom_ms = _zoom_answer(d, 20000, 25000)
+            slider_ms = _slider_answer(d, 16_667)
+            errs += severe_logs(d)
             d.get("about:blank")  # leave the page before its server stops (no failed requests)
+        os.environ["MOE_PROBE_DASH_PREWARM"] = "0"
         with Server(root, refresh=60.0, timeout=120, port=port) as srv:
             cols["cold server, warm browser"] = _open_routing(d, srv, rid)
             d.get("about:blank")
-        os.environ["MOE_PROBE_DASH_PREWARM"] = "1"
+        d2 = _driver(rid)
         with Server(root, refresh=60.0, timeout=120, port=port) as srv:
-            t0 = time.perf_counter()
-            try:
-                import dashboards.app
-                if not hasattr(dashboards.app, "_prewarm"):
-                    raise TimeoutError  # an older tree, without start-up warming
-                line = wait_for(lambda: [ln for ln in srv.output().splitlines()
-                                         if ln.startswith(("prewarmed", "prewarm skipped"))], 60,
-                                what="start-up warm-up")[0]
-                prewarm_wait = (time.perf_counter() - t0) * 1000
-                cols["warmed at start, warm browser"] = _open_routing(d, srv, rid)
-            except TimeoutError:  # a dashboard without start-up warming (older trees)
-                line, prewarm_wait = "none logged in 60 s (column left out)", 0.0
-                d.get(srv.url + "/routing")  # the zoom below needs the page
-            time.sleep(1.0)  # let the page settle: time the zoom alone
-            t0 = time.perf_counter()
-            zoom_x(d, "routing-cap-lines", 20000, 25000)
-            wait_graph(d, "routing-cap-lines", lambda g: min(g["traces"][0]["x"]) >= 20000, 60)
-            # (this poll ships the arrays: an upper bound on the zoom answer as seen in the page)
-            zoom_ms = (time.perf_counter() - t0) * 1000
-            errs += severe_logs(d)
-            d.get("about:blank")
+            cols["cold server, 1st visit"] = _open_routing(d2, srv, rid)
+            errs += severe_logs(d2)
+            d2.get("about:blank")
     finally:
         quit_driver(d)
+        if d2 is not None:
+            quit_driver(d2)
         if old is None:
             os.environ.pop("MOE_PROBE_DASH_PREWARM", None)
         else:
             os.environ["MOE_PROBE_DASH_PREWARM"] = old
+    return cols, line, prewarm_wait, (zoom_ms, slider_ms), errs
 
-    return cols, line, prewarm_wait, zoom_ms, errs
+
+_WAIT_JS = """
+window.__answer = null;
+const t0 = performance.now(), check = arguments[0];
+const iv = setInterval(() => { if (check()) { window.__answer = performance.now() - t0;
+                                              clearInterval(iv); } }, 5);
+"""
+
+
+def _answer_ms(d, check_js: str, act) -> float:
+    """ms on the page's clock from the user's action until `check_js` (a JS expression) holds:
+    request, server answer, transfer, and plotly drawing the new figure."""
+    from dashboards.testing import wait_for
+    d.execute_script(_WAIT_JS.replace("arguments[0]", f"(() => {{ {check_js} }})"))
+    act()
+    return wait_for(lambda: d.execute_script("return window.__answer;"), 60, interval=0.05,
+                    what="answer")
+
+
+def _zoom_answer(d, lo, hi) -> float:
+    """Box zoom of the capacity lines to [lo, hi] → the re-bucketed window is drawn."""
+    from dashboards.testing import zoom_x
+    gd = "document.querySelector('#routing-cap-lines .js-plotly-plot')"
+    return _answer_ms(d, f"const x = {gd}._fullData[0].x; return x && x.length && x[0] >= {lo};",
+                      lambda: zoom_x(d, "routing-cap-lines", lo, hi))
+
+
+def _slider_answer(d, step: int) -> float:
+    """The step typed into the slider's number box (it commits on blur) → the modality share
+    at that step is drawn. Includes webdriver typing the digits: an upper bound."""
+    from selenium.webdriver.common.keys import Keys
+    box = d.find_element("css selector", "#routing-step input[type=number]")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.send_keys(Keys.CONTROL, "a")
+    gd = "document.querySelector('#routing-share .js-plotly-plot')"
+    return _answer_ms(d, f"return {gd}._fullLayout.title.text.endsWith('step {step}');",
+                      lambda: box.send_keys(str(step), Keys.TAB))
 
 
 def bench_browser(root, rid, rounds=3):
-    """`rounds` rounds of `_browser_round` (each with its own fresh browser and servers); each
-    cell is the median over rounds: on a shared 2-core machine one page open varies by ±1 s."""
+    """`rounds` rounds of `_browser_round` (each with its own fresh browsers and servers); each
+    cell is the median over rounds: on a shared 2-core machine one page open varies by ±0.3 s."""
     import statistics
     runs = [_browser_round(root, rid) for _ in range(rounds)]
-    cols = {k: {f: statistics.median(r[0][k][f] for r in runs) for f in runs[0][0][k]}
-            for k in runs[0][0]}
+    num = [f for f, v in runs[0][0][next(iter(runs[0][0]))].items() if isinstance(v, (int, float))]
+    cols = {k: {f: statistics.median(r[0][k][f] for r in runs) for f in num} for k in runs[0][0]}
     line, prewarm_wait = runs[-1][1], max(r[2] for r in runs)
-    zoom_ms = statistics.median(r[3] for r in runs)
+    zoom_ms = statistics.median(r[3][0] for r in runs)
+    slider_ms = statistics.median(r[3][1] for r in runs)
     errs = [e for r in runs for e in r[4]]
-    print(f"\nbrowser: Routing page open → all 7 graphs drawn (median of {rounds} rounds)")
-    print(f"  {'':32s}" + "".join(f"{k:>31s}" for k in cols))
-    rows = [("wall, webdriver polls (ms)", "wall", "{:.0f}"),
-            ("all drawn, page clock (ms)", "drawn", "{:.0f}"),
+    some = runs[-1][0][next(iter(runs[-1][0]))]
+    print(f"\nbrowser: Routing page open, times from navigation (median of {rounds} rounds)")
+    print(f"  {'':34s}" + "".join(f"{k:>28s}" for k in cols))
+    rows = [("first graph with data (ms)", "first", "{:.0f}"),
+            ("first screen drawn (ms)", "fold", "{:.0f}"),
+            ("all 7 graphs drawn (ms)", "drawn", "{:.0f}"),
+            ("  same, webdriver wall (ms)", "wall", "{:.0f}"),
             ("last callback response (ms)", "last_cb", "{:.0f}"),
             ("callback requests", "n_cb", "{:.0f}"),
             ("callback bytes (MB)", "mb", "{:.2f}"),
             ("main thread in long tasks (ms)", "busy", "{:.0f}")]
     for label, key, fmt in rows:
-        print(f"  {label:32s}" + "".join(f"{fmt.format(c[key]):>31s}" for c in cols.values()))
-    print(f"  start-up warm-up: {line!r}; the page was opened {prewarm_wait:.0f} ms after the "
-          f"server answered (waiting for that line)")
-    print(f"browser: zoom to 5k steps → re-bucketed line drawn: {zoom_ms:.0f} ms (median)")
+        print(f"  {label:34s}" + "".join(f"{fmt.format(c[key]):>28s}" for c in cols.values()))
+    print(f"  first screen = {some['fold_ids']} (in the 1400×1000 window); plotly.js "
+          f"{some['plotly']} (cartesian bundle when dashboards/assets/vendor matches plotly)")
+    print(f"  start-up warm-up: {line!r}; the first visit waited {prewarm_wait:.0f} ms for it")
+    print(f"browser, page clock (median): zoom to 5k steps → re-bucketed lines drawn "
+          f"{zoom_ms:.0f} ms; slider to step 16667 → modality share at the new step drawn "
+          f"{slider_ms:.0f} ms")
     print(f"browser console errors: {len(errs)}", *errs[:3], sep="\n  ")
 
 

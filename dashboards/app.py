@@ -40,6 +40,10 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         serve_locally=True,  # offline: Dash's own JS bundles, no CDN
         title="moe_probe", suppress_callback_exceptions=True, update_title=None,
         assets_folder=str(_HERE / "assets"),
+        # vendor/ is served (Flask serves the whole folder) but not put into the page as tags:
+        # plotly_loader.js loads it asynchronously; without the loader, Dash's own bundle is used.
+        assets_path_ignore=["vendor"],
+        assets_ignore="" if _vendored_plotly_matches() else r"plotly_loader\.js",
     )
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
     import logging
@@ -54,6 +58,18 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
                          daemon=True).start()
     _app = app
     return app
+
+
+def _vendored_plotly_matches() -> bool:
+    """The vendored cartesian plotly.js must be the version plotly's Python package generates
+    figures for; on a mismatch (another plotly installed) the full bundle Dash ships is used."""
+    from plotly.offline import get_plotlyjs_version
+    try:
+        with open(_HERE / "assets" / "vendor" / "plotly-cartesian.min.js", encoding="utf-8") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return f" v{get_plotlyjs_version()}\n" in head
 
 
 def _warm_up() -> None:
@@ -130,7 +146,7 @@ def _layout(root_p: Path, refresh_s: float):
         dcc.Interval(id="tick", interval=int(refresh_s * 1000), n_intervals=0),
         # Committed rows per group of the runs in view; changes only when a writer committed, so
         # graphs re-render on new data instead of on every tick.
-        dcc.Store(id="versions", storage_type="memory", data={}),
+        dcc.Store(id="versions", storage_type="memory", data=_versions_of([focus], root_p)),
         html.Header([
             html.Div([html.B("moe_probe"), html.Span(f" · {root_p}", className="root")],
                      className="brand"),
@@ -154,9 +170,12 @@ def _layout(root_p: Path, refresh_s: float):
     ])
 
 
+# The shell's callbacks skip their initial call: `_layout` already computed what they would, and
+# each would otherwise be one more round trip in the chain runs → layers → sel → versions that
+# every graph callback of the page waits for.
 @callback(Output("focus-run", "options"), Output("focus-run", "value"), Output("root-msg", "children"),
           Input("tick", "n_intervals"), Input("url", "pathname"), State("focus-run", "value"),
-          State("focus-run", "options"), State("root-msg", "children"))
+          State("focus-run", "options"), State("root-msg", "children"), prevent_initial_call=True)
 def _refresh_runs(_n, _path, current, old_opts, old_msg):
     """Re-list runs on each tick: runs appear and disappear while the dashboard is open.
     Unchanged outputs are not re-sent: setting a prop, even to the same value, re-fires every
@@ -175,7 +194,8 @@ def _refresh_runs(_n, _path, current, old_opts, old_msg):
 @callback(Output("layer", "options"), Output("layer", "value"),
           Output("modality", "options"), Output("modality", "value"),
           Input("focus-run", "value"), Input("tick", "n_intervals"), State("layer", "value"),
-          State("layer", "options"), State("modality", "value"), State("modality", "options"))
+          State("layer", "options"), State("modality", "value"), State("modality", "options"),
+          prevent_initial_call=True)
 def _layers(run_id, _n, current, old_opts, mod, old_mods):
     """Layers and modalities of the focused run (an HF scan labels its token kinds by input
     file, `text`/`text_b`, not text/vit/vae)."""
@@ -195,7 +215,7 @@ def _layers(run_id, _n, current, old_opts, mod, old_mods):
 
 
 @callback(Output("sel", "data"), Input("focus-run", "value"), Input("layer", "value"),
-          Input("modality", "value"), State("sel", "data"))
+          Input("modality", "value"), State("sel", "data"), prevent_initial_call=True)
 def _sync_sel(run_id, layer, modality, sel):
     sel = sel or {}
     if (sel.get("focus"), sel.get("layer"), sel.get("modality")) == (run_id, layer, modality):
@@ -206,17 +226,21 @@ def _sync_sel(run_id, layer, modality, sel):
 
 
 @callback(Output("versions", "data"), Input("tick", "n_intervals"), Input("sel", "data"),
-          State("versions", "data"))
+          State("versions", "data"), prevent_initial_call=True)
 def _versions(_n, sel, old):
     sel = sel or {}
-    ids = [r for r in [sel.get("focus"), *(sel.get("runs") or [])] if r]
+    new = _versions_of([sel.get("focus"), *(sel.get("runs") or [])])
+    return dash.no_update if new == old else new
+
+
+def _versions_of(run_ids, root=None) -> dict:
     new = {}
-    for rid in dict.fromkeys(ids):
+    for rid in dict.fromkeys(r for r in run_ids if r):
         try:
-            new[rid] = data.committed(root_of(), rid)
+            new[rid] = data.committed(root or root_of(), rid)
         except data.DataError as e:
             new[rid] = str(e)  # a vanished run is a change too: pages then show the message
-    return dash.no_update if new == old else new
+    return new
 
 
 def serve(args) -> int:

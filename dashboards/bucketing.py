@@ -82,7 +82,8 @@ class _quiet:
 
 
 def zoom_range(relayout: dict | None, current=None):
-    """Visible x range from a graph's relayoutData, None for autorange (= whole run).
+    """Visible x range `[lo, hi]` from a graph's relayoutData, None for autorange (= whole run);
+    a list, as a `dcc.Store` gives it back, so callbacks can tell an unchanged zoom.
 
     Any x axis counts (`xaxis2.range[0]`… in subplots whose x axes are linked). `current` is
     what the previous answer used, so unrelated relayouts (legend clicks, y-zoom, redraws) keep
@@ -98,9 +99,9 @@ def zoom_range(relayout: dict | None, current=None):
         if part == ".autorange" and value:
             return None
         if part == ".range[0]" and f"{axis}.range[1]" in relayout:
-            return float(value), float(relayout[f"{axis}.range[1]"])
+            return [float(value), float(relayout[f"{axis}.range[1]"])]
         if part == ".range" and isinstance(value, (list, tuple)) and len(value) == 2:
-            return float(value[0]), float(value[1])
+            return [float(value[0]), float(value[1])]
     return current
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 from dash import dcc, html
 
 from dashboards.bucketing import TARGET_BUCKETS, mean_columns, minmax_line
@@ -21,7 +22,19 @@ HALF_BUCKETS = 750
 """Buckets per series in a half-width graph (two graphs in a row): ~1 per pixel column. The
 browser pays per point/cell drawn (SVG path points, heatmap cells), so fewer buckets paint
 faster; line extremes stay exact at any bucket count."""
-_BASE = dict(template="plotly_white", margin=dict(l=55, r=20, t=45, b=40), height=330)
+TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+"""plotly_white with fixed margins. Automatic margins (axis `automargin`, legends and colour bars
+pushing `margin.autoexpand`) make plotly.js lay every graph out twice: ~45% of the Routing page's
+draw time in the browser. Figures set margins that fit their legend and colour bar instead."""
+TEMPLATE.layout.xaxis.automargin = False
+TEMPLATE.layout.yaxis.automargin = False
+TEMPLATE.layout.margin.autoexpand = False
+LEGEND_BELOW = dict(legend=dict(orientation="h", y=-0.25, yanchor="top"),
+                    margin=dict(l=55, r=20, t=45, b=100))
+"""Horizontal legend under the x-axis title, and the bottom margin it needs."""
+SUBPLOTS_LEGEND_BELOW = dict(LEGEND_BELOW, margin=dict(l=45, r=20, t=75, b=100))
+"""The same for a row of subplots (their titles need the taller top margin)."""
+_BASE = dict(template=TEMPLATE, margin=dict(l=55, r=20, t=45, b=45), height=330)
 
 
 def message_figure(text: str, title: str = "") -> go.Figure:
@@ -46,6 +59,7 @@ def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
                                colorbar=dict(thickness=12)))
     fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
                       uirevision=uirevision)
+    fig.update_layout(margin_r=85)  # the colour bar
     fig.update_yaxes(type="category")
     return fig
 
@@ -59,8 +73,8 @@ def step_heatmap(steps, values_SY, y, *, target: int = TARGET_BUCKETS, **kw) -> 
 def line_figure(title: str, *, xlabel: str = "step", ylabel: str = "", uirevision=None,
                 height: int | None = None) -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
-                      uirevision=uirevision, legend=dict(orientation="h", y=-0.22))
+    fig.update_layout(**{**_BASE, **LEGEND_BELOW}, title=title, xaxis_title=xlabel,
+                      yaxis_title=ylabel, uirevision=uirevision)
     if height:
         fig.update_layout(height=height)
     return fig

@@ -7,6 +7,10 @@ import logging
 
 import flask
 
+from dash import ctx
+from dash.exceptions import PreventUpdate
+
+from dashboards.bucketing import zoom_range
 from dashboards.components import message_figure
 from dashboards.data import DataError
 
@@ -45,3 +49,19 @@ def need(value, what: str):
     if value in (None, "", []):
         raise DataError(f"select a {what}")
     return value
+
+
+def next_zoom(relayouts: dict, zoom, key) -> dict:
+    """`{"key", "range"}`: the step range a zoomable view shows after this callback (None: all
+    steps). `relayouts` maps the view's graph ids to their relayoutData (zooming any of them
+    zooms the view); `zoom` is what it showed, for `key` (run, layer...; another key resets
+    it). A relayout that leaves the range as it was (every draw reports one: autosize, legend
+    clicks, y zooms) raises PreventUpdate: re-sending the figures would redraw for nothing."""
+    zoom = zoom or {}
+    current = zoom.get("range") if zoom.get("key") == key else None
+    if ctx.triggered_id not in relayouts:
+        return {"key": key, "range": current}
+    rng = zoom_range(relayouts[ctx.triggered_id], current)
+    if rng == current and zoom.get("key") == key:
+        raise PreventUpdate
+    return {"key": key, "range": rng}

@@ -175,6 +175,31 @@ def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     ds = _ds(root, "healthy", "routing")
     want = ds["capacity_rate"].sel(layer="0", modality="text", step=slice(100, 140)).values
     np.testing.assert_allclose(_arr(g["traces"][0]["y"]), want, rtol=1e-6)
+    # the capacity heat map shows the same window, and keeps it across a modality switch
+    d.find_element("css selector", "#modality input[value=text]").click()
+    c = wait_graph(d, "routing-cap-heat", lambda g: g["title"].endswith("text"))
+    assert _arr(c["traces"][0]["x"]).tolist() == list(range(100, 141))
+    np.testing.assert_allclose(
+        _mat(c["traces"][0]["z"]),
+        ds["capacity_rate"].sel(modality="text", step=slice(100, 140)).values.T, rtol=1e-6)
+    # the zoom belongs to (run, layer): another layer shows every step again
+    _select(d, "layer", "1")
+    g = wait_graph(d, "routing-cap-lines", lambda g: g["title"].endswith("layer 1"))
+    np.testing.assert_array_equal(_arr(g["traces"][0]["x"]), ds["step"].values)
+
+
+def test_pages_use_the_vendored_cartesian_plotly(page, server):
+    """plotly.js comes from dashboards/assets/vendor (cartesian bundle, loaded async), and
+    Dash's full 4.8 MB bundle is never requested."""
+    from plotly.offline import get_plotlyjs_version
+    d = page
+    _goto(d, server, "/routing", "healthy")
+    wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("healthy"))
+    version, urls = d.execute_script(
+        "return [Plotly.version, performance.getEntriesByType('resource').map(e => e.name)];")
+    assert version == get_plotlyjs_version()
+    assert any(u.endswith("/assets/vendor/plotly-cartesian.min.js") for u in urls)
+    assert not any("package_data/plotly.min.js" in u for u in urls)
 
 
 def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):
@@ -194,6 +219,14 @@ def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):
                                rtol=1e-5)
     # planted conflict: after step 100 the gen gradient is ~10× the und one
     assert np.nanmedian(_arr(t["y"])[_arr(t["x"]) >= 100]) > 5
+    # zooming the ratio zooms the heat map too: both re-read for the visible steps
+    zoom_x(d, "conflicts-ratio", 100, 200)
+    h = wait_graph(d, "conflicts-cosine", lambda g: max(g["traces"][0]["x"]) <= 200)
+    x = _arr(h["traces"][0]["x"])
+    assert x.min() >= 100 and x.max() <= 200
+    np.testing.assert_allclose(_mat(h["traces"][0]["z"]),
+                               ds["cosine"].sel(component="attn", step=slice(100, 200)).values.T,
+                               rtol=1e-6)
 
 
 def test_probes_page_with_control_overlay(page, server, root):
@@ -254,6 +287,14 @@ def test_runs_page_verdicts_and_compare_overlay(page, server, root):
         np.testing.assert_allclose(_arr(t["y"]), want, rtol=1e-6)
     iso = wait_graph(d, "compare-isolated", lambda g: len(g["traces"]) == 2)
     assert {t["name"] for t in iso["traces"]} == {"collapse", "healthy"}
+    # zoom the loss: re-read for the visible steps; the capacity view keeps all of them
+    zoom_x(d, "compare-loss", 50, 80)
+    lo = wait_graph(d, "compare-loss", lambda g: max(g["traces"][0]["x"]) <= 80)
+    for t in lo["traces"]:
+        want = _ds(root, t["name"], "loss")["value"].sel(term="gen", step=slice(50, 80)).values
+        np.testing.assert_allclose(_arr(t["y"]), want, rtol=1e-6)
+    g = graph_data(d, "compare-capacity")
+    assert min(g["traces"][0]["x"]) == 0
 
 
 def test_live_run_appends_and_runs_come_and_go(page, server, root):

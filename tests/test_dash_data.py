@@ -100,11 +100,11 @@ def test_short_series_are_untouched_and_heatmap_buckets_average():
 
 
 def test_zoom_range_from_relayout():
-    assert zoom_range({"xaxis.range[0]": 5, "xaxis.range[1]": 9.5}) == (5.0, 9.5)
-    assert zoom_range({"xaxis.range": [1, 2]}) == (1.0, 2.0)
-    assert zoom_range({"xaxis.autorange": True}, (1, 2)) is None
-    assert zoom_range({"autosize": True}, (1, 2)) == (1, 2)  # redraws keep the zoom
-    assert zoom_range(None, (3, 4)) == (3, 4)
+    assert zoom_range({"xaxis.range[0]": 5, "xaxis.range[1]": 9.5}) == [5.0, 9.5]
+    assert zoom_range({"xaxis.range": [1, 2]}) == [1.0, 2.0]
+    assert zoom_range({"xaxis.autorange": True}, [1, 2]) is None
+    assert zoom_range({"autosize": True}, [1, 2]) == [1, 2]  # redraws keep the zoom
+    assert zoom_range(None, [3, 4]) == [3, 4]
 
 
 def test_cli_bad_root_and_port_exit_2(tmp_path):
@@ -126,13 +126,15 @@ def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
     outside = tmp_path / "outside"
     shutil.copytree(FIXTURES / "collapse", outside / "x")
     with Server(root, refresh=60) as srv:
-        body = {"output": "routing-load-heat.figure",
-                "outputs": {"id": "routing-load-heat", "property": "figure"},
+        body = {"output": "..routing-load-heat.figure...routing-zoom-load.data..",
+                "outputs": [{"id": "routing-load-heat", "property": "figure"},
+                            {"id": "routing-zoom-load", "property": "data"}],
                 "inputs": [{"id": "sel", "property": "data",
                             "value": {"focus": "../outside/x", "layer": "0", "modality": "vae"}},
-                           {"id": "routing-zoom", "property": "data", "value": None},
-                           {"id": "versions", "property": "data", "value": {}}],
-                "changedPropIds": ["sel.data"], "state": []}
+                           {"id": "versions", "property": "data", "value": {}},
+                           {"id": "routing-load-heat", "property": "relayoutData", "value": None}],
+                "changedPropIds": ["sel.data"],
+                "state": [{"id": "routing-zoom-load", "property": "data", "value": None}]}
         req = urllib.request.Request(srv.url + "/_dash-update-component",
                                      data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})

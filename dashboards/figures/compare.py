@@ -11,8 +11,9 @@ from plotly.subplots import make_subplots
 
 from dashboards import data
 from dashboards.figures import memo
-from dashboards.components import SUBPLOT_BUCKETS, add_line, line_figure, message_figure
-
+from dashboards.components import (
+    SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_line, line_figure, message_figure,
+)
 _RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
                "#7f7f7f")
 
@@ -45,9 +46,9 @@ def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
                 mean = np.nanmean(s.values, axis=1, dtype=np.float64) if s.values.size else s.values
             add_line(fig, s.steps, mean, rid, color=_color(i), row=1, col=j,
                      showlegend=(j == 1), legendgroup=rid, target=SUBPLOT_BUCKETS)
-    fig.update_layout(template="plotly_white", height=350, margin=dict(l=45, r=20, t=75, b=40),
+    fig.update_layout(template=TEMPLATE, height=350, **SUBPLOTS_LEGEND_BELOW,
                       title="capacity rate per modality (mean over layers) — Fig. 5a",
-                      legend=dict(orientation="h", y=-0.25), uirevision="cmp/cap")
+                      uirevision="cmp/cap")
     fig.update_xaxes(matches="x")  # one zoom for the three panels (and one re-bucketing)
     return fig
 

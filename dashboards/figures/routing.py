@@ -12,7 +12,8 @@ from plotly.subplots import make_subplots
 from dashboards import data
 from dashboards.figures import memo
 from dashboards.components import (
-    HALF_BUCKETS, MODALITY_COLORS, SUBPLOT_BUCKETS, add_line, heatmap, line_figure, message_figure, step_heatmap,
+    HALF_BUCKETS, LEGEND_BELOW, MODALITY_COLORS, SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS,
+    TEMPLATE, add_line, heatmap, line_figure, message_figure, step_heatmap,
 )
 
 
@@ -76,11 +77,10 @@ def modality_share(root, run_id, layer, step) -> go.Figure:
     for i, m in enumerate(s.coords["modality"]):
         share = np.divide(load_ME[i], tot_E, out=np.zeros_like(tot_E), where=tot_E > 0)
         fig.add_trace(go.Bar(x=experts, y=share, name=m, marker_color=MODALITY_COLORS.get(m)))
-    fig.update_layout(template="plotly_white", barmode="stack", height=300,
-                      margin=dict(l=55, r=20, t=45, b=40),
+    fig.update_layout(template=TEMPLATE, barmode="stack", height=300, **LEGEND_BELOW,
                       title=f"{run_id} · modality share per expert — layer {layer}, step {st}",
                       xaxis_title="expert", yaxis_title="share of assignments",
-                      xaxis_type="category", legend=dict(orientation="h", y=-0.25))
+                      xaxis_type="category")
     return fig
 
 
@@ -98,9 +98,9 @@ def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
         for i, m in enumerate(s.coords["modality"]):
             add_line(fig, s.steps, s.values[:, i], m, color=MODALITY_COLORS.get(m), row=1, col=j,
                      showlegend=(j == 1), legendgroup=m, target=SUBPLOT_BUCKETS)
-    fig.update_layout(template="plotly_white", height=330, margin=dict(l=45, r=20, t=75, b=40),
+    fig.update_layout(template=TEMPLATE, height=330, **SUBPLOTS_LEGEND_BELOW,
                       title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal",
-                      legend=dict(orientation="h", y=-0.25))
+                      )
     fig.update_xaxes(matches="x")
     return fig
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dash
-from dash import Input, Output, State, callback, ctx, dcc, html
+from dash import Input, Output, State, callback, dcc, html
 
-from dashboards.bucketing import zoom_range
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import compare as CMP
-from dashboards.pages_common import figures_or_message, root_of
+from dashboards.pages_common import figures_or_message, next_zoom, root_of
 
 dash.register_page(__name__, path="/compare", name="Compare", order=4)
 
@@ -24,7 +23,8 @@ layout = html.Div([
                 labelled("metric", dcc.Dropdown(id="compare-metric", clearable=False,
                                                 style={"width": "200px"})),
                 graph("compare-isolated"))),
-    dcc.Store(id="compare-zoom", data={"cap": None, "loss": None}),
+    dcc.Store(id="compare-zoom-cap", data={}),
+    dcc.Store(id="compare-zoom-loss", data={}),
 ])
 
 
@@ -38,25 +38,25 @@ def _metrics(sel, current):
     return ms, current if current in ms else (ms[0] if ms else None), msg
 
 
-@callback(Output("compare-zoom", "data"), Input("compare-capacity", "relayoutData"),
-          Input("compare-loss", "relayoutData"), State("compare-zoom", "data"))
-def _zoom(cap, loss, z):
-    z = dict(z or {})
-    new = dict(z)
-    if ctx.triggered_id == "compare-capacity":
-        new["cap"] = zoom_range(cap, z.get("cap"))
-    elif ctx.triggered_id == "compare-loss":
-        new["loss"] = zoom_range(loss, z.get("loss"))
-    return dash.no_update if new == z else new  # redraws report relayoutData too
-
-
 @callback(Output("compare-capacity", "figure"), Output("compare-loss", "figure"),
-          Output("compare-isolated", "figure"), Input("sel", "data"), Input("compare-term", "value"),
-          Input("compare-metric", "value"), Input("compare-zoom", "data"), Input("versions", "data"))
-@figures_or_message(3, ("capacity rate", "loss", "shared-expert probe"))
-def _figures(sel, term, metric, zoom, _v):
+          Output("compare-isolated", "figure"), Output("compare-zoom-cap", "data"),
+          Output("compare-zoom-loss", "data"), Input("sel", "data"),
+          Input("compare-term", "value"), Input("compare-metric", "value"),
+          Input("versions", "data"), Input("compare-capacity", "relayoutData"),
+          Input("compare-loss", "relayoutData"), State("compare-zoom-cap", "data"),
+          State("compare-zoom-loss", "data"))
+def _view(sel, term, metric, _v, cap_relayout, loss_relayout, cap_zoom, loss_zoom):
+    """Each of the two time-series views keeps its own zoom (re-read and re-bucketed)."""
     runs = (sel or {}).get("runs") or []
-    zoom = zoom or {}
-    return (CMP.capacity_by_modality(root_of(), runs, zoom.get("cap")),
-            CMP.loss_term(root_of(), runs, term or "gen", zoom.get("loss")),
+    cap = next_zoom({"compare-capacity": cap_relayout}, cap_zoom, runs)
+    loss = next_zoom({"compare-loss": loss_relayout}, loss_zoom, runs)
+    # All three figures every time, even for a zoom of one: a relayout can supersede the
+    # initial call while it is in flight (Dash keeps the newest request of a callback only).
+    return (*_figures(runs, term, metric, cap["range"], loss["range"]), cap, loss)
+
+
+@figures_or_message(3, ("capacity rate", "loss", "shared-expert probe"))
+def _figures(runs, term, metric, cap_range, loss_range):
+    return (CMP.capacity_by_modality(root_of(), runs, cap_range),
+            CMP.loss_term(root_of(), runs, term or "gen", loss_range),
             CMP.isolated_metric(root_of(), runs, metric))

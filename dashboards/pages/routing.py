@@ -7,10 +7,9 @@ import dash
 from dash import Input, Output, State, callback, ctx, dcc, html
 
 from dashboards import data
-from dashboards.bucketing import zoom_range
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
-from dashboards.pages_common import figures_or_message, need, root_of
+from dashboards.pages_common import figures_or_message, need, next_zoom, root_of
 
 dash.register_page(__name__, path="/routing", name="Routing", order=1)
 
@@ -26,8 +25,15 @@ layout = html.Div([
     ])),
     section("Balance", graph("routing-balance")),
     section("Router saturation", graph("routing-saturation")),
-    dcc.Store(id="routing-zoom", data={"cap": None, "load": None, "bal": None}),
+    # The step range each time-series view shows, with the (run, layer) it belongs to.
+    *(dcc.Store(id=f"routing-zoom-{v}", data={}) for v in ("cap", "load", "bal")),
 ])
+
+
+def _key(sel):
+    """What a zoom belongs to: another run or layer shows all steps again (a modality keeps it)."""
+    sel = sel or {}
+    return [sel.get("focus"), sel.get("layer")]
 
 
 def _focus(sel):
@@ -35,80 +41,87 @@ def _focus(sel):
     return need(sel.get("focus"), "run"), need(sel.get("layer"), "layer"), sel.get("modality") or "vae"
 
 
-@callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
-          Input("sel", "data"), Input("versions", "data"), State("routing-step", "value"),
-          State("routing-step", "max"))
-def _slider(sel, _n, value, old_max):
-    """Slider spans the committed routing steps; it follows the newest step while left at the end."""
-    try:
-        run_id, _layer, _m = _focus(sel)
-        b = data.step_bounds(root_of(), run_id, "routing")
-    except data.DataError:
-        return 0, 1, None
-    if b is None:
-        return 0, 1, None
-    lo, hi = b
-    if value is None or value == old_max or not (lo <= value <= hi):
-        value = hi
-    return lo, hi, value
+def _zoomed(graph_id, relayout, zoom, sel, build):
+    """Figures of a zoomable view for its visible steps, and the zoom to remember."""
+    zoom = next_zoom({graph_id: relayout}, zoom, _key(sel))
+    figs = build(sel, zoom["range"])
+    return (*(figs if isinstance(figs, tuple) else (figs,)), zoom)
 
 
-@callback(Output("routing-zoom", "data"), Input("routing-cap-lines", "relayoutData"),
-          Input("routing-load-heat", "relayoutData"), Input("routing-balance", "relayoutData"),
-          Input("sel", "data"), State("routing-zoom", "data"))
-def _zoom(cap_relayout, load_relayout, bal_relayout, sel, z):
-    """Remember each time-series graph's visible step range; another run or layer resets it."""
-    z = dict(z or {})
-    key = [(sel or {}).get("focus"), (sel or {}).get("layer")]
-    if ctx.triggered_id == "sel":
-        if z.get("key") == key:
-            return dash.no_update
-        return {"key": key, "cap": None, "load": None, "bal": None}
-    new = dict(z, key=key)
-    if ctx.triggered_id == "routing-cap-lines":
-        new["cap"] = zoom_range(cap_relayout, z.get("cap"))
-    elif ctx.triggered_id == "routing-load-heat":
-        new["load"] = zoom_range(load_relayout, z.get("load"))
-    elif ctx.triggered_id == "routing-balance":
-        new["bal"] = zoom_range(bal_relayout, z.get("bal"))
-    # A graph reports relayoutData after every draw (autosize): re-sending an unchanged zoom
-    # would re-run the page's heaviest callbacks for nothing.
-    return dash.no_update if new == z else new
-
-
+# Zoomable views take their graph's relayoutData directly (not through a zoom callback and a
+# store): a zoom is then one round trip, re-read and re-bucketed for the visible steps.
 @callback(Output("routing-cap-lines", "figure"), Output("routing-cap-heat", "figure"),
-          Input("sel", "data"), Input("routing-zoom", "data"), Input("versions", "data"))
+          Output("routing-zoom-cap", "data"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-cap-lines", "relayoutData"), State("routing-zoom-cap", "data"))
+def _capacity(sel, _v, relayout, zoom):
+    return _zoomed("routing-cap-lines", relayout, zoom, sel, _capacity_figures)
+
+
 @figures_or_message(2, ("capacity rate", "capacity rate by layer"))
-def _capacity(sel, zoom, _n):
+def _capacity_figures(sel, xr):
     run_id, layer, modality = _focus(sel)
-    xr = (zoom or {}).get("cap")
     return (R.capacity_lines(root_of(), run_id, layer, xr),
             R.capacity_heatmap(root_of(), run_id, modality, xr))
 
 
-@callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("routing-zoom", "data"),
-          Input("versions", "data"))
+@callback(Output("routing-load-heat", "figure"), Output("routing-zoom-load", "data"),
+          Input("sel", "data"), Input("versions", "data"),
+          Input("routing-load-heat", "relayoutData"), State("routing-zoom-load", "data"))
+def _load(sel, _v, relayout, zoom):
+    return _zoomed("routing-load-heat", relayout, zoom, sel, _load_figure)
+
+
 @figures_or_message(1, ("expert load",))
-def _load(sel, zoom, _n):
+def _load_figure(sel, xr):
     run_id, layer, modality = _focus(sel)
-    return R.load_heatmap(root_of(), run_id, layer, modality, (zoom or {}).get("load"))
+    return R.load_heatmap(root_of(), run_id, layer, modality, xr)
 
 
-@callback(Output("routing-share", "figure"), Output("routing-coact", "figure"),
-          Input("sel", "data"), Input("routing-step", "value"))
+@callback(Output("routing-balance", "figure"), Output("routing-zoom-bal", "data"),
+          Input("sel", "data"), Input("versions", "data"),
+          Input("routing-balance", "relayoutData"), State("routing-zoom-bal", "data"))
+def _balance(sel, _v, relayout, zoom):
+    return _zoomed("routing-balance", relayout, zoom, sel, _balance_figure)
+
+
+@figures_or_message(1, ("balance",))
+def _balance_figure(sel, xr):
+    run_id, layer, _m = _focus(sel)
+    return R.balance_lines(root_of(), run_id, layer, xr)
+
+
+@callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
+          Output("routing-share", "figure"), Output("routing-coact", "figure"),
+          Input("sel", "data"), Input("versions", "data"), Input("routing-step", "value"),
+          State("routing-step", "max"))
+def _at_step(sel, _v, value, old_max):
+    """The slider spans the committed routing steps and follows the newest one while left at
+    the end; the per-step views show the slider's step. One callback for both: as two, the
+    views would wait a round trip for the slider on every page open."""
+    try:
+        run_id, layer, _m = _focus(sel)
+        bounds = data.step_bounds(root_of(), run_id, "routing")
+    except data.DataError:
+        bounds = None
+    if bounds is None:
+        lo = hi = value = None
+    else:
+        lo, hi = bounds
+        if ctx.triggered_id != "routing-step" and (value is None or value == old_max):
+            value = hi
+        value = None if value is None else min(max(value, lo), hi)
+    share, coact = _step_figures(sel, value)
+    slider = (0, 1, None) if bounds is None else (lo, hi, value)
+    if ctx.triggered_id == "routing-step" and slider[2] == value:
+        slider = (dash.no_update,) * 3  # the user moved it: leave it where it is
+    return (*slider, share, coact)
+
+
 @figures_or_message(2, ("modality share per expert", "co-activation"))
-def _at_step(sel, step):
+def _step_figures(sel, step):
     run_id, layer, _m = _focus(sel)
     return (R.modality_share(root_of(), run_id, layer, step),
             R.coactivation_heatmap(root_of(), run_id, layer, step))
-
-
-@callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("routing-zoom", "data"),
-          Input("versions", "data"))
-@figures_or_message(1, ("balance",))
-def _balance(sel, zoom, _v):
-    run_id, layer, _m = _focus(sel)
-    return R.balance_lines(root_of(), run_id, layer, (zoom or {}).get("bal"))
 
 
 @callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"))
