@@ -7,7 +7,6 @@ spike or a collapse is drawn at its exact height and step at any zoom; heatmaps 
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 
@@ -79,30 +78,3 @@ class _quiet:
 
     def __exit__(self, *exc):
         return self._w.__exit__(*exc)
-
-
-def zoom_range(relayout: dict | None, current=None):
-    """Visible x range `[lo, hi]` from a graph's relayoutData, None for autorange (= whole run);
-    a list, as a `dcc.Store` gives it back, so callbacks can tell an unchanged zoom.
-
-    Any x axis counts (`xaxis2.range[0]`… in subplots whose x axes are linked). `current` is
-    what the previous answer used, so unrelated relayouts (legend clicks, y-zoom, redraws) keep
-    the zoom instead of resetting it.
-    """
-    if not relayout:
-        return current
-    for key, value in relayout.items():
-        m = _AXIS_KEY.fullmatch(key)
-        if not m:
-            continue
-        axis, part = m.group(1), m.group(2)
-        if part == ".autorange" and value:
-            return None
-        if part == ".range[0]" and f"{axis}.range[1]" in relayout:
-            return [float(value), float(relayout[f"{axis}.range[1]"])]
-        if part == ".range" and isinstance(value, (list, tuple)) and len(value) == 2:
-            return [float(value[0]), float(value[1])]
-    return current
-
-
-_AXIS_KEY = re.compile(r"(xaxis\d*)(\.autorange|\.range\[0\]|\.range)")

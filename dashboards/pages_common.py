@@ -7,10 +7,8 @@ import logging
 
 import flask
 
-from dash import ctx
-from dash.exceptions import PreventUpdate
+from dash import ClientsideFunction, Input, Output, State, clientside_callback, dcc
 
-from dashboards.bucketing import zoom_range
 from dashboards.components import message_figure
 from dashboards.data import DataError
 
@@ -51,17 +49,20 @@ def need(value, what: str):
     return value
 
 
-def next_zoom(relayouts: dict, zoom, key) -> dict:
-    """`{"key", "range"}`: the step range a zoomable view shows after this callback (None: all
-    steps). `relayouts` maps the view's graph ids to their relayoutData (zooming any of them
-    zooms the view); `zoom` is what it showed, for `key` (run, layer...; another key resets
-    it). A relayout that leaves the range as it was (every draw reports one: autosize, legend
-    clicks, y zooms) raises PreventUpdate: re-sending the figures would redraw for nothing."""
-    zoom = zoom or {}
-    current = zoom.get("range") if zoom.get("key") == key else None
-    if ctx.triggered_id not in relayouts:
-        return {"key": key, "range": current}
-    rng = zoom_range(relayouts[ctx.triggered_id], current)
-    if rng == current and zoom.get("key") == key:
-        raise PreventUpdate
-    return {"key": key, "range": rng}
+def zoom_store(store_id: str, *graph_ids: str) -> dcc.Store:
+    """The zoom of a view drawn by `graph_ids` (zooming any of them zooms the view): a store the
+    browser writes `{"range": [lo, hi] | None, "sel": <selection then>}` to when a graph's
+    visible x range changes (assets/zoom.js: redraws, legend clicks and y zooms never reach
+    the server). The view's callback takes it as an Input and reads it with `zoom_range`."""
+    clientside_callback(ClientsideFunction("moe_probe", "zoom"), Output(store_id, "data"),
+                        *(Input(g, "relayoutData") for g in graph_ids), State("sel", "data"),
+                        prevent_initial_call=True)
+    return dcc.Store(id=store_id, data=None)
+
+
+def zoom_range(zoom, key, key_of) -> list | None:
+    """The step range to show: the stored zoom if it was made for the same `key` (run, layer...;
+    `key_of(sel)` gives it), else None (all steps)."""
+    if not zoom or key_of(zoom.get("sel") or {}) != key:
+        return None
+    return zoom.get("range")

@@ -182,7 +182,14 @@ def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     np.testing.assert_allclose(
         _mat(c["traces"][0]["z"]),
         ds["capacity_rate"].sel(modality="text", step=slice(100, 140)).values.T, rtol=1e-6)
+    # a double click (autorange) shows every step again
+    d.execute_script("Plotly.relayout(document.querySelector('#routing-cap-lines .js-plotly-plot'),"
+                     " {'xaxis.autorange': true});")
+    g = wait_graph(d, "routing-cap-lines", lambda g: max(g["traces"][0]["x"]) > 140)
+    np.testing.assert_array_equal(_arr(g["traces"][0]["x"]), ds["step"].values)
     # the zoom belongs to (run, layer): another layer shows every step again
+    zoom_x(d, "routing-cap-lines", 100, 140)
+    wait_graph(d, "routing-cap-lines", lambda g: max(g["traces"][0]["x"]) <= 140)
     _select(d, "layer", "1")
     g = wait_graph(d, "routing-cap-lines", lambda g: g["title"].endswith("layer 1"))
     np.testing.assert_array_equal(_arr(g["traces"][0]["x"]), ds["step"].values)

@@ -13,7 +13,7 @@ import pytest
 
 import moe_probe
 from dashboards import data
-from dashboards.bucketing import minmax_line, mean_columns, zoom_range
+from dashboards.bucketing import minmax_line, mean_columns
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
 
@@ -99,12 +99,16 @@ def test_short_series_are_untouched_and_heatmap_buckets_average():
     np.testing.assert_allclose(m[:, 0], [1, 5, 9, 13, 17])
 
 
-def test_zoom_range_from_relayout():
-    assert zoom_range({"xaxis.range[0]": 5, "xaxis.range[1]": 9.5}) == [5.0, 9.5]
-    assert zoom_range({"xaxis.range": [1, 2]}) == [1.0, 2.0]
-    assert zoom_range({"xaxis.autorange": True}, [1, 2]) is None
-    assert zoom_range({"autosize": True}, [1, 2]) == [1, 2]  # redraws keep the zoom
-    assert zoom_range(None, [3, 4]) == [3, 4]
+def test_a_zoom_belongs_to_the_selection_it_was_made_in():
+    from dashboards.pages_common import zoom_range
+
+    def key(sel):
+        return [sel.get("focus"), sel.get("layer")]
+    z = {"range": [100.0, 140.0], "sel": {"focus": "a", "layer": "0", "modality": "vae"}}
+    assert zoom_range(z, ["a", "0"], key) == [100.0, 140.0]
+    assert zoom_range(z, ["a", "1"], key) is None  # another layer: all steps
+    assert zoom_range({"range": None, "sel": z["sel"]}, ["a", "0"], key) is None  # autorange
+    assert zoom_range(None, ["a", "0"], key) is None
 
 
 def test_cli_bad_root_and_port_exit_2(tmp_path):
@@ -126,15 +130,13 @@ def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
     outside = tmp_path / "outside"
     shutil.copytree(FIXTURES / "collapse", outside / "x")
     with Server(root, refresh=60) as srv:
-        body = {"output": "..routing-load-heat.figure...routing-zoom-load.data..",
-                "outputs": [{"id": "routing-load-heat", "property": "figure"},
-                            {"id": "routing-zoom-load", "property": "data"}],
+        body = {"output": "routing-load-heat.figure",
+                "outputs": {"id": "routing-load-heat", "property": "figure"},
                 "inputs": [{"id": "sel", "property": "data",
                             "value": {"focus": "../outside/x", "layer": "0", "modality": "vae"}},
                            {"id": "versions", "property": "data", "value": {}},
-                           {"id": "routing-load-heat", "property": "relayoutData", "value": None}],
-                "changedPropIds": ["sel.data"],
-                "state": [{"id": "routing-zoom-load", "property": "data", "value": None}]}
+                           {"id": "routing-zoom-load", "property": "data", "value": None}],
+                "changedPropIds": ["sel.data"], "state": []}
         req = urllib.request.Request(srv.url + "/_dash-update-component",
                                      data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})

@@ -112,3 +112,22 @@ def test_json_and_html_reports(fx, tmp_path):
     np.testing.assert_allclose(z, g.transpose("layer", "step").values, atol=1e-3)
     # findings with their explanations are in the page
     assert "routing_collapse" in text and "capacity rate of text tokens fell" in text
+
+
+def test_thresholds_from_the_command_line(fx, tmp_path):
+    """`--set` changes what counts as a collapse: the fixture's layers 2-3 fall to a capacity
+    rate of ~0.36-0.38, a finding at τ = 0.5, none at τ = 0.3; the JSON records the values."""
+    js = tmp_path / "d.json"
+    r = _cli(fx / "collapse", "--set", "collapse_rate=0.5", "--set", "window=30", "--json", js)
+    assert r.returncode == 0, r.stderr
+    assert "routing_collapse" in r.stdout and "below 0.5 for at least 30" in r.stdout
+    doc = json.loads(js.read_text())
+    assert doc["config"]["collapse_rate"] == 0.5 and doc["config"]["window"] == 30
+    r = _cli(fx / "collapse", "--set", "collapse_rate=0.3")
+    assert r.returncode == 0 and "routing_collapse" not in r.stdout, r.stderr
+    for bad, why in (("collapse_rat=0.5", "did you mean collapse_rate"),
+                     ("window=many", "expects an integer"), ("window", "KEY=VALUE"),
+                     ("window=0", "must be >= 1"), ("conflict_cosine=2", "in [-1, 1]")):
+        r = _cli(fx / "collapse", "--set", bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and why in r.stderr

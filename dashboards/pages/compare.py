@@ -7,7 +7,7 @@ from dash import Input, Output, State, callback, dcc, html
 
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import compare as CMP
-from dashboards.pages_common import figures_or_message, next_zoom, root_of
+from dashboards.pages_common import figures_or_message, root_of, zoom_range, zoom_store
 
 dash.register_page(__name__, path="/compare", name="Compare", order=4)
 
@@ -23,8 +23,8 @@ layout = html.Div([
                 labelled("metric", dcc.Dropdown(id="compare-metric", clearable=False,
                                                 style={"width": "200px"})),
                 graph("compare-isolated"))),
-    dcc.Store(id="compare-zoom-cap", data={}),
-    dcc.Store(id="compare-zoom-loss", data={}),
+    zoom_store("compare-zoom-cap", "compare-capacity"),
+    zoom_store("compare-zoom-loss", "compare-loss"),
 ])
 
 
@@ -38,21 +38,20 @@ def _metrics(sel, current):
     return ms, current if current in ms else (ms[0] if ms else None), msg
 
 
+def _runs(sel):
+    return (sel or {}).get("runs") or []
+
+
 @callback(Output("compare-capacity", "figure"), Output("compare-loss", "figure"),
-          Output("compare-isolated", "figure"), Output("compare-zoom-cap", "data"),
-          Output("compare-zoom-loss", "data"), Input("sel", "data"),
+          Output("compare-isolated", "figure"), Input("sel", "data"),
           Input("compare-term", "value"), Input("compare-metric", "value"),
-          Input("versions", "data"), Input("compare-capacity", "relayoutData"),
-          Input("compare-loss", "relayoutData"), State("compare-zoom-cap", "data"),
-          State("compare-zoom-loss", "data"))
-def _view(sel, term, metric, _v, cap_relayout, loss_relayout, cap_zoom, loss_zoom):
+          Input("versions", "data"), Input("compare-zoom-cap", "data"),
+          Input("compare-zoom-loss", "data"))
+def _view(sel, term, metric, _v, cap_zoom, loss_zoom):
     """Each of the two time-series views keeps its own zoom (re-read and re-bucketed)."""
-    runs = (sel or {}).get("runs") or []
-    cap = next_zoom({"compare-capacity": cap_relayout}, cap_zoom, runs)
-    loss = next_zoom({"compare-loss": loss_relayout}, loss_zoom, runs)
-    # All three figures every time, even for a zoom of one: a relayout can supersede the
-    # initial call while it is in flight (Dash keeps the newest request of a callback only).
-    return (*_figures(runs, term, metric, cap["range"], loss["range"]), cap, loss)
+    runs = _runs(sel)
+    return _figures(runs, term, metric, zoom_range(cap_zoom, runs, _runs),
+                    zoom_range(loss_zoom, runs, _runs))
 
 
 @figures_or_message(3, ("capacity rate", "loss", "shared-expert probe"))

@@ -9,7 +9,7 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboards import data
 from dashboards.components import graph, labelled, section
 from dashboards.figures import conflicts as C
-from dashboards.pages_common import figures_or_message, need, next_zoom, root_of
+from dashboards.pages_common import figures_or_message, need, root_of, zoom_range, zoom_store
 
 dash.register_page(__name__, path="/conflicts", name="Conflicts", order=2)
 
@@ -19,7 +19,7 @@ layout = html.Div([
                                                                     style={"width": "200px"})),
             graph("conflicts-cosine")),
     section("Norm ratio", graph("conflicts-ratio")),
-    dcc.Store(id="conflicts-zoom", data={}),
+    zoom_store("conflicts-zoom", "conflicts-cosine", "conflicts-ratio"),
 ])
 
 
@@ -35,17 +35,17 @@ def _components(sel, current):
     return comps, current if current in comps else ("all" if "all" in comps else comps[0])
 
 
+def _run(sel):
+    return (sel or {}).get("focus")
+
+
 @callback(Output("conflicts-cosine", "figure"), Output("conflicts-ratio", "figure"),
-          Output("conflicts-zoom", "data"), Input("sel", "data"),
-          Input("conflicts-component", "value"), Input("versions", "data"),
-          Input("conflicts-cosine", "relayoutData"), Input("conflicts-ratio", "relayoutData"),
-          State("conflicts-zoom", "data"))
-def _view(sel, component, _v, cos_relayout, ratio_relayout, zoom):
+          Input("sel", "data"), Input("conflicts-component", "value"), Input("versions", "data"),
+          Input("conflicts-zoom", "data"))
+def _view(sel, component, _v, zoom):
     """The heat map and the ratio share one visible step range (zoom either: both follow,
     re-read and re-bucketed), per run."""
-    zoom = next_zoom({"conflicts-cosine": cos_relayout, "conflicts-ratio": ratio_relayout}, zoom,
-                     (sel or {}).get("focus"))
-    return (*_figures(sel, component, zoom["range"]), zoom)
+    return _figures(sel, component, zoom_range(zoom, _run(sel), _run))
 
 
 @figures_or_message(2, ("gradient cosine", "norm ratio"))

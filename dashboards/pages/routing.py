@@ -9,7 +9,7 @@ from dash import Input, Output, State, callback, ctx, dcc, html
 from dashboards import data
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
-from dashboards.pages_common import figures_or_message, need, next_zoom, root_of
+from dashboards.pages_common import figures_or_message, need, root_of, zoom_range, zoom_store
 
 dash.register_page(__name__, path="/routing", name="Routing", order=1)
 
@@ -25,8 +25,9 @@ layout = html.Div([
     ])),
     section("Balance", graph("routing-balance")),
     section("Router saturation", graph("routing-saturation")),
-    # The step range each time-series view shows, with the (run, layer) it belongs to.
-    *(dcc.Store(id=f"routing-zoom-{v}", data={}) for v in ("cap", "load", "bal")),
+    zoom_store("routing-zoom-cap", "routing-cap-lines"),
+    zoom_store("routing-zoom-load", "routing-load-heat"),
+    zoom_store("routing-zoom-bal", "routing-balance"),
 ])
 
 
@@ -41,53 +42,32 @@ def _focus(sel):
     return need(sel.get("focus"), "run"), need(sel.get("layer"), "layer"), sel.get("modality") or "vae"
 
 
-def _zoomed(graph_id, relayout, zoom, sel, build):
-    """Figures of a zoomable view for its visible steps, and the zoom to remember."""
-    zoom = next_zoom({graph_id: relayout}, zoom, _key(sel))
-    figs = build(sel, zoom["range"])
-    return (*(figs if isinstance(figs, tuple) else (figs,)), zoom)
-
-
-# Zoomable views take their graph's relayoutData directly (not through a zoom callback and a
-# store): a zoom is then one round trip, re-read and re-bucketed for the visible steps.
+# Each time-series view is re-read and re-bucketed for the steps its graph shows (the zoom
+# store, written in the browser on a real zoom only): a zoom is one round trip.
 @callback(Output("routing-cap-lines", "figure"), Output("routing-cap-heat", "figure"),
-          Output("routing-zoom-cap", "data"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-cap-lines", "relayoutData"), State("routing-zoom-cap", "data"))
-def _capacity(sel, _v, relayout, zoom):
-    return _zoomed("routing-cap-lines", relayout, zoom, sel, _capacity_figures)
-
-
+          Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"))
 @figures_or_message(2, ("capacity rate", "capacity rate by layer"))
-def _capacity_figures(sel, xr):
+def _capacity(sel, _v, zoom):
     run_id, layer, modality = _focus(sel)
+    xr = zoom_range(zoom, _key(sel), _key)
     return (R.capacity_lines(root_of(), run_id, layer, xr),
             R.capacity_heatmap(root_of(), run_id, modality, xr))
 
 
-@callback(Output("routing-load-heat", "figure"), Output("routing-zoom-load", "data"),
-          Input("sel", "data"), Input("versions", "data"),
-          Input("routing-load-heat", "relayoutData"), State("routing-zoom-load", "data"))
-def _load(sel, _v, relayout, zoom):
-    return _zoomed("routing-load-heat", relayout, zoom, sel, _load_figure)
-
-
+@callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-zoom-load", "data"))
 @figures_or_message(1, ("expert load",))
-def _load_figure(sel, xr):
+def _load(sel, _v, zoom):
     run_id, layer, modality = _focus(sel)
-    return R.load_heatmap(root_of(), run_id, layer, modality, xr)
+    return R.load_heatmap(root_of(), run_id, layer, modality, zoom_range(zoom, _key(sel), _key))
 
 
-@callback(Output("routing-balance", "figure"), Output("routing-zoom-bal", "data"),
-          Input("sel", "data"), Input("versions", "data"),
-          Input("routing-balance", "relayoutData"), State("routing-zoom-bal", "data"))
-def _balance(sel, _v, relayout, zoom):
-    return _zoomed("routing-balance", relayout, zoom, sel, _balance_figure)
-
-
+@callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-zoom-bal", "data"))
 @figures_or_message(1, ("balance",))
-def _balance_figure(sel, xr):
+def _balance(sel, _v, zoom):
     run_id, layer, _m = _focus(sel)
-    return R.balance_lines(root_of(), run_id, layer, xr)
+    return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, _key(sel), _key))
 
 
 @callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),

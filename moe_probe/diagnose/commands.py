@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 from moe_probe.diagnose.config import DiagnoseConfig
+from moe_probe.overrides import apply_overrides
 from moe_probe.diagnose.markdown import render_markdown
 from moe_probe.diagnose.rundata import load_run
 from moe_probe.diagnose.runner import diagnose as run_detectors
 
 
 def diagnose(args) -> int:
-    cfg = DiagnoseConfig()
+    cfg = apply_overrides(DiagnoseConfig(), getattr(args, "overrides", None) or [])
     for out in (args.json_out, args.html):  # fail before the (slow) reading, not after it
         if out and not Path(out).resolve().parent.is_dir():
             raise ValueError(f"cannot write {out}: no such directory {Path(out).parent}")

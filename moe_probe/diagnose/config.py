@@ -75,6 +75,25 @@ class DiagnoseConfig:
     probe_tail: int = 2
     """The final value of a probe series is the mean of its last this-many rows (noise)."""
 
+    def __post_init__(self):
+        # User input (`diagnose --set`): out-of-range values would give silent nonsense.
+        for name in ("window", "smooth", "min_rows", "probe_tail"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"diagnose {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dead_frac", "dead_critical", "phase_fraction", "takeover_share",
+                     "takeover_min_fraction", "most", "persist_span", "alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"diagnose {name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("conflict_cosine", "conflict_critical"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"diagnose {name} is a cosine, in [-1, 1]; got "
+                                 f"{getattr(self, name)}")
+        for name in ("collapse_rate", "collapse_critical", "maxvio", "maxvio_critical",
+                     "takeover_delta", "takeover_growth", "grad_ratio", "probe_margin",
+                     "loss_margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"diagnose {name} must be >= 0, got {getattr(self, name)}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grad_components"] = list(self.grad_components)

@@ -1,0 +1,34 @@
+// Zoom requests, filtered in the browser. A graph reports relayoutData after every draw
+// (autosize), legend click or y zoom; sent to the server, each would re-run (and, while the
+// first call of a page is in flight, supersede) the view's callback. Only a change of the
+// visible x range is written to the view's zoom store, with the selection it was made in.
+window.dash_clientside = Object.assign({}, window.dash_clientside, {
+  moe_probe: {
+    zoom: function () {
+      const sel = arguments[arguments.length - 1];
+      const trig = window.dash_clientside.callback_context.triggered;
+      const range = trig.length ? xRange(trig[0].value) : undefined;
+      if (range === undefined) { return window.dash_clientside.no_update; }
+      return {range: range, sel: sel};
+    }
+  }
+});
+
+// undefined: the x range did not change; null: back to all steps; else [lo, hi]. Any x axis
+// counts (`xaxis2.range[0]`... in subplots whose x axes are linked).
+function xRange(relayout) {
+  if (!relayout) { return undefined; }
+  for (const key of Object.keys(relayout)) {
+    const m = /^(xaxis\d*)(\.autorange|\.range\[0\]|\.range)$/.exec(key);
+    if (!m) { continue; }
+    const axis = m[1], part = m[2], v = relayout[key];
+    if (part === ".autorange" && v) { return null; }
+    if (part === ".range[0]" && (axis + ".range[1]") in relayout) {
+      return [Number(v), Number(relayout[axis + ".range[1]"])];
+    }
+    if (part === ".range" && Array.isArray(v) && v.length === 2) {
+      return [Number(v[0]), Number(v[1])];
+    }
+  }
+  return undefined;
+}
