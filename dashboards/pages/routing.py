@@ -4,7 +4,7 @@ focused run at the selected layer/modality (header controls → `sel` store)."""
 from __future__ import annotations
 
 import dash
-from dash import Input, Output, State, callback, ctx, dcc, html
+from dash import Input, Output, State, callback, clientside_callback, ctx, dcc, html
 
 from dashboards import data
 from dashboards.components import graph, labelled, row, section
@@ -28,7 +28,16 @@ layout = html.Div([
     zoom_store("routing-zoom-cap", "routing-cap-lines"),
     zoom_store("routing-zoom-load", "routing-load-heat"),
     zoom_store("routing-zoom-bal", "routing-balance"),
+    dcc.Store(id="routing-first-screen-drawn", data=False),
 ])
+
+# Views below the first screen start once the expert-load heat map (the slowest view of the
+# first screen) got its figure, so the browser draws the first screen before them instead of
+# all seven graphs in one go.
+clientside_callback("function (_f, done) { return done ? window.dash_clientside.no_update : true; }",
+                    Output("routing-first-screen-drawn", "data"),
+                    Input("routing-load-heat", "figure"), State("routing-first-screen-drawn", "data"),
+                    prevent_initial_call=True)
 
 
 def _key(sel):
@@ -63,9 +72,10 @@ def _load(sel, _v, zoom):
 
 
 @callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-zoom-bal", "data"))
+          Input("routing-zoom-bal", "data"), Input("routing-first-screen-drawn", "data"),
+          prevent_initial_call=True)
 @figures_or_message(1, ("balance",))
-def _balance(sel, _v, zoom):
+def _balance(sel, _v, zoom, _first):
     run_id, layer, _m = _focus(sel)
     return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, _key(sel), _key))
 
@@ -73,8 +83,9 @@ def _balance(sel, _v, zoom):
 @callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
           Output("routing-share", "figure"), Output("routing-coact", "figure"),
           Input("sel", "data"), Input("versions", "data"), Input("routing-step", "value"),
-          State("routing-step", "max"))
-def _at_step(sel, _v, value, old_max):
+          Input("routing-first-screen-drawn", "data"), State("routing-step", "max"),
+          prevent_initial_call=True)
+def _at_step(sel, _v, value, _first, old_max):
     """The slider spans the committed routing steps and follows the newest one while left at
     the end; the per-step views show the slider's step. One callback for both: as two, the
     views would wait a round trip for the slider on every page open."""
@@ -104,8 +115,9 @@ def _step_figures(sel, step):
             R.coactivation_heatmap(root_of(), run_id, layer, step))
 
 
-@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"))
+@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-first-screen-drawn", "data"), prevent_initial_call=True)
 @figures_or_message(1, ("router saturation",))
-def _saturation(sel, _v):
+def _saturation(sel, _v, _first):
     run_id, layer, _m = _focus(sel)
     return R.saturation_line(root_of(), run_id, layer)
