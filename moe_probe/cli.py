@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--seeds", type=int, default=None)
+    r.add_argument("--jobs", type=int, default=None,
+                   help="runs trained side by side (default $MOE_PROBE_JOBS, else 1 with "
+                        "--quick and min(2, cores) otherwise)")
     r.add_argument("--out", required=True)
     return p
 

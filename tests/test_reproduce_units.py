@@ -169,6 +169,14 @@ def test_bad_jobs_env_is_bad_input(value, monkeypatch):
         make_config(quick=True, seeds=1)
 
 
+def test_jobs_flag_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("MOE_PROBE_JOBS", "2")
+    assert make_config(quick=True, seeds=1, jobs=3).jobs == 3
+    assert make_config(quick=True, seeds=1).jobs == 2
+    with pytest.raises(ValueError, match="--jobs"):
+        make_config(quick=True, seeds=1, jobs=0)
+
+
 def test_default_jobs(monkeypatch):
     monkeypatch.delenv("MOE_PROBE_JOBS", raising=False)
     assert make_config(quick=True, seeds=1).jobs == 1

@@ -173,3 +173,9 @@ def test_resume_after_a_crash_past_the_checkpoint(cache, tmp_path):
     # Probes keep their cadence across the resume: no extra probe row at the resume step.
     pa, pb = (list(open_run(r).dataset("probe")["step"].values) for r in (clean, crashed))
     assert pa == pb == [0, 6]
+    # Router saturation continues too: the snapshot row re-written at the resume step compares
+    # with step 0's routing again (the reference travels in the checkpoint), as in the clean run.
+    sa, sb = (open_run(r).dataset("snapshot")["saturation"] for r in (clean, crashed))
+    assert list(sb["step"].values) == [0, 4, 6]
+    assert torch.isfinite(torch.from_numpy(sb.sel(step=[4, 6]).values)).all()
+    assert (sa.fillna(-1).values == sb.fillna(-1).values).all()  # step 0 has no reference: NaN

@@ -1,4 +1,4 @@
-"""``moe-probe reproduce [--quick] [--seeds N] --out DIR`` (parser: :mod:`moe_probe.cli`).
+"""``moe-probe reproduce [--quick] [--seeds N] [--jobs N] --out DIR`` (parser: :mod:`moe_probe.cli`).
 
 1. trains the plan (:mod:`.runner`; resumable, finished runs skipped),
 2. reads every store into the results table (:mod:`.table`; mean and 95% CI over seeds),
@@ -26,7 +26,7 @@ RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
 
 
 def reproduce(args) -> int:
-    cfg = make_config(quick=bool(args.quick), seeds=args.seeds)
+    cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None))
     out = Path(args.out)
     from moe_probe.reproduce.runner import prepare_out, run_plan
 

@@ -83,20 +83,24 @@ measured wall-clock exceeds the budget this is where the steps are scaled down (
 in the report's header, since every run of DIR carries them)."""
 
 
-def make_config(*, quick: bool, seeds: int | None) -> ReproduceConfig:
-    """Config for the CLI flags; ValueError (exit 2) for a bad ``--seeds``."""
+def make_config(*, quick: bool, seeds: int | None, jobs: int | None = None) -> ReproduceConfig:
+    """Config for the CLI flags; ValueError (exit 2) for a bad ``--seeds`` or ``--jobs``."""
     n = (QUICK_SEEDS if quick else DEFAULT_SEEDS) if seeds is None else seeds
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n}")
     if n > 50:
         raise ValueError(f"--seeds {n} is more than this CPU-scale study can train (max 50)")
     return ReproduceConfig(quick=quick, seeds=tuple(range(n)),
-                           size_overrides=() if quick else DEFAULT_SIZE, jobs=_jobs(quick))
+                           size_overrides=() if quick else DEFAULT_SIZE, jobs=_jobs(quick, jobs))
 
 
-def _jobs(quick: bool) -> int:
-    """Worker processes: ``$MOE_PROBE_JOBS`` if set, else 1 for quick (tiny runs: process
-    start-up would cost more than it saves) and one per core, at most 2, for the default."""
+def _jobs(quick: bool, jobs: int | None = None) -> int:
+    """Worker processes: `--jobs`, else ``$MOE_PROBE_JOBS`` if set, else 1 for quick (tiny runs:
+    process start-up would cost more than it saves) and one per core, at most 2, otherwise."""
+    if jobs is not None:
+        if jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        return jobs
     env = os.environ.get("MOE_PROBE_JOBS")
     if env:
         try:

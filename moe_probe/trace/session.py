@@ -117,7 +117,7 @@ class TraceSession:
         batch = self._batch(model)
         cap = capture_forward(model, batch, router=want_snap, shared=want_probe)
         if want_snap:
-            self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids))
+            self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids, step))
         if want_probe:
             self._last_probe = step
             tasks = tuple(writer_labels(self.writer, "probe", "task") or PROBE_TASKS)
@@ -145,6 +145,14 @@ class TraceSession:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
+
+    def snapshot_state(self) -> dict:
+        """The saturation reference, for a checkpoint (see ``restore_snapshot``)."""
+        return self._snapshot.state()
+
+    def restore_snapshot(self, state: dict | None, resume_step: int) -> None:
+        """On resume: saturation rows continue exactly as in an uninterrupted run."""
+        self._snapshot.load_state(state, resume_step)
 
     def flush(self) -> None:
         self.writer.flush()

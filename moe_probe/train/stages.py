@@ -165,7 +165,7 @@ def _resumed(cfg: RunConfig, run_dir: Path, world_size: int = 1):
     optimizer = build_optimizer(model, cfg.train)
     generator = torch.Generator()
     start = checkpoint.restore(payload, model=model, optimizer=optimizer, generator=generator)
-    return cfg, model, tokenizer, groups, optimizer, generator, start
+    return cfg, model, tokenizer, groups, optimizer, generator, start, payload.get("extra", {})
 
 
 def _converted(cfg: RunConfig, base_dir: Path):
@@ -193,10 +193,10 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
     (also written to RUN_DIR/run.json: recipe, arch, n_params, groups, base, last eval)."""
     run_dir = Path(run_dir)
     optimizer = generator = None
-    start = 0
+    start, extra = 0, {}
     if resume:
-        cfg, model, tokenizer, groups, optimizer, generator, start = _resumed(cfg, run_dir,
-                                                                              dist.world)
+        cfg, model, tokenizer, groups, optimizer, generator, start, extra = _resumed(
+            cfg, run_dir, dist.world)
         summary = json.loads((run_dir / "run.json").read_text())
     elif cfg.train.stage == 1:
         tokenizer = Tokenizer.build(cfg.data.vocab_words)
@@ -224,6 +224,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
     evaluator = Evaluator(cfg, data, tokenizer)
     session = open_session(cfg, run_dir, model, data, evaluator.metric_names,
                            resume=resume, resume_step=start, dist=dist)
+    session.restore_snapshot(extra.get("snapshot"), start)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
                       evaluator=evaluator, optimizer=optimizer, generator=generator,

@@ -103,7 +103,8 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
         session.flush()
         checkpoint.save(run_dir, model=model, optimizer=optimizer, generator=generator, step=done,
                         config_json=config_json, tokenizer_state=tokenizer.state_dict(),
-                        groups=groups, extra={"world_size": dist.world})
+                        groups=groups, extra={"world_size": dist.world,
+                                              "snapshot": session.snapshot_state()})
 
     def evaluate(done: int) -> dict[str, float]:
         if not dist.is_main:  # rank 0 evaluates and writes; the others only train and trace
