@@ -14,10 +14,8 @@ import math
 
 import torch
 
+from moe_probe.modalities import ISOLATED_METRICS  # noqa: F401 (the names live with the schema's)
 from moe_probe.trace.capture import capture_forward
-
-ISOLATED_METRICS: tuple[str, ...] = ("text_loss", "mmu_loss", "digit_acc")
-"""Labels of the store's ``probe/isolated`` ``metric`` dim."""
 
 _LM_MMU = 2  # lm_kind of the MMU answer position (data/batch.py)
 
