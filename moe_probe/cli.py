@@ -50,7 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("scan", help="trace a Hugging Face MoE model on text")
     s.add_argument("--model", required=True, help="local model directory or config JSON")
-    s.add_argument("--text", required=True)
+    s.add_argument("--text", required=True,
+                   help='a text file (modality `text`), or a .jsonl of typed segments '
+                        '{"type": KIND, "text": ...} per line: each token\'s modality is its KIND')
     s.add_argument("--text-b", default=None)
     s.add_argument("--out", required=True)
     s.add_argument("--capacity-factor", type=float, default=1.0)

@@ -87,6 +87,59 @@ def encode(text: str, tokenizer, vocab_size: int) -> list[int]:
             for w in _WORD.findall(text)]
 
 
+MAX_KINDS = 3
+"""Token kinds a typed text can label (the routing counter's modality width)."""
+_KIND = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+
+
+def read_typed_windows(path: str, tokenizer, vocab_size: int, seq_len: int):
+    """Token windows [N, S] of a JSONL file of typed segments, one per line,
+    ``{"type": "code", "text": "..."}``, and the kind of each token (the user's token-type
+    mask): ``(ids_NS, kind_NS, kinds)``, kinds in order of first appearance. Segments are
+    tokenized one by one and concatenated in file order; windows as in `read_windows`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"text file does not exist: {path}")
+    ids: list[int] = []
+    kind_ids: list[int] = []
+    kinds: list[str] = []
+    try:
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            seg = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not (isinstance(seg, dict) and isinstance(seg.get("type"), str)
+                and isinstance(seg.get("text"), str)):
+            raise ValueError(f'{path}:{n}: expected {{"type": "<kind>", "text": "..."}}')
+        kind = seg["type"]
+        if not _KIND.fullmatch(kind):
+            raise ValueError(f"{path}:{n}: token kind {kind!r} must be a name (letters, digits, _)")
+        if kind not in kinds:
+            if len(kinds) == MAX_KINDS:
+                raise ValueError(f"{path}:{n}: more than {MAX_KINDS} token kinds "
+                                 f"({', '.join(kinds)}, {kind})")
+            kinds.append(kind)
+        seg_ids = encode(seg["text"], tokenizer, vocab_size)
+        ids += seg_ids
+        kind_ids += [kinds.index(kind)] * len(seg_ids)
+    if len(ids) < 2:
+        raise ValueError(f"{path}: fewer than 2 tokens of text")
+    return _windows(ids, seq_len), _windows(kind_ids, seq_len), kinds
+
+
+def _windows(ids: list[int], seq_len: int) -> torch.Tensor:
+    if len(ids) < seq_len:
+        return torch.tensor(ids, dtype=torch.long)[None]
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
 def read_windows(path: str, tokenizer, vocab_size: int, seq_len: int) -> torch.Tensor:
     """Token windows [N, S] of a text file: consecutive, non-overlapping; the tail shorter than
     S is dropped, except when the whole file is shorter than S (then one window of all of it)."""
@@ -100,7 +153,4 @@ def read_windows(path: str, tokenizer, vocab_size: int, seq_len: int) -> torch.T
     ids = encode(text, tokenizer, vocab_size)
     if len(ids) < 2:
         raise ValueError(f"{path}: fewer than 2 tokens of text")
-    if len(ids) < seq_len:
-        return torch.tensor(ids, dtype=torch.long)[None]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return _windows(ids, seq_len)

@@ -5,7 +5,13 @@ with ``--text-b``, the same slice of that file (modality ``text_b``) in the SAME
 way a multimodal batch shares each layer's expert capacity. The run has ``min`` of the two files'
 batch counts (capped by ``--max-batches``).
 
-What the store gets (ARCHITECTURE.md schema; modality coordinate = ``text`` [, ``text_b``]):
+A ``--text`` ending in ``.jsonl`` holds typed segments, ``{"type": "code", "text": "..."}`` per
+line (at most 3 kinds): each token's modality is its segment's type, as given by a token-type
+mask, in one stream of windows. The advisor's "understanding" counts are those of the first
+kind (or of ``--text``).
+
+What the store gets (ARCHITECTURE.md schema; modality coordinate = ``text`` [, ``text_b``], or
+the typed segments' kinds):
 - ``routing`` every step, counted by the model tracer's ``RoutingCounter`` (HF routers are
   dropless, so ``kept``/``capacity_rate`` are nominal at ``--capacity-factor``);
 - ``loss`` every step: ``lm`` = LM loss of the ``--text`` windows, ``total`` = of the whole batch,
@@ -28,7 +34,7 @@ import torch
 
 from moe_probe.hf.capture import RouterCapture, lm_loss
 from moe_probe.hf.discover import MoeLayer, decoder_layers, find_moe_layers
-from moe_probe.hf.loading import load_model, read_windows
+from moe_probe.hf.loading import load_model, read_typed_windows, read_windows
 from moe_probe.model.hooks import LayerRouting
 
 GRAD_ROWS = 8
@@ -91,18 +97,27 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
     model, tokenizer, source = load_model(args.model, seed=seed)
     how, layers = find_moe_layers(model, use_table=use_table)
     V = int(model.config.vocab_size)
-    win_a = read_windows(args.text, tokenizer, V, args.seq_len)
+    kind_a = None  # a typed --text (.jsonl): each token's kind, the user's token-type mask
+    if str(args.text).endswith(".jsonl"):
+        if args.text_b:
+            raise ValueError("--text-b goes with a plain --text file; a .jsonl --text labels its "
+                             "tokens itself")
+        win_a, kind_a, modalities = read_typed_windows(args.text, tokenizer, V, args.seq_len)
+    else:
+        win_a = read_windows(args.text, tokenizer, V, args.seq_len)
+        modalities = ["text"]
     sets = [win_a]
     if args.text_b:
         win_b = read_windows(args.text_b, tokenizer, V, args.seq_len)
         S = min(win_a.shape[1], win_b.shape[1])  # a file shorter than --seq-len shortens both
         sets = [win_a[:, :S], win_b[:, :S]]
+        modalities = ["text", "text_b"]
     B = args.batch_size
     n_steps = min(math.ceil(w.shape[0] / B) for w in sets)
     if args.max_batches is not None:
         n_steps = min(n_steps, args.max_batches)
-    modalities = ["text", "text_b"][: len(sets)]
     M = len(modalities)
+    two = len(sets) == 2  # two data sets: gradient conflict between them, probes tell them apart
     has_shared = any(x.n_shared > 0 for x in layers)
     names = [x.name for x in layers]
     E = max(x.n_experts for x in layers)
@@ -110,15 +125,15 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
         raise ValueError(f"--und-fraction {args.und_fraction} leaves an empty group of {E} experts")
 
     coords = default_coords(layers=names, n_experts=E, eval_metrics=[],
-                            isolated_metrics=isolated_metric_names(M > 1) if has_shared else None,
-                            tasks=probe_task_names(M > 1),
+                            isolated_metrics=isolated_metric_names(two) if has_shared else None,
+                            tasks=probe_task_names(two),
                             groups=("routing", "loss", "grad", "probe"))
     coords["routing"]["modality"] = modalities
-    if M < 2:
+    if not two:
         coords.pop("grad")
     attrs = _attrs(args, model, layers, how, source, modalities, seed)
     counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor)
-    grad = GradConflict(model, layers) if M > 1 else None
+    grad = GradConflict(model, layers) if two else None
     every = max(1, math.ceil(n_steps / GRAD_ROWS))
     load_text = np.zeros((len(layers), E), dtype=np.int64)
     expert_rows: dict[str, list] = {"step": [], "cosine": [], "norm_und": [], "norm_gen": []}
@@ -130,7 +145,11 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
         for step in tqdm(range(n_steps), desc="scan", unit="batch", disable=args.quiet):
             parts = [w[step * B:(step + 1) * B] for w in sets]
             ids = torch.cat(parts)
-            mod_T = torch.cat([torch.full((p.numel(),), m, dtype=torch.long) for m, p in enumerate(parts)])
+            if kind_a is not None:
+                mod_T = kind_a[step * B:(step + 1) * B].reshape(-1)
+            else:
+                mod_T = torch.cat([torch.full((p.numel(),), m, dtype=torch.long)
+                                   for m, p in enumerate(parts)])
             got = cap.capture(ids, mod_T, want_logits=True)
             for li, rec in enumerate(got.records):
                 counter.add(li, rec)
