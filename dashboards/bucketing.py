@@ -7,7 +7,6 @@ spike or a collapse is drawn at its exact height and step at any zoom; heatmaps 
 
 from __future__ import annotations
 
-
 import numpy as np
 
 TARGET_BUCKETS = 1500

@@ -57,9 +57,8 @@ def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
     fig = go.Figure(go.Heatmap(z=z_YX, x=np.asarray(x), y=[str(v) for v in y], colorscale=colorscale,
                                zmid=zmid, zmin=zmin, zmax=zmax, hoverongaps=False,
                                colorbar=dict(thickness=12)))
-    fig.update_layout(**_BASE, title=title, xaxis_title=xlabel, yaxis_title=ylabel,
-                      uirevision=uirevision)
-    fig.update_layout(margin_r=85)  # the colour bar
+    fig.update_layout(**{**_BASE, "margin": dict(_BASE["margin"], r=85)},  # r: the colour bar
+                      title=title, xaxis_title=xlabel, yaxis_title=ylabel, uirevision=uirevision)
     fig.update_yaxes(type="category")
     return fig
 

@@ -60,9 +60,9 @@ def zoom_store(store_id: str, *graph_ids: str) -> dcc.Store:
     return dcc.Store(id=store_id, data=None)
 
 
-def zoom_range(zoom, key, key_of) -> list | None:
-    """The step range to show: the stored zoom if it was made for the same `key` (run, layer...;
-    `key_of(sel)` gives it), else None (all steps)."""
-    if not zoom or key_of(zoom.get("sel") or {}) != key:
+def zoom_range(zoom, sel, key_of) -> list | None:
+    """The step range to show for selection `sel`: the stored zoom if it was made for the same
+    key (`key_of(sel)`: run, layer...), else None (all steps)."""
+    if not zoom or key_of(zoom.get("sel") or {}) != key_of(sel or {}):
         return None
     return zoom.get("range")

@@ -28,7 +28,7 @@ def _set(obj, dotted: str, raw: str, prefix: str = ""):
         raise ValueError(f"unknown config key {prefix + dotted!r}{_close(head, by_name, prefix)}")
     value = getattr(obj, head)
     if rest:
-        if value is None and _dataclass_type(_resolved_type(obj, head)) is not None:
+        if value is None and dataclass_type(_resolved_type(obj, head)) is not None:
             raise ValueError(f"config key {prefix + head!r} is not used by this recipe "
                              f"(got {prefix + dotted!r})")
         if not is_dataclass(value):
@@ -48,7 +48,8 @@ def _resolved_type(obj, name: str):
     return typing.get_type_hints(type(obj))[name]
 
 
-def _dataclass_type(tp):
+def dataclass_type(tp):
+    """The dataclass in a field type (`X`, `X | None`), or None."""
     for t in (typing.get_args(tp) or (tp,)):
         if isinstance(t, type) and is_dataclass(t):
             return t
@@ -101,7 +102,7 @@ def _coerce(raw: str, tp, key: str):
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = [_json_or_str(x) for x in raw.split(",")]  # `a,b` for a tuple of names too
-    return _to_type(value, tp, key)
+    return to_type(value, tp, key)
 
 
 def _json_or_str(item: str):
@@ -111,14 +112,15 @@ def _json_or_str(item: str):
         return item.strip()
 
 
-def _to_type(value, tp, key):
+def to_type(value, tp, key):
+    """A JSON value as the field type `tp` (tuples, lists, dicts, unions, numbers); ValueError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         for t in (a for a in args if a is not type(None)):
             try:
-                return _to_type(value, t, key)
+                return to_type(value, t, key)
             except ValueError:
                 continue
         raise ValueError(f"bad value for {key}: {value!r}")
@@ -126,14 +128,14 @@ def _to_type(value, tp, key):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} expects a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_to_type(v, args[0], key) for v in value)
+            return tuple(to_type(v, args[0], key) for v in value)
         if args and len(args) != len(value):
             raise ValueError(f"{key} expects {len(args)} values, got {len(value)}")
-        return tuple(_to_type(v, t, key) for v, t in zip(value, args or [typing.Any] * len(value)))
+        return tuple(to_type(v, t, key) for v, t in zip(value, args or [typing.Any] * len(value)))
     if origin is list:
-        return [_to_type(v, args[0] if args else typing.Any, key) for v in value]
+        return [to_type(v, args[0] if args else typing.Any, key) for v in value]
     if origin is dict:
-        return {k: _to_type(v, args[1] if args else typing.Any, key) for k, v in value.items()}
+        return {k: to_type(v, args[1] if args else typing.Any, key) for k, v in value.items()}
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):

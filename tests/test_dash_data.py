@@ -104,11 +104,12 @@ def test_a_zoom_belongs_to_the_selection_it_was_made_in():
 
     def key(sel):
         return [sel.get("focus"), sel.get("layer")]
-    z = {"range": [100.0, 140.0], "sel": {"focus": "a", "layer": "0", "modality": "vae"}}
-    assert zoom_range(z, ["a", "0"], key) == [100.0, 140.0]
-    assert zoom_range(z, ["a", "1"], key) is None  # another layer: all steps
-    assert zoom_range({"range": None, "sel": z["sel"]}, ["a", "0"], key) is None  # autorange
-    assert zoom_range(None, ["a", "0"], key) is None
+    made_in = {"focus": "a", "layer": "0", "modality": "vae"}
+    z = {"range": [100.0, 140.0], "sel": made_in}
+    assert zoom_range(z, dict(made_in, modality="text"), key) == [100.0, 140.0]
+    assert zoom_range(z, dict(made_in, layer="1"), key) is None  # another layer: all steps
+    assert zoom_range({"range": None, "sel": made_in}, made_in, key) is None  # autorange
+    assert zoom_range(None, made_in, key) is None
 
 
 def test_cli_bad_root_and_port_exit_2(tmp_path):

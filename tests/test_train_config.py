@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from moe_probe.train import recipes
-from moe_probe.train.config import apply_overrides, run_config_from_json, to_json, validate
+from moe_probe.overrides import apply_overrides
+from moe_probe.train.config import run_config_from_json, to_json, validate
 
 
 def test_overrides_coerce_to_field_types():

@@ -14,6 +14,7 @@ from dashboards.figures import memo
 from dashboards.components import (
     SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_line, line_figure, message_figure,
 )
+
 _RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
                "#7f7f7f")
 

@@ -10,6 +10,7 @@ from dashboards import data
 from dashboards.components import (
     RUN_DASHES, SUBPLOTS_LEGEND_BELOW, TEMPLATE, add_line, line_figure, message_figure,
 )
+
 _LAYER_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                  "#7f7f7f", "#bcbd22", "#17becf")
 
@@ -33,8 +34,7 @@ def probe_lines(root, run_id, task) -> go.Figure:
             add_line(fig, s.steps, s.values, f"layer {layer}", color=color, row=1, col=j,
                      mode="lines+markers", showlegend=(j == 1), legendgroup=f"layer {layer}")
     fig.update_layout(template=TEMPLATE, height=350, **SUBPLOTS_LEGEND_BELOW,
-                      title=f"{run_id} · shared-expert probes — task {task}",
-                      )
+                      title=f"{run_id} · shared-expert probes — task {task}")
     return fig
 
 

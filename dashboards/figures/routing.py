@@ -99,8 +99,7 @@ def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
             add_line(fig, s.steps, s.values[:, i], m, color=MODALITY_COLORS.get(m), row=1, col=j,
                      showlegend=(j == 1), legendgroup=m, target=SUBPLOT_BUCKETS)
     fig.update_layout(template=TEMPLATE, height=330, **SUBPLOTS_LEGEND_BELOW,
-                      title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal",
-                      )
+                      title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal")
     fig.update_xaxes(matches="x")
     return fig
 

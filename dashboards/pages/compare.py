@@ -49,9 +49,8 @@ def _runs(sel):
           Input("compare-zoom-loss", "data"))
 def _view(sel, term, metric, _v, cap_zoom, loss_zoom):
     """Each of the two time-series views keeps its own zoom (re-read and re-bucketed)."""
-    runs = _runs(sel)
-    return _figures(runs, term, metric, zoom_range(cap_zoom, runs, _runs),
-                    zoom_range(loss_zoom, runs, _runs))
+    return _figures(_runs(sel), term, metric, zoom_range(cap_zoom, sel, _runs),
+                    zoom_range(loss_zoom, sel, _runs))
 
 
 @figures_or_message(3, ("capacity rate", "loss", "shared-expert probe"))

@@ -45,7 +45,7 @@ def _run(sel):
 def _view(sel, component, _v, zoom):
     """The heat map and the ratio share one visible step range (zoom either: both follow,
     re-read and re-bucketed), per run."""
-    return _figures(sel, component, zoom_range(zoom, _run(sel), _run))
+    return _figures(sel, component, zoom_range(zoom, sel, _run))
 
 
 @figures_or_message(2, ("gradient cosine", "norm ratio"))

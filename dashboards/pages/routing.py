@@ -58,7 +58,7 @@ def _focus(sel):
 @figures_or_message(2, ("capacity rate", "capacity rate by layer"))
 def _capacity(sel, _v, zoom):
     run_id, layer, modality = _focus(sel)
-    xr = zoom_range(zoom, _key(sel), _key)
+    xr = zoom_range(zoom, sel, _key)
     return (R.capacity_lines(root_of(), run_id, layer, xr),
             R.capacity_heatmap(root_of(), run_id, modality, xr))
 
@@ -68,7 +68,7 @@ def _capacity(sel, _v, zoom):
 @figures_or_message(1, ("expert load",))
 def _load(sel, _v, zoom):
     run_id, layer, modality = _focus(sel)
-    return R.load_heatmap(root_of(), run_id, layer, modality, zoom_range(zoom, _key(sel), _key))
+    return R.load_heatmap(root_of(), run_id, layer, modality, zoom_range(zoom, sel, _key))
 
 
 @callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
@@ -77,7 +77,7 @@ def _load(sel, _v, zoom):
 @figures_or_message(1, ("balance",))
 def _balance(sel, _v, zoom, _first):
     run_id, layer, _m = _focus(sel)
-    return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, _key(sel), _key))
+    return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, sel, _key))
 
 
 @callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
@@ -94,18 +94,16 @@ def _at_step(sel, _v, value, _first, old_max):
         bounds = data.step_bounds(root_of(), run_id, "routing")
     except data.DataError:
         bounds = None
+    moved = ctx.triggered_id == "routing-step"  # by the user: leave the slider where it is
     if bounds is None:
-        lo = hi = value = None
+        value, slider = None, (0, 1, None)
     else:
         lo, hi = bounds
-        if ctx.triggered_id != "routing-step" and (value is None or value == old_max):
+        if not moved and (value is None or value == old_max):
             value = hi
         value = None if value is None else min(max(value, lo), hi)
-    share, coact = _step_figures(sel, value)
-    slider = (0, 1, None) if bounds is None else (lo, hi, value)
-    if ctx.triggered_id == "routing-step" and slider[2] == value:
-        slider = (dash.no_update,) * 3  # the user moved it: leave it where it is
-    return (*slider, share, coact)
+        slider = (lo, hi, value)
+    return (*((dash.no_update,) * 3 if moved else slider), *_step_figures(sel, value))
 
 
 @figures_or_message(2, ("modality share per expert", "co-activation"))

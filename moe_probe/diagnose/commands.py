@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from moe_probe.diagnose.config import DiagnoseConfig
-from moe_probe.overrides import apply_overrides
 from moe_probe.diagnose.markdown import render_markdown
 from moe_probe.diagnose.rundata import load_run
 from moe_probe.diagnose.runner import diagnose as run_detectors
+from moe_probe.overrides import apply_overrides
 
 
 def diagnose(args) -> int:

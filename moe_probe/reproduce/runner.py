@@ -97,7 +97,8 @@ def run_state(spec: RunSpec) -> str:
 
 def _planned_config(spec: RunSpec):
     from moe_probe.train import recipes
-    from moe_probe.train.config import apply_overrides, validate
+    from moe_probe.overrides import apply_overrides
+    from moe_probe.train.config import validate
 
     return validate(apply_overrides(recipes.recipe(spec.recipe, seed=spec.seed),
                                     list(spec.overrides)))

@@ -12,7 +12,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from moe_probe.trace.isolated import ISOLATED_METRICS
+from moe_probe.modalities import ISOLATED_METRICS
 from moe_probe.trace.probes import PROBE_TASKS
 
 ISOLATED = "isolated"

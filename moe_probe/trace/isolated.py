@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from moe_probe.modalities import ISOLATED_METRICS  # noqa: F401 (the names live with the schema's)
 from moe_probe.trace.capture import capture_forward
 
 _LM_MMU = 2  # lm_kind of the MMU answer position (data/batch.py)

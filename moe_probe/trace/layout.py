@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe_probe.modalities import ISOLATED_METRICS
 from moe_probe.store.schema import default_coords
-from moe_probe.trace.isolated import ISOLATED_METRICS
 from moe_probe.trace.probes import PROBE_TASKS
 
 

@@ -205,7 +205,6 @@ class RoutingCounter:
             torch.distributed.all_reduce(self._acc)
         c = self.counts()
         self._reset()
-        L = len(self.layers)
         # All layers at once (metrics take leading dims); masks hold each layer's groups.
         mask, load = self._masks_LME, c["load"]
         derived = {

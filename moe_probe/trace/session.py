@@ -17,11 +17,11 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
-from moe_probe.modalities import LOSS_TERMS
+from moe_probe.modalities import ISOLATED_METRICS, LOSS_TERMS
 from moe_probe.trace.capture import capture_forward
 from moe_probe.trace.config import TraceConfig
 from moe_probe.trace.grad import GradConflictTracer, plain_backward
-from moe_probe.trace.isolated import ISOLATED_METRICS, isolated_metrics
+from moe_probe.trace.isolated import isolated_metrics
 from moe_probe.trace.layout import writer_labels
 from moe_probe.trace.probes import PROBE_TASKS, probe_row
 from moe_probe.trace.routing import RoutingTracer, counter_for

@@ -8,6 +8,7 @@ every time — the data's ``probe_batch()`` is fixed by seed.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from moe_probe.trace import metrics
 
@@ -42,8 +43,6 @@ class SnapshotTracer:
 
     def state(self) -> dict:
         """For a checkpoint (tensors: checkpoints load with ``weights_only``)."""
-        import torch
-
         def pack(ids):
             return None if ids is None else [None if a is None else torch.from_numpy(a) for a in ids]
         return {"step": self._step, "latest": pack(self._previous), "reference": pack(self._reference)}

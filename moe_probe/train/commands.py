@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from moe_probe.jsonutil import strict_json
-from moe_probe.train.config import apply_overrides, run_config_from_json, to_dict, validate
+from moe_probe.overrides import apply_overrides
+from moe_probe.train.config import run_config_from_json, to_dict, validate
 
 
 def _load_saved_config(run_dir: Path):

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from moe_probe.data import DataConfig
-from moe_probe.overrides import _dataclass_type, _to_type, apply_overrides  # noqa: F401 (re-export)
+from moe_probe.overrides import dataclass_type, to_type
 from moe_probe.model.config import ModelConfig
 from moe_probe.trace.config import TraceConfig
 
@@ -113,11 +113,11 @@ def from_dict(cls, data: dict):
         if f.name not in data:
             continue
         tp, value = hints[f.name], data[f.name]
-        dc = _dataclass_type(tp)
+        dc = dataclass_type(tp)
         if dc is not None and isinstance(value, dict):
             kwargs[f.name] = from_dict(dc, value)
         else:
-            kwargs[f.name] = _to_type(value, tp, f.name)
+            kwargs[f.name] = to_type(value, tp, f.name)
     unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"config has unknown keys for {cls.__name__}: {', '.join(sorted(unknown))}")
