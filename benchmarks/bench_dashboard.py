@@ -259,17 +259,21 @@ def _browser_round(root, rid):
 
 _WAIT_JS = """
 window.__answer = null;
-const t0 = performance.now(), check = arguments[0];
+const check = arguments[0], start = arguments[1];
+let t0 = performance.now();
+if (start) start.addEventListener('keydown', e => { if (e.key === 'Tab') t0 = performance.now(); },
+                                  {once: true, capture: true});
 const iv = setInterval(() => { if (check()) { window.__answer = performance.now() - t0;
                                               clearInterval(iv); } }, 5);
 """
 
 
-def _answer_ms(d, check_js: str, act) -> float:
+def _answer_ms(d, check_js: str, act, start=None) -> float:
     """ms on the page's clock from the user's action until `check_js` (a JS expression) holds:
-    request, server answer, transfer, and plotly drawing the new figure."""
+    request, server answer, transfer, and plotly drawing the new figure. With `start` (an
+    element), the clock starts at the Tab keydown in it: the keystroke that commits an entry."""
     from dashboards.testing import wait_for
-    d.execute_script(_WAIT_JS.replace("arguments[0]", f"(() => {{ {check_js} }})"))
+    d.execute_script(_WAIT_JS.replace("arguments[0]", f"(() => {{ {check_js} }})"), None, start)
     act()
     return wait_for(lambda: d.execute_script("return window.__answer;"), 60, interval=0.05,
                     what="answer")
@@ -279,20 +283,21 @@ def _zoom_answer(d, lo, hi) -> float:
     """Box zoom of the capacity lines to [lo, hi] → the re-bucketed window is drawn."""
     from dashboards.testing import zoom_x
     gd = "document.querySelector('#routing-cap-lines .js-plotly-plot')"
-    return _answer_ms(d, f"const x = {gd}._fullData[0].x; return x && x.length && x[0] >= {lo};",
+    return _answer_ms(d, f"const x = {gd}._fullData[0].x; return x && x.length && x[0] >= {lo} && x[x.length - 1] <= {hi};",
                       lambda: zoom_x(d, "routing-cap-lines", lo, hi))
 
 
 def _slider_answer(d, step: int) -> float:
-    """The step typed into the slider's number box (it commits on blur) → the modality share
-    at that step is drawn. Includes webdriver typing the digits: an upper bound."""
+    """The step typed into the slider's number box, committed by Tab (the box commits on blur)
+    → the modality share at that step is drawn; timed from the Tab keydown."""
     from selenium.webdriver.common.keys import Keys
     box = d.find_element("css selector", "#routing-step input[type=number]")
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
     box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(step))
     gd = "document.querySelector('#routing-share .js-plotly-plot')"
     return _answer_ms(d, f"return {gd}._fullLayout.title.text.endsWith('step {step}');",
-                      lambda: box.send_keys(str(step), Keys.TAB))
+                      lambda: box.send_keys(Keys.TAB), start=box)
 
 
 def bench_browser(root, rid, rounds=3):

@@ -44,6 +44,9 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         # plotly_loader.js loads it asynchronously; without the loader, Dash's own bundle is used.
         assets_path_ignore=["vendor"],
         assets_ignore="" if _vendored_plotly_matches() else r"plotly_loader\.js",
+        # Page layouts that are functions get the shell's selection: they can hold the figures
+        # of the first screen, sent with the page instead of one callback round trip later.
+        routing_callback_inputs={"sel": State("sel", "data")},
     )
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
     import logging

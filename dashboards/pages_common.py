@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import dash
 import flask
 
 from dash import ClientsideFunction, Input, Output, State, clientside_callback, dcc
@@ -43,20 +44,35 @@ def figures_or_message(n_figs: int, titles: tuple[str, ...] = ()):
     return deco
 
 
+def opened_with_page(zoom_id: str, zoom) -> bool:
+    """Whether this run of a view's callback is Dash's call for a page just opened, whose layout
+    already built the view's figures. Dash fires a callback when one of its Inputs arrives with
+    a new page, prevent_initial_call or not: here the page's empty zoom store `zoom_id` (a real
+    zoom, even back to all steps, writes a dict into it)."""
+    trig = set(dash.ctx.triggered_prop_ids)
+    return not trig or (trig == {f"{zoom_id}.data"} and zoom is None)
+
+
 def need(value, what: str):
     if value in (None, "", []):
         raise DataError(f"select a {what}")
     return value
 
 
-def zoom_store(store_id: str, *graph_ids: str) -> dcc.Store:
-    """The zoom of a view drawn by `graph_ids` (zooming any of them zooms the view): a store the
-    browser writes `{"range": [lo, hi] | None, "sel": <selection then>}` to when a graph's
-    visible x range changes (assets/zoom.js: redraws, legend clicks and y zooms never reach
-    the server). The view's callback takes it as an Input and reads it with `zoom_range`."""
+def zoom_callback(store_id: str, *graph_ids: str) -> None:
+    """Keep the zoom of a view drawn by `graph_ids` (zooming any of them zooms the view) in the
+    store `zoom_store(store_id)`: the browser writes `{"range": [lo, hi] | None, "sel":
+    <selection then>}` to it when a graph's visible x range changes (assets/zoom.js: redraws,
+    legend clicks and y zooms never reach the server). The view's callback takes the store as
+    an Input and reads it with `zoom_range`. Call at import time (Dash collects callbacks
+    before the first request), the store goes into the page's layout."""
     clientside_callback(ClientsideFunction("moe_probe", "zoom"), Output(store_id, "data"),
                         *(Input(g, "relayoutData") for g in graph_ids), State("sel", "data"),
                         prevent_initial_call=True)
+
+
+def zoom_store(store_id: str) -> dcc.Store:
+    """The store of `zoom_callback(store_id, ...)`; empty (all steps) on every page open."""
     return dcc.Store(id=store_id, data=None)
 
 

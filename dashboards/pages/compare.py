@@ -7,7 +7,7 @@ from dash import Input, Output, State, callback, dcc, html
 
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import compare as CMP
-from dashboards.pages_common import figures_or_message, root_of, zoom_range, zoom_store
+from dashboards.pages_common import figures_or_message, root_of, zoom_callback, zoom_range, zoom_store
 
 dash.register_page(__name__, path="/compare", name="Compare", order=4)
 
@@ -23,9 +23,11 @@ layout = html.Div([
                 labelled("metric", dcc.Dropdown(id="compare-metric", clearable=False,
                                                 style={"width": "200px"})),
                 graph("compare-isolated"))),
-    zoom_store("compare-zoom-cap", "compare-capacity"),
-    zoom_store("compare-zoom-loss", "compare-loss"),
+    zoom_store("compare-zoom-cap"),
+    zoom_store("compare-zoom-loss"),
 ])
+zoom_callback("compare-zoom-cap", "compare-capacity")
+zoom_callback("compare-zoom-loss", "compare-loss")
 
 
 @callback(Output("compare-metric", "options"), Output("compare-metric", "value"),

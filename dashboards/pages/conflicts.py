@@ -9,7 +9,7 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboards import data
 from dashboards.components import graph, labelled, section
 from dashboards.figures import conflicts as C
-from dashboards.pages_common import figures_or_message, need, root_of, zoom_range, zoom_store
+from dashboards.pages_common import figures_or_message, need, root_of, zoom_callback, zoom_range, zoom_store
 
 dash.register_page(__name__, path="/conflicts", name="Conflicts", order=2)
 
@@ -19,8 +19,9 @@ layout = html.Div([
                                                                     style={"width": "200px"})),
             graph("conflicts-cosine")),
     section("Norm ratio", graph("conflicts-ratio")),
-    zoom_store("conflicts-zoom", "conflicts-cosine", "conflicts-ratio"),
+    zoom_store("conflicts-zoom"),
 ])
+zoom_callback("conflicts-zoom", "conflicts-cosine", "conflicts-ratio")
 
 
 @callback(Output("conflicts-component", "options"), Output("conflicts-component", "value"),

@@ -4,40 +4,45 @@ focused run at the selected layer/modality (header controls → `sel` store)."""
 from __future__ import annotations
 
 import dash
-from dash import Input, Output, State, callback, clientside_callback, ctx, dcc, html
+from dash import Input, Output, State, callback, ctx, dcc, html
 
 from dashboards import data
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
-from dashboards.pages_common import figures_or_message, need, root_of, zoom_range, zoom_store
+from dashboards.pages_common import (
+    figures_or_message, need, opened_with_page, root_of, zoom_callback, zoom_range, zoom_store,
+)
 
 dash.register_page(__name__, path="/routing", name="Routing", order=1)
 
-layout = html.Div([
-    section("Capacity rate", row(graph("routing-cap-lines"), graph("routing-cap-heat"))),
-    section("Expert load", graph("routing-load-heat")),
-    section("Per step", html.Div([
-        labelled("step (snapshot heat map uses the nearest eval step)",
-                 dcc.Slider(id="routing-step", min=0, max=1, step=1, value=None,
-                            marks=None, tooltip={"placement": "bottom", "always_visible": True},
-                            updatemode="mouseup")),
-        row(graph("routing-share"), graph("routing-coact")),
-    ])),
-    section("Balance", graph("routing-balance")),
-    section("Router saturation", graph("routing-saturation")),
-    zoom_store("routing-zoom-cap", "routing-cap-lines"),
-    zoom_store("routing-zoom-load", "routing-load-heat"),
-    zoom_store("routing-zoom-bal", "routing-balance"),
-    dcc.Store(id="routing-first-screen-drawn", data=False),
-])
+def layout(sel=None, **_query):
+    """The page for the current selection (`sel`: the shell's store, passed in by the pages
+    router, see app.py). The first screen's figures are built here, so they arrive with the
+    page itself: no callback round trip and no placeholder drawn first. Their callbacks only
+    answer later changes (selection, new rows, zoom)."""
+    return html.Div([
+        section("Capacity rate", row(*(graph(i, f) for i, f in zip(
+            ("routing-cap-lines", "routing-cap-heat"), _capacity(sel, None))))),
+        section("Expert load", graph("routing-load-heat", _load(sel, None))),
+        section("Per step", html.Div([
+            labelled("step (snapshot heat map uses the nearest eval step)",
+                     dcc.Slider(id="routing-step", min=0, max=1, step=1, value=None,
+                                marks=None, tooltip={"placement": "bottom", "always_visible": True},
+                                updatemode="mouseup")),
+            row(graph("routing-share"), graph("routing-coact")),
+        ])),
+        section("Balance", graph("routing-balance")),
+        section("Router saturation", graph("routing-saturation")),
+        zoom_store("routing-zoom-cap"),
+        zoom_store("routing-zoom-load"),
+        zoom_store("routing-zoom-bal"),
+    ])
 
-# Views below the first screen start once the expert-load heat map (the slowest view of the
-# first screen) got its figure, so the browser draws the first screen before them instead of
-# all seven graphs in one go.
-clientside_callback("function (_f, done) { return done ? window.dash_clientside.no_update : true; }",
-                    Output("routing-first-screen-drawn", "data"),
-                    Input("routing-load-heat", "figure"), State("routing-first-screen-drawn", "data"),
-                    prevent_initial_call=True)
+
+# Zoom stores are written in the browser (assets/zoom.js) on a real x zoom only.
+zoom_callback("routing-zoom-cap", "routing-cap-lines")
+zoom_callback("routing-zoom-load", "routing-load-heat")
+zoom_callback("routing-zoom-bal", "routing-balance")
 
 
 def _key(sel):
@@ -53,29 +58,37 @@ def _focus(sel):
 
 # Each time-series view is re-read and re-bucketed for the steps its graph shows (the zoom
 # store, written in the browser on a real zoom only): a zoom is one round trip.
-@callback(Output("routing-cap-lines", "figure"), Output("routing-cap-heat", "figure"),
-          Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"))
 @figures_or_message(2, ("capacity rate", "capacity rate by layer"))
-def _capacity(sel, _v, zoom):
+def _capacity(sel, zoom):
     run_id, layer, modality = _focus(sel)
     xr = zoom_range(zoom, sel, _key)
     return (R.capacity_lines(root_of(), run_id, layer, xr),
             R.capacity_heatmap(root_of(), run_id, modality, xr))
 
 
-@callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-zoom-load", "data"))
 @figures_or_message(1, ("expert load",))
-def _load(sel, _v, zoom):
+def _load(sel, zoom):
     run_id, layer, modality = _focus(sel)
     return R.load_heatmap(root_of(), run_id, layer, modality, zoom_range(zoom, sel, _key))
 
 
-@callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-zoom-bal", "data"), Input("routing-first-screen-drawn", "data"),
+@callback(Output("routing-cap-lines", "figure"), Output("routing-cap-heat", "figure"),
+          Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"),
           prevent_initial_call=True)
+def _capacity_changed(sel, _v, zoom):
+    return (dash.no_update,) * 2 if opened_with_page("routing-zoom-cap", zoom) else _capacity(sel, zoom)
+
+
+@callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-zoom-load", "data"), prevent_initial_call=True)
+def _load_changed(sel, _v, zoom):
+    return dash.no_update if opened_with_page("routing-zoom-load", zoom) else _load(sel, zoom)
+
+
+@callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-zoom-bal", "data"))
 @figures_or_message(1, ("balance",))
-def _balance(sel, _v, zoom, _first):
+def _balance(sel, _v, zoom):
     run_id, layer, _m = _focus(sel)
     return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, sel, _key))
 
@@ -83,9 +96,8 @@ def _balance(sel, _v, zoom, _first):
 @callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
           Output("routing-share", "figure"), Output("routing-coact", "figure"),
           Input("sel", "data"), Input("versions", "data"), Input("routing-step", "value"),
-          Input("routing-first-screen-drawn", "data"), State("routing-step", "max"),
-          prevent_initial_call=True)
-def _at_step(sel, _v, value, _first, old_max):
+          State("routing-step", "max"))
+def _at_step(sel, _v, value, old_max):
     """The slider spans the committed routing steps and follows the newest one while left at
     the end; the per-step views show the slider's step. One callback for both: as two, the
     views would wait a round trip for the slider on every page open."""
@@ -113,9 +125,8 @@ def _step_figures(sel, step):
             R.coactivation_heatmap(root_of(), run_id, layer, step))
 
 
-@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-first-screen-drawn", "data"), prevent_initial_call=True)
+@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"))
 @figures_or_message(1, ("router saturation",))
-def _saturation(sel, _v, _first):
+def _saturation(sel, _v):
     run_id, layer, _m = _focus(sel)
     return R.saturation_line(root_of(), run_id, layer)
