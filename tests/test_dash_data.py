@@ -216,3 +216,17 @@ def test_runs_with_other_token_kinds_hf_scan_style(tmp_path):
     assert R.load_heatmap(tmp_path, "scan", "0", "text_b").data[0].z.shape == (4, 5)
     cmp = CMP.capacity_by_modality(tmp_path, ["scan"])
     assert [a.text for a in cmp.layout.annotations] == ["text", "text_b"]
+
+
+def test_heatmap_axes_number_consecutive_ids_and_keep_other_labels_in_order():
+    from dashboards.components import heatmap
+    z = np.arange(12.0).reshape(3, 4)
+    fig = heatmap(z, [0, 1, 2, 3], ["0", "1", "2"], title="t")  # layer ids as the store has them
+    assert fig.layout.yaxis.type == "linear" and fig.layout.yaxis.dtick == 1
+    np.testing.assert_array_equal(fig.data[0].y, [0, 1, 2])
+    np.testing.assert_array_equal(fig.data[0].z, z)
+    many = heatmap(np.zeros((64, 2)), [0, 1], [str(i) for i in range(64)], title="t")
+    assert many.layout.yaxis.type == "linear" and many.layout.yaxis.dtick is None
+    for labels in (["3", "1", "2"], ["0", "2", "4"], ["attn", "mlp", "shared"]):
+        fig = heatmap(z, [0, 1, 2, 3], labels, title="t")  # gaps, order or names: categories
+        assert fig.layout.yaxis.type == "category" and list(fig.data[0].y) == labels

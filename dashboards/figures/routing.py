@@ -13,7 +13,7 @@ from dashboards import data
 from dashboards.figures import memo
 from dashboards.components import (
     HALF_BUCKETS, LEGEND_BELOW, MODALITY_COLORS, SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS,
-    TEMPLATE, add_line, heatmap, line_figure, message_figure, step_heatmap,
+    TEMPLATE, add_line, heatmap, label_axis, line_figure, message_figure, step_heatmap,
 )
 
 
@@ -122,9 +122,10 @@ def coactivation_heatmap(root, run_id, layer, step) -> go.Figure:
         return message_figure("no snapshot rows committed yet", "co-activation")
     s = data.read_slice(root, run_id, "snapshot", "coactivation", layer=layer, step_range=(st, st))
     z = s.values[0]
-    fig = heatmap(z, s.coords["expert2"], s.coords["expert"],
+    x, x_axis = label_axis(s.coords["expert2"])
+    fig = heatmap(z, x, s.coords["expert"],
                   title=f"{run_id} · co-activation P(e′|e) — layer {layer}, step {st}",
                   xlabel="expert e′", ylabel="expert e", colorscale="Blues", zmin=0, zmax=1)
-    fig.update_xaxes(type="category")
+    fig.update_xaxes(**x_axis)
     fig.update_layout(height=380)
     return fig
