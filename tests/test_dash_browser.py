@@ -196,17 +196,22 @@ def test_zoom_rebuckets_to_the_visible_range(page, server, root):
 
 
 def test_pages_use_the_vendored_cartesian_plotly(page, server):
-    """plotly.js comes from dashboards/assets/vendor (cartesian bundle, loaded async), and
-    Dash's full 4.8 MB bundle is never requested."""
+    """plotly.js comes from dashboards/assets/vendor (cartesian bundle, loaded async, and only
+    once Dash has sent its first callback request: it must not hold up the renderer's boot),
+    and Dash's full 4.8 MB bundle is never requested."""
     from plotly.offline import get_plotlyjs_version
     d = page
     _goto(d, server, "/routing", "healthy")
     wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("healthy"))
-    version, urls = d.execute_script(
-        "return [Plotly.version, performance.getEntriesByType('resource').map(e => e.name)];")
+    version, res = d.execute_script(
+        "return [Plotly.version, performance.getEntriesByType('resource')"
+        ".map(e => [e.name, e.startTime])];")
     assert version == get_plotlyjs_version()
-    assert any(u.endswith("/assets/vendor/plotly-cartesian.min.js") for u in urls)
+    urls = [u for u, _t in res]
     assert not any("package_data/plotly.min.js" in u for u in urls)
+    plotly_at = [t for u, t in res if u.endswith("/assets/vendor/plotly-cartesian.min.js")]
+    first_callback_at = min(t for u, t in res if "_dash-update-component" in u)
+    assert len(plotly_at) == 1 and plotly_at[0] >= first_callback_at, (plotly_at, first_callback_at)
 
 
 def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):
