@@ -283,7 +283,8 @@ def _zoom_answer(d, lo, hi) -> float:
     """Box zoom of the capacity lines to [lo, hi] → the re-bucketed window is drawn."""
     from dashboards.testing import zoom_x
     gd = "document.querySelector('#routing-cap-lines .js-plotly-plot')"
-    return _answer_ms(d, f"const x = {gd}._fullData[0].x; return x && x.length && x[0] >= {lo} && x[x.length - 1] <= {hi};",
+    return _answer_ms(d, f"const x = {gd}._fullData[0].x; "
+                         f"return x && x.length && x[0] >= {lo} && x[x.length - 1] <= {hi};",
                       lambda: zoom_x(d, "routing-cap-lines", lo, hi))
 
 

@@ -5,8 +5,8 @@
 // library when it runs.
 //
 // When: running the bundle takes ~300 ms of main thread. Started at once, it runs while Dash's
-// renderer boots and delays every request of the page by that much (Dash asked for its layout
-// ~0.8 s after navigation on a first visit, ~0.3 s without). It starts instead once Dash has
+// renderer boots and delays every request of the page by that much (on a first visit Dash
+// asked for its layout ~1.1 s after navigation, ~0.3 s without). It starts instead once Dash has
 // sent its first callback request: it then runs while the server computes the page.
 // Removed from the page (dashboards/app.py) when plotly's Python package ships another
 // plotly.js version than the one in vendor/.

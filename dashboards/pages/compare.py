@@ -7,7 +7,9 @@ from dash import Input, Output, State, callback, dcc, html
 
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import compare as CMP
-from dashboards.pages_common import figures_or_message, root_of, zoom_callback, zoom_range, zoom_store
+from dashboards.pages_common import (
+    figures_or_message, root_of, zoom_callback, zoom_range, zoom_store,
+)
 
 dash.register_page(__name__, path="/compare", name="Compare", order=4)
 

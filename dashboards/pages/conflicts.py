@@ -9,7 +9,9 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboards import data
 from dashboards.components import graph, labelled, section
 from dashboards.figures import conflicts as C
-from dashboards.pages_common import figures_or_message, need, root_of, zoom_callback, zoom_range, zoom_store
+from dashboards.pages_common import (
+    figures_or_message, need, root_of, zoom_callback, zoom_range, zoom_store,
+)
 
 dash.register_page(__name__, path="/conflicts", name="Conflicts", order=2)
 

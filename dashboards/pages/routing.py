@@ -76,7 +76,9 @@ def _load(sel, zoom):
           Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"),
           prevent_initial_call=True)
 def _capacity_changed(sel, _v, zoom):
-    return (dash.no_update,) * 2 if opened_with_page("routing-zoom-cap", zoom) else _capacity(sel, zoom)
+    if opened_with_page("routing-zoom-cap", zoom):
+        return dash.no_update, dash.no_update
+    return _capacity(sel, zoom)
 
 
 @callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("versions", "data"),
