@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 
-import dash
 import flask
 
-from dash import ClientsideFunction, Input, Output, State, clientside_callback, dcc
+from dash import ClientsideFunction, Input, Output, State, clientside_callback, ctx, dcc
 
 from dashboards.components import message_figure
 from dashboards.data import DataError
@@ -49,7 +48,7 @@ def opened_with_page(zoom_id: str, zoom) -> bool:
     already built the view's figures. Dash fires a callback when one of its Inputs arrives with
     a new page, prevent_initial_call or not: here the page's empty zoom store `zoom_id` (a real
     zoom, even back to all steps, writes a dict into it)."""
-    trig = set(dash.ctx.triggered_prop_ids)
+    trig = set(ctx.triggered_prop_ids)
     return not trig or (trig == {f"{zoom_id}.data"} and zoom is None)
 
 

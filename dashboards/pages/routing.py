@@ -84,7 +84,9 @@ def _capacity_changed(sel, _v, zoom):
 @callback(Output("routing-load-heat", "figure"), Input("sel", "data"), Input("versions", "data"),
           Input("routing-zoom-load", "data"), prevent_initial_call=True)
 def _load_changed(sel, _v, zoom):
-    return dash.no_update if opened_with_page("routing-zoom-load", zoom) else _load(sel, zoom)
+    if opened_with_page("routing-zoom-load", zoom):
+        return dash.no_update
+    return _load(sel, zoom)
 
 
 @callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
