@@ -326,7 +326,7 @@ def bench_browser(root, rid, rounds=3):
     for label, key, fmt in rows:
         print(f"  {label:34s}" + "".join(f"{fmt.format(c[key]):>28s}" for c in cols.values()))
     print(f"  first screen = {some['fold_ids']} (in the 1400×1000 window); plotly.js "
-          f"{some['plotly']} (cartesian bundle when dashboards/assets/vendor matches plotly)")
+          f"{some['plotly']} (vendored bundle when dashboards/assets/vendor matches plotly)")
     print(f"  start-up warm-up: {line!r}; the first visit waited {prewarm_wait:.0f} ms for it")
     print(f"browser, page clock (median): zoom to 5k steps → re-bucketed lines drawn "
           f"{zoom_ms:.0f} ms; slider to step 16667 → modality share at the new step drawn "

@@ -64,11 +64,11 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
 
 
 def _vendored_plotly_matches() -> bool:
-    """The vendored cartesian plotly.js must be the version plotly's Python package generates
+    """The vendored plotly.js must be the version plotly's Python package generates
     figures for; on a mismatch (another plotly installed) the full bundle Dash ships is used."""
     from plotly.offline import get_plotlyjs_version
     try:
-        with open(_HERE / "assets" / "vendor" / "plotly-cartesian.min.js", encoding="utf-8") as f:
+        with open(_HERE / "assets" / "vendor" / "plotly-dash.min.js", encoding="utf-8") as f:
             head = f.read(200)
     except OSError:
         return False

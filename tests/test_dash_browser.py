@@ -195,10 +195,34 @@ def test_zoom_rebuckets_to_the_visible_range(page, server, root):
     np.testing.assert_array_equal(_arr(g["traces"][0]["x"]), ds["step"].values)
 
 
-def test_pages_use_the_vendored_cartesian_plotly(page, server):
-    """plotly.js comes from dashboards/assets/vendor (cartesian bundle, loaded async, and only
-    once Dash has sent its first callback request: it must not hold up the renderer's boot),
-    and Dash's full 4.8 MB bundle is never requested."""
+_TRACE_TYPES_JS = """
+const gds = [...document.querySelectorAll('.js-plotly-plot')];
+if (!gds.length || gds.some(gd => !gd._fullLayout || JSON.stringify(gd.layout).includes('loading…')))
+  return null;
+return {traces: gds.flatMap(gd => gd.data.map((t, i) => [gd.parentElement.id,
+                                                          t.type || 'scatter', gd._fullData[i].type]))};
+"""
+
+
+def test_every_trace_is_drawn_as_its_type(page, server):
+    """The vendored bundle holds only the trace types the pages use (scripts/plotly_bundle.js).
+    plotly.js draws a trace of a type it lacks as a scatter; on every page, each trace must be
+    drawn as the type its figure asks for (Compare draws lines only, once runs are picked)."""
+    d, seen = page, set()
+    for path in ("/routing", "/conflicts", "/probes", "/live"):
+        _goto(d, server, path, "probe_regression")
+        traces = wait_for(lambda: d.execute_script(_TRACE_TYPES_JS), 30,
+                          what=f"graphs of {path}")["traces"]
+        wrong = [t for t in traces if t[1] != t[2]]
+        assert not wrong, f"{path}: (graph, asked, drawn) {wrong}"
+        seen |= {t[1] for t in traces}
+    assert seen >= {"scatter", "bar", "heatmap"}, seen  # the check saw every type it guards
+
+
+def test_pages_use_the_vendored_plotly(page, server):
+    """plotly.js comes from dashboards/assets/vendor (a bundle of the trace types the pages
+    draw, loaded async, and only once Dash has sent its first callback request: it must not
+    hold up the renderer's boot), and Dash's full 4.8 MB bundle is never requested."""
     from plotly.offline import get_plotlyjs_version
     d = page
     _goto(d, server, "/routing", "healthy")
@@ -209,7 +233,7 @@ def test_pages_use_the_vendored_cartesian_plotly(page, server):
     assert version == get_plotlyjs_version()
     urls = [u for u, _t in res]
     assert not any("package_data/plotly.min.js" in u for u in urls)
-    plotly_at = [t for u, t in res if u.endswith("/assets/vendor/plotly-cartesian.min.js")]
+    plotly_at = [t for u, t in res if u.endswith("/assets/vendor/plotly-dash.min.js")]
     first_callback_at = min(t for u, t in res if "_dash-update-component" in u)
     assert len(plotly_at) == 1 and plotly_at[0] >= first_callback_at, (plotly_at, first_callback_at)
 
