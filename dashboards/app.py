@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         routing_callback_inputs={"sel": State("sel", "data")},
     )
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
+    _without_core_js(app)
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
     # A function: evaluated per page load, so the first run and its layers are already chosen in
@@ -61,6 +63,24 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
                          daemon=True).start()
     _app = app
     return app
+
+
+def _without_core_js(app: dash.Dash) -> None:
+    """Dash puts @babel/polyfill (core-js 2 + regenerator-runtime) before its bundles, for
+    browsers without ES2015+. In a current browser core-js still replaces builtins it finds
+    non-conforming (String.prototype.trim among them, which plotly.js calls per label): ~60 ms
+    to run and more later. Dash's bundles need only its regenerator-runtime global:
+    vendor/regenerator-runtime.js is regenerator-runtime 0.14.1 from npm (MIT, licence beside
+    it)."""
+    runtime = app.get_asset_url("vendor/regenerator-runtime.js")
+    interpolate = app.interpolate_index
+
+    def interpolate_index(**kw):
+        kw["scripts"] = re.sub(r'src="[^"]*/deps/polyfill@[^"]*"', f'src="{runtime}"',
+                               kw["scripts"], count=1)
+        return interpolate(**kw)
+
+    app.interpolate_index = interpolate_index
 
 
 def _vendored_plotly_matches() -> bool:

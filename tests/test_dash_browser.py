@@ -236,6 +236,34 @@ def test_pages_use_the_vendored_plotly(page, server):
     plotly_at = [t for u, t in res if u.endswith("/assets/vendor/plotly-dash.min.js")]
     first_callback_at = min(t for u, t in res if "_dash-update-component" in u)
     assert len(plotly_at) == 1 and plotly_at[0] >= first_callback_at, (plotly_at, first_callback_at)
+    # Dash's @babel/polyfill is swapped for the regenerator-runtime its bundles use (app.py)
+    assert not any("/deps/polyfill@" in u for u in urls)
+    assert any(u.endswith("/assets/vendor/regenerator-runtime.js") for u in urls)
+
+
+_WIDTHS_JS = """
+return [...document.querySelectorAll('.js-plotly-plot')].map(gd => [gd.parentElement.id,
+  parseFloat(getComputedStyle(gd).width), gd._fullLayout && gd._fullLayout.width]);
+"""
+
+
+def test_graphs_fit_their_box_after_a_window_resize(page, server):
+    """Graphs that already fit their box skip plotly's re-plot after the first draw
+    (assets/plotly_loader.js); every graph still follows a change of the window's width."""
+    d = page
+    _goto(d, server, "/routing", "healthy")
+    for gid in ("routing-cap-lines", "routing-load-heat", "routing-balance"):
+        wait_graph(d, gid, lambda g: g["title"].startswith("healthy"))
+    try:
+        for width in (1400, 1000):
+            d.set_window_size(width, 1000)
+            fits = lambda: (w := d.execute_script(_WIDTHS_JS)) and all(
+                abs(c - f) <= 1 for _id, c, f in w) and w
+            widths = wait_for(fits, 10, what=f"graphs fitted to a {width} px window")
+            assert len(widths) == 7
+        assert dict((i, f) for i, _c, f in widths)["routing-load-heat"] < 1000  # it shrank
+    finally:
+        d.set_window_size(1400, 1000)
 
 
 def test_conflicts_page_cosine_heatmap_and_norm_ratio(page, server, root):

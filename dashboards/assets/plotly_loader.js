@@ -24,15 +24,34 @@
     var s = document.createElement("script");
     s.src = src;
     s.async = true;
-    s.onload = function () { resolve(window.Plotly); };
+    s.onload = function () { resolve(fitted(window.Plotly)); };
     s.onerror = function () {  // fall back to Dash's own full bundle
       var full = document.createElement("script");
       full.src = window._dashPlotlyJSURL;
-      full.onload = function () { resolve(window.Plotly); };
+      full.onload = function () { resolve(fitted(window.Plotly)); };
       full.onerror = function (e) { reject(e); };
       document.head.appendChild(full);
     };
     document.head.appendChild(s);
+  }
+
+  // dcc.Graph calls Plots.resize after a graph's first plot, and plotly then re-plots the graph
+  // in full 100 ms later (a relayout of width and height: 35-70 ms a graph on a first visit),
+  // even when it already fills its box. Skipped then; a box that changes size later reaches
+  // here again through dcc.Graph's resize observer.
+  function fitted(P) {
+    var resize = P.Plots.resize;
+    P.Plots.resize = function (gd) {
+      var el = typeof gd === "string" ? document.getElementById(gd) : gd;
+      var fl = el && el._fullLayout;
+      if (fl) {
+        var cs = window.getComputedStyle(el);
+        if (Math.abs(parseFloat(cs.width) - fl.width) <= 1 &&
+            Math.abs(parseFloat(cs.height) - fl.height) <= 1) { return Promise.resolve(el); }
+      }
+      return resize.apply(this, arguments);
+    };
+    return P;
   }
 
   var fetch0 = window.fetch;
