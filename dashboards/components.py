@@ -82,7 +82,8 @@ def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
     y, y_axis = label_axis(y)
     fig = go.Figure(go.Heatmap(z=z_YX, x=np.asarray(x), y=y, colorscale=colorscale, zmid=zmid,
                                zmin=zmin, zmax=zmax, hoverongaps=False,
-                               colorbar=dict(thickness=12, ticklabeloverflow="allow")))
+                               colorbar=dict(thickness=12,
+                                             ticklabeloverflow="allow")))
     fig.update_layout(**{**_BASE, "margin": dict(_BASE["margin"], r=85)},  # r: the colour bar
                       title=title, xaxis_title=xlabel, yaxis_title=ylabel, uirevision=uirevision)
     fig.update_yaxes(**y_axis)

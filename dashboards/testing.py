@@ -84,8 +84,9 @@ class Server:
         return False
 
 
-def make_driver(width: int = 1400, height: int = 1000):
-    """Headless chromium through the system chromedriver, with browser logs kept."""
+def make_driver(width: int = 1400, height: int = 1000, trace_categories: str | None = None):
+    """Headless chromium through the system chromedriver, with browser logs kept; with
+    `trace_categories`, chromium's trace events come back through `get_log("performance")`."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -98,7 +99,12 @@ def make_driver(width: int = 1400, height: int = 1000):
         opts.add_argument(f)
     profile = tempfile.mkdtemp(prefix="moe_probe_chromium_")
     opts.add_argument(f"--user-data-dir={profile}")
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if trace_categories:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+        opts.add_experimental_option("perfLoggingPrefs", {
+            "traceCategories": trace_categories, "enableNetwork": False, "enablePage": False})
+    else:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_window_size(width, height)
     driver._moe_profile = profile  # removed by quit_driver

@@ -194,11 +194,13 @@ def test_shielding_blocks_and_scales_shared_expert_gradient():
     both, _, _ = _shared_grads(moe, x, mod, 0.1, "all")
     for a, u, v in zip(both, und_free, free):
         assert torch.allclose(a, u + 0.1 * v, atol=1e-6)
-    # forward unchanged
+    # forward unchanged, up to float rounding: the shielded path runs the shared expert's GEMMs
+    # on row subsets, and BLAS may block other shapes differently (last-bit differences on an
+    # AMD EPYC with AVX-512; bitwise equal elsewhere)
     moe.shield_scale = 0.0
     y0 = moe(x, mod)[0]
     moe.shield_scale = 1.0
-    assert torch.equal(y0, moe(x, mod)[0])
+    torch.testing.assert_close(y0, moe(x, mod)[0], rtol=0, atol=1e-6)
 
 
 def test_balance_bias_steers_selection_not_gates():

@@ -1,0 +1,141 @@
+"""Dashboard first visits of two or more git revisions, side by side in one run.
+
+    python benchmarks/ab_dashboard.py --store ROOT [--rounds 10] REV_A REV_B [REV ...]
+
+On this shared 2-core VM one page open varies by ±0.3-0.5 s from minute to minute, more than
+most changes gain, so two runs of bench_dashboard.py taken apart cannot tell a change's effect.
+Here each revision gets its own checkout (a git worktree) and its own server (warmed at start),
+and the Routing page is opened in a fresh chromium profile for each revision in turn, round after
+round, with the starting revision rotated. Per open, from the page's clock and a chromium trace:
+
+* first screen: ms from navigation until the graphs in the 1400×1000 window hold the run's data;
+* all graphs: ms until all 7 do;
+* main-thread CPU: CPU time of the renderer's main thread until the first screen (the work
+  the page costs, less sensitive than wall times to what else the machine runs).
+
+Medians per revision and their ratio to the first revision are printed; nothing is asserted.
+The store is the large one of bench_dashboard.py (`python -m fixtures.generate --large ROOT`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_dashboard as B  # noqa: E402
+from dashboards import testing as T  # noqa: E402
+
+_TRACE_CATEGORIES = "toplevel,devtools.timeline,disabled-by-default-devtools.timeline,loading"
+
+
+class _Url:
+    def __init__(self, url):
+        self.url = url
+
+
+def _main_thread_cpu_ms(events, until_ms: float) -> float:
+    """CPU time (the trace's `tdur`) of the renderer main thread's top-level tasks that start
+    between navigation and `until_ms` after it."""
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("name") == "thread_name"}
+    per_thread = collections.Counter((e["pid"], e["tid"]) for e in events)
+    main = max((k for k, v in names.items() if v == "CrRendererMain"), key=per_thread.__getitem__)
+    nav = [e["ts"] for e in events
+           if e.get("name") == "navigationStart" and (e["pid"], e["tid"]) == main]
+    t0, t1 = nav[-1], nav[-1] + until_ms * 1000
+    tasks = sorted((e for e in events if (e["pid"], e["tid"]) == main and e.get("ph") == "X"
+                    and e["name"] in ("RunTask", "ThreadControllerImpl::RunTask")),
+                   key=lambda e: e["ts"])
+    cpu, end = 0.0, -1
+    for e in tasks:  # nested task events are counted once, in the outermost
+        if e["ts"] >= end:
+            end = e["ts"] + e.get("dur", 0)
+            if t0 <= e["ts"] <= t1:
+                cpu += e.get("tdur", e.get("dur", 0))
+    return cpu / 1000
+
+
+def _first_visit(url: str, rid: str) -> tuple[float, float, float, int]:
+    d = T.make_driver(trace_categories=_TRACE_CATEGORIES)
+    try:
+        d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                          {"source": B._PAGE_CLOCK_JS.replace("RID", repr(rid))})
+        d.get_log("performance")
+        r = B._open_routing(d, _Url(url), rid)
+        d.get("about:blank")
+        errors = len(T.severe_logs(d))
+        msgs = (json.loads(e["message"])["message"] for e in d.get_log("performance"))
+        events = [m["params"] for m in msgs if m.get("method") == "Tracing.dataCollected"]
+        return r["fold"], r["drawn"], _main_thread_cpu_ms(events, r["fold"]), errors
+    finally:
+        T.quit_driver(d)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("revs", nargs="+", help="git revisions (the first is the reference)")
+    ap.add_argument("--store", required=True, help="ROOT holding the generated large run")
+    ap.add_argument("--run", default="large")
+    ap.add_argument("--rounds", type=int, default=10)
+    a = ap.parse_args(argv)
+    if len(a.revs) < 2:
+        ap.error("give at least two revisions")
+    if (why := T.browser_missing()):
+        ap.error(why)
+    tmp = tempfile.TemporaryDirectory(prefix="moe_probe_ab_")
+    trees, procs, urls = [], [], []
+    try:
+        for i, rev in enumerate(a.revs):
+            tree = Path(tmp.name) / str(i)
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q",
+                            str(tree), rev], check=True)
+            trees.append(tree)
+            port = T.free_port()
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": str(tree), "MOE_PROBE_DASH_PREWARM": "1"}
+            log = open(tree / "server.log", "w")
+            # cwd: `python -m` puts the working directory first on sys.path
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "dashboards.app", a.store, "--port", str(port),
+                 "--refresh", "60"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree))
+            urls.append(f"http://127.0.0.1:{port}")
+        for tree in trees:
+            T.wait_for(lambda: "prewarm" in (tree / "server.log").read_text(), 180,
+                       what=f"start-up warm-up of {tree}")
+        res = {i: [] for i in range(len(a.revs))}
+        for k in range(a.rounds):
+            order = list(range(len(a.revs)))
+            for i in order[k % len(order):] + order[:k % len(order)]:
+                res[i].append(_first_visit(urls[i], a.run))
+        print(f"Routing page, first visits (fresh chromium profile, server warmed at start), "
+              f"median of {a.rounds} rounds; ratio to {a.revs[0]}")
+        print(f"  {'revision':24s} {'first screen':>18s} {'all graphs':>18s} "
+              f"{'main-thread CPU':>18s}  console errors")
+        ref = [statistics.median(x[j] for x in res[0]) for j in range(3)]
+        for i, rev in enumerate(a.revs):
+            med = [statistics.median(x[j] for x in res[i]) for j in range(3)]
+            cells = "".join(f"{m:9.0f} ms ({m / r:4.2f})" for m, r in zip(med, ref))
+            print(f"  {rev[:24]:24s} {cells}  {sum(x[3] for x in res[i])}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for tree in trees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                           check=False)
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
