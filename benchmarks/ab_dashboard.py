@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_dashboard as B  # noqa: E402
 from dashboards import testing as T  # noqa: E402
 
-_TRACE_CATEGORIES = "toplevel,devtools.timeline,disabled-by-default-devtools.timeline,loading"
+_TRACE_CATEGORIES = ("toplevel,devtools.timeline,disabled-by-default-devtools.timeline,loading,"
+                     "blink.user_timing")  # navigationStart
 
 
 class _Url:
