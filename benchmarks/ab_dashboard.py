@@ -105,11 +105,11 @@ def main(argv=None) -> int:
             port = T.free_port()
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": str(tree), "MOE_PROBE_DASH_PREWARM": "1"}
-            log = open(tree / "server.log", "w")
-            # cwd: `python -m` puts the working directory first on sys.path
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dashboards.app", a.store, "--port", str(port),
-                 "--refresh", "60"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree))
+            with open(tree / "server.log", "w") as log:  # the server keeps its own handle
+                # cwd: `python -m` puts the working directory first on sys.path
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "dashboards.app", a.store, "--port", str(port),
+                     "--refresh", "60"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tree))
             urls.append(f"http://127.0.0.1:{port}")
         for tree in trees:
             T.wait_for(lambda: "prewarm" in (tree / "server.log").read_text(), 180,
