@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,20 @@ def test_a_broken_run_is_a_row_with_its_error_not_a_crash(root):
     ok = run_row(root, "healthy")
     assert ok["arch"] == "symbiotic" and ok["diagnosis"]["findings"] == []
     assert set(ok["capacity"]) == {"text", "vit", "vae"}
+
+
+def test_a_diagnosis_not_ready_is_pending_then_cached(tmp_path):
+    """The Runs page never waits for a long diagnosis: with no time to wait, a run not yet
+    diagnosed is pending while a background thread diagnoses it; the verdict then comes from
+    the cache."""
+    from dashboards.figures.runs import diagnosis
+    shutil.copytree(FIXTURES / "collapse", tmp_path / "collapse")  # a root nobody diagnosed
+    assert diagnosis(tmp_path, "collapse", wait_s=0.0) == {"pending": "diagnosing…"}
+    done = diagnosis(tmp_path, "collapse")  # waits for the same background job
+    assert any("routing_collapse" in f for f in done["findings"])
+    t0 = time.perf_counter()
+    assert diagnosis(tmp_path, "collapse", wait_s=0.0) is done
+    assert time.perf_counter() - t0 < 0.5
 
 
 def test_runs_with_other_token_kinds_hf_scan_style(tmp_path):

@@ -6,6 +6,7 @@ run and committed-row counts, because a 50k-step run takes a while and a live ru
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -14,7 +15,9 @@ from dashboards import data
 
 log = logging.getLogger("moe_probe.dashboards")
 _diag_cache: dict = {}
+_jobs: dict = {}  # (root, run) -> (committed rows, Future) of the diagnosis under way
 _lock = threading.Lock()
+_one_at_a_time = threading.Lock()
 
 
 DIAGNOSE_EVERY_S = 30.0
@@ -22,16 +25,45 @@ DIAGNOSE_EVERY_S = 30.0
 seconds; the Runs page refreshes every few)."""
 
 
-def diagnosis(root, run_id) -> dict:
+def diagnosis(root, run_id, wait_s: float | None = None) -> dict:
     """{"checks": {kind: status}, "findings": [...], "final_capacity_rate": {m: x}, "as_of":
-    committed routing rows} or {"error": ...}. Cached per run and committed rows."""
+    committed routing rows} or {"error": ...}. Cached per run and committed rows.
+
+    Computed in a background thread, one run at a time: a 50k-step run takes ~30 s, and the
+    Runs page must not hang on it. Waits up to `wait_s` seconds (None: until done) for a result
+    not cached yet; then returns the run's previous result, or {"pending": ...} if it has none
+    (the page shows the verdict on a later refresh)."""
     committed = data.committed(root, run_id)
     key = (str(root), run_id)
     version = tuple(sorted(committed.items()))
     with _lock:
         hit = _diag_cache.get(key)
-    if hit and (hit[0] == version or time.monotonic() - hit[1] < DIAGNOSE_EVERY_S):
-        return hit[2]
+        if hit and (hit[0] == version or time.monotonic() - hit[1] < DIAGNOSE_EVERY_S):
+            return hit[2]
+        job = _jobs.get(key)
+        if job is None or (job[0] != version and job[1].done()):
+            job = (version, _start(root, run_id, version, key))
+            _jobs[key] = job
+    try:
+        return job[1].result(timeout=wait_s)
+    except concurrent.futures.TimeoutError:
+        return hit[2] if hit else {"pending": "diagnosing…"}
+
+
+def _start(root, run_id, version, key) -> concurrent.futures.Future:
+    """Diagnose in a daemon thread (a server stopped with Ctrl-C must not wait ~30 s for it),
+    one run at a time (each is CPU-bound)."""
+    fut = concurrent.futures.Future()
+
+    def work():
+        with _one_at_a_time:
+            fut.set_result(_diagnose(root, run_id, version, key))
+
+    threading.Thread(target=work, name="moe-probe-diagnose", daemon=True).start()
+    return fut
+
+
+def _diagnose(root, run_id, version, key) -> dict:
     try:
         from moe_probe.diagnose.rundata import load_run
         from moe_probe.diagnose.runner import diagnose_run
@@ -53,6 +85,8 @@ def diagnosis(root, run_id) -> dict:
         _diag_cache[key] = (version, time.monotonic(), out)
         while len(_diag_cache) > 256:
             _diag_cache.pop(next(iter(_diag_cache)))
+        if _jobs.get(key, (None,))[0] == version:
+            del _jobs[key]
     return out
 
 
@@ -71,7 +105,7 @@ def last_capacity(root, run_id) -> dict:
     return out
 
 
-def run_row(root, run_id, with_diagnosis: bool = True) -> dict:
+def run_row(root, run_id, with_diagnosis: bool = True, wait_s: float | None = None) -> dict:
     try:
         meta = data.run_meta(root, run_id)
     except data.DataError as e:
@@ -80,5 +114,5 @@ def run_row(root, run_id, with_diagnosis: bool = True) -> dict:
            "steps": meta["last_step"], "committed": meta["committed"],
            "capacity": last_capacity(root, run_id)}
     if with_diagnosis:
-        row["diagnosis"] = diagnosis(root, run_id)
+        row["diagnosis"] = diagnosis(root, run_id, wait_s)
     return row

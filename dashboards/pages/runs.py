@@ -3,6 +3,8 @@ diagnosis verdicts; the runs ticked here are the ones the Compare page overlays.
 
 from __future__ import annotations
 
+import time
+
 import dash
 from dash import Input, Output, Patch, State, callback, dcc, html
 
@@ -12,6 +14,9 @@ from dashboards.figures.runs import run_row
 from dashboards.pages_common import root_of
 
 dash.register_page(__name__, path="/", name="Runs", order=0)
+
+DIAGNOSIS_WAIT_S = 1.0
+"""How long one refresh of the table waits for diagnoses not cached yet (all runs together)."""
 
 layout = html.Div([
     section("Runs", html.Div(id="runs-msg", className="page-msg"),
@@ -27,6 +32,8 @@ def _fmt(x):
 
 
 def _verdicts(diag: dict):
+    if "pending" in diag:
+        return html.Span(diag["pending"], className="verdict-pending")
     if "error" in diag:
         return html.Span(diag["error"], className="verdict-bad")
     bad = diag.get("findings") or []
@@ -67,7 +74,9 @@ def _runs(_n, sel, old_rows):
         return None, f"Cannot read the dashboard root: {e}", [], [], None
     if not ids:
         return None, f"No runs under {root_of()}.", [], [], None
-    rows = [run_row(root_of(), rid) for rid in ids]
+    # Verdicts that take longer (a long run: ~30 s) show as pending and fill in on a later tick.
+    deadline = time.monotonic() + DIAGNOSIS_WAIT_S
+    rows = [run_row(root_of(), rid, wait_s=max(0.0, deadline - time.monotonic())) for rid in ids]
     if rows == old_rows:
         return (dash.no_update,) * 5
     picked = [r for r in ((sel or {}).get("runs") or []) if r in ids]
