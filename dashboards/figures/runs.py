@@ -15,7 +15,7 @@ from dashboards import data
 
 log = logging.getLogger("moe_probe.dashboards")
 _diag_cache: dict = {}
-_jobs: dict = {}  # (root, run) -> (committed rows, Future) of the diagnosis under way
+_jobs: dict = {}  # (root, run) -> Future of the diagnosis under way (one per run at most)
 _lock = threading.Lock()
 _one_at_a_time = threading.Lock()
 
@@ -41,11 +41,10 @@ def diagnosis(root, run_id, wait_s: float | None = None) -> dict:
         if hit and (hit[0] == version or time.monotonic() - hit[1] < DIAGNOSE_EVERY_S):
             return hit[2]
         job = _jobs.get(key)
-        if job is None or (job[0] != version and job[1].done()):
-            job = (version, _start(root, run_id, version, key))
-            _jobs[key] = job
+        if job is None:
+            job = _jobs[key] = _start(root, run_id, version, key)
     try:
-        return job[1].result(timeout=wait_s)
+        return job.result(timeout=wait_s)
     except concurrent.futures.TimeoutError:
         return hit[2] if hit else {"pending": "diagnosing…"}
 
@@ -85,8 +84,7 @@ def _diagnose(root, run_id, version, key) -> dict:
         _diag_cache[key] = (version, time.monotonic(), out)
         while len(_diag_cache) > 256:
             _diag_cache.pop(next(iter(_diag_cache)))
-        if _jobs.get(key, (None,))[0] == version:
-            del _jobs[key]
+        _jobs.pop(key, None)
     return out
 
 
