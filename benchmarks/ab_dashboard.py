@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +68,10 @@ def _main_thread_cpu_ms(events, until_ms: float) -> float:
     return cpu / 1000
 
 
-def _first_visit(url: str, rid: str) -> tuple[float, float, float, int]:
+def _first_visit(url: str, rid: str, settle_s: float) -> tuple[float, float, float, int]:
     d = T.make_driver(trace_categories=_TRACE_CATEGORIES)
     try:
+        time.sleep(settle_s)
         d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                           {"source": B._PAGE_CLOCK_JS.replace("RID", repr(rid))})
         d.get_log("performance")
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--store", required=True, help="ROOT holding the generated large run")
     ap.add_argument("--run", default="large")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds between starting chromium and opening the page (0: at once)")
     a = ap.parse_args(argv)
     if len(a.revs) < 2:
         ap.error("give at least two revisions")
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
         for k in range(a.rounds):
             order = list(range(len(a.revs)))
             for i in order[k % len(order):] + order[:k % len(order)]:
-                res[i].append(_first_visit(urls[i], a.run))
+                res[i].append(_first_visit(urls[i], a.run, a.settle))
         print(f"Routing page, first visits (fresh chromium profile, server warmed at start), "
               f"median of {a.rounds} rounds; ratio to {a.revs[0]}")
         print(f"  {'revision':24s} {'first screen':>18s} {'all graphs':>18s} "

@@ -61,7 +61,7 @@ def need(value, what: str):
 def zoom_callback(store_id: str, *graph_ids: str) -> None:
     """Keep the zoom of a view drawn by `graph_ids` (zooming any of them zooms the view) in the
     store `zoom_store(store_id)`: the browser writes `{"range": [lo, hi] | None, "sel":
-    <selection then>}` to it when a graph's visible x range changes (assets/zoom.js: redraws,
+    <selection then>}` to it when a graph's visible x range changes (assets/clientside.js: redraws,
     legend clicks and y zooms never reach the server). The view's callback takes the store as
     an Input and reads it with `zoom_range`. Call at import time (Dash collects callbacks
     before the first request), the store goes into the page's layout."""
@@ -81,3 +81,19 @@ def zoom_range(zoom, sel, key_of) -> list | None:
     if not zoom or key_of(zoom.get("sel") or {}) != key_of(sel or {}):
         return None
     return zoom.get("range")
+
+
+def first_screen_gate(store_id: str) -> None:
+    """Register the gate `first_screen_store(store_id, ...)`: its store gets `True` once the
+    page's first-screen graphs have been drawn (assets/clientside.js, `drawn`). Views below the
+    first screen take the store as an Input, so Dash runs them only then: on a first visit their
+    requests, server work and drawing would otherwise compete for the CPU with the first screen
+    (and plotly.js, still cold, sometimes drew one of them first). Call at import time."""
+    clientside_callback(ClientsideFunction("moe_probe", "drawn"), Output(store_id, "data"),
+                        Input(f"{store_id}-graphs", "data"))
+
+
+def first_screen_store(store_id: str, *graph_ids: str) -> list[dcc.Store]:
+    """The stores of `first_screen_gate(store_id)` for a page whose first screen is `graph_ids`."""
+    return [dcc.Store(id=f"{store_id}-graphs", data=list(graph_ids)),
+            dcc.Store(id=store_id, data=None)]

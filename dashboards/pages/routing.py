@@ -10,7 +10,8 @@ from dashboards import data
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
 from dashboards.pages_common import (
-    figures_or_message, need, opened_with_page, root_of, zoom_callback, zoom_range, zoom_store,
+    figures_or_message, first_screen_gate, first_screen_store, need, opened_with_page, root_of,
+    zoom_callback, zoom_range, zoom_store,
 )
 
 dash.register_page(__name__, path="/routing", name="Routing", order=1)
@@ -36,13 +37,17 @@ def layout(sel=None, **_query):
         zoom_store("routing-zoom-cap"),
         zoom_store("routing-zoom-load"),
         zoom_store("routing-zoom-bal"),
+        *first_screen_store("routing-fold", "routing-cap-lines", "routing-cap-heat",
+                            "routing-load-heat"),
     ])
 
 
-# Zoom stores are written in the browser (assets/zoom.js) on a real x zoom only.
+# Zoom stores are written in the browser (assets/clientside.js) on a real x zoom only.
 zoom_callback("routing-zoom-cap", "routing-cap-lines")
 zoom_callback("routing-zoom-load", "routing-load-heat")
 zoom_callback("routing-zoom-bal", "routing-balance")
+# The views below the first screen (balance, per step, saturation) start once it is drawn.
+first_screen_gate("routing-fold")
 
 
 def _key(sel):
@@ -90,9 +95,9 @@ def _load_changed(sel, _v, zoom):
 
 
 @callback(Output("routing-balance", "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-zoom-bal", "data"))
+          Input("routing-zoom-bal", "data"), Input("routing-fold", "data"))
 @figures_or_message(1, ("balance",))
-def _balance(sel, _v, zoom):
+def _balance(sel, _v, zoom, _fold):
     run_id, layer, _m = _focus(sel)
     return R.balance_lines(root_of(), run_id, layer, zoom_range(zoom, sel, _key))
 
@@ -100,8 +105,8 @@ def _balance(sel, _v, zoom):
 @callback(Output("routing-step", "min"), Output("routing-step", "max"), Output("routing-step", "value"),
           Output("routing-share", "figure"), Output("routing-coact", "figure"),
           Input("sel", "data"), Input("versions", "data"), Input("routing-step", "value"),
-          State("routing-step", "max"))
-def _at_step(sel, _v, value, old_max):
+          Input("routing-fold", "data"), State("routing-step", "max"))
+def _at_step(sel, _v, value, _fold, old_max):
     """The slider spans the committed routing steps and follows the newest one while left at
     the end; the per-step views show the slider's step. One callback for both: as two, the
     views would wait a round trip for the slider on every page open."""
@@ -129,8 +134,9 @@ def _step_figures(sel, step):
             R.coactivation_heatmap(root_of(), run_id, layer, step))
 
 
-@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"))
+@callback(Output("routing-saturation", "figure"), Input("sel", "data"), Input("versions", "data"),
+          Input("routing-fold", "data"))
 @figures_or_message(1, ("router saturation",))
-def _saturation(sel, _v):
+def _saturation(sel, _v, _fold):
     run_id, layer, _m = _focus(sel)
     return R.saturation_line(root_of(), run_id, layer)

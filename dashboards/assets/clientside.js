@@ -1,4 +1,6 @@
-// Zoom requests, filtered in the browser. A graph reports relayoutData after every draw
+// Clientside callbacks of the pages (dashboards/pages_common.py).
+//
+// zoom: zoom requests, filtered in the browser. A graph reports relayoutData after every draw
 // (autosize), legend click or y zoom; sent to the server, each would re-run (and, while the
 // first call of a page is in flight, supersede) the view's callback. Only a change of the
 // visible x range is written to the view's zoom store, with the selection it was made in.
@@ -10,9 +12,29 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       const range = trig.length ? xRange(trig[0].value) : undefined;
       if (range === undefined) { return window.dash_clientside.no_update; }
       return {range: range, sel: sel};
+    },
+
+    // drawn: resolves (true) once each graph in `ids` has been drawn by plotly, or after
+    // `DRAWN_WAIT_MS` whatever happened (a graph that never draws must not hold the rest of the
+    // page). Views below the first screen take its store as an Input: Dash runs them only then,
+    // so their requests, server work and drawing do not compete with the first screen's.
+    drawn: function (ids) {
+      const t0 = performance.now();
+      return new Promise(function (resolve) {
+        (function poll() {
+          const done = (ids || []).every(function (id) {
+            const gd = document.querySelector("#" + CSS.escape(id) + " .js-plotly-plot");
+            return gd && gd._fullLayout;
+          });
+          if (done || performance.now() - t0 > DRAWN_WAIT_MS) { resolve(true); }
+          else { setTimeout(poll, 20); }
+        })();
+      });
     }
   }
 });
+
+const DRAWN_WAIT_MS = 5000;
 
 // undefined: the x range did not change; null: back to all steps; else [lo, hi]. Any x axis
 // counts (`xaxis2.range[0]`... in subplots whose x axes are linked).
