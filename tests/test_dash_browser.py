@@ -241,6 +241,43 @@ def test_pages_use_the_vendored_plotly(page, server):
     assert any(u.endswith("/assets/vendor/regenerator-runtime.js") for u in urls)
 
 
+# Installed before the page's scripts: for each callback request, its outputs and whether the
+# Routing page's first-screen graphs had been drawn when it was sent.
+_REQUESTS_JS = """
+window.__requests = [];
+const fetch0 = window.fetch;
+window.fetch = function (input, init) {
+  if (String(input && input.url || input).includes('_dash-update-component')) {
+    const drawn = ['routing-cap-lines', 'routing-cap-heat', 'routing-load-heat'].every(id => {
+      const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+      return !!(gd && gd._fullLayout); });
+    window.__requests.push([JSON.parse(init.body).output, drawn]);
+  }
+  return fetch0.apply(this, arguments);
+};
+"""
+
+
+def test_views_below_the_first_screen_wait_until_it_is_drawn(page, server):
+    """On the Routing page, the views below the first screen (balance, per step, saturation)
+    are requested only once the first screen's graphs are drawn, so that on a first visit they
+    do not compete with it for the CPU; then they are drawn too."""
+    d = page
+    script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                               {"source": _REQUESTS_JS})["identifier"]
+    try:
+        d.get(server.url + "/routing")
+        for gid in ("routing-balance", "routing-share", "routing-saturation"):
+            wait_graph(d, gid, lambda g: g["title"].startswith("collapse"))  # the first run
+        requests = d.execute_script("return window.__requests;")
+    finally:
+        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+    below = [(out, drawn) for out, drawn in requests
+             if any(g in out for g in ("routing-balance", "routing-share", "routing-saturation"))]
+    assert len(below) >= 3, requests
+    assert all(drawn for _out, drawn in below), below
+
+
 _WIDTHS_JS = """
 return [...document.querySelectorAll('.js-plotly-plot')].map(gd => [gd.parentElement.id,
   parseFloat(getComputedStyle(gd).width), gd._fullLayout && gd._fullLayout.width]);
