@@ -45,25 +45,32 @@ def minmax_line(steps: np.ndarray, values: np.ndarray, target: int = TARGET_BUCK
 
 
 def mean_columns(steps: np.ndarray, values_SX: np.ndarray, target: int = TARGET_BUCKETS):
-    """Bucket-mean along the step axis of a (step, X) block → (bucket start steps, (nb, X), size)."""
+    """Bucket-mean along the step axis of a (step, X) block → (bucket start steps, (nb, X), size).
+
+    NaN rows (no tokens of a modality at a step) are left out of their bucket's mean; an all-NaN
+    bucket stays NaN. The last bucket may be shorter than the others."""
     steps = np.asarray(steps)
     v = np.asarray(values_SX, dtype=np.float64)
     n = len(steps)
     b = bucket_size(n, target)
     if b == 1:
         return steps, v, 1
-    nb = -(-n // b)
-    pad = nb * b - n
-    if pad:
-        v = np.concatenate([v, np.full((pad,) + v.shape[1:], np.nan)], axis=0)
-    v = v.reshape((nb, b) + v.shape[1:])
-    if not pad and not np.isnan(v).any():
-        # nanmean copies and masks the whole block (~3x a plain mean on a 50k × 64 load block);
-        # without NaN both give the same sums.
-        return steps[::b], v.mean(axis=1), b
+    full = n // b
+    # Full buckets are a reshape (no copy) of the block; the short last one is averaged apart,
+    # instead of padding the whole block with NaN (a copy, and nanmean's masked copies: ~4x the
+    # time of a plain mean on a 50k-step × 64-expert load block).
+    parts = [_bucket_mean(v[:full * b].reshape((full, b) + v.shape[1:]))]
+    if full * b < n:
+        parts.append(_bucket_mean(v[full * b:][None]))
+    return steps[::b], np.concatenate(parts, axis=0), b
+
+
+def _bucket_mean(v_NB):
+    """Mean over axis 1 of (bucket, step in bucket, ...), NaN left out."""
+    if not np.isnan(v_NB).any():
+        return v_NB.mean(axis=1)
     with np.errstate(invalid="ignore"), _quiet():
-        m = np.nanmean(v, axis=1)
-    return steps[::b], m, b
+        return np.nanmean(v_NB, axis=1)
 
 
 class _quiet:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,24 @@ def test_short_series_are_untouched_and_heatmap_buckets_average():
     xs, m, b = mean_columns(np.arange(10), np.arange(20.0).reshape(10, 2), target=5)
     assert b == 2 and list(xs) == [0, 2, 4, 6, 8]
     np.testing.assert_allclose(m[:, 0], [1, 5, 9, 13, 17])
+
+
+def test_heatmap_buckets_are_nan_means_with_a_short_last_bucket():
+    """Each column is the mean of its bucket's steps with NaN rows left out (the last bucket is
+    shorter; an all-NaN bucket stays NaN), as a per-bucket reference computes it."""
+    rng = np.random.default_rng(0)
+    n, b = 1003, 10  # target 101 → buckets of 10, the last holds 3 steps
+    v = rng.random((n, 4))
+    v[rng.random(n) < 0.2] = np.nan  # steps without tokens of a modality
+    v[20:30] = np.nan  # a whole bucket
+    for vals in (v, np.nan_to_num(v)):  # with and without NaN
+        xs, m, size = mean_columns(np.arange(n) * 5, vals, target=101)
+        assert size == b and list(xs) == list(np.arange(0, n, b) * 5)
+        with warnings.catch_warnings():  # nanmean of the all-NaN bucket warns
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.array([np.nanmean(vals[i:i + b], axis=0) for i in range(0, n, b)])
+        np.testing.assert_allclose(m, ref, rtol=1e-12, equal_nan=True)
+    assert np.isnan(mean_columns(np.arange(n), v, target=101)[1][2]).all()
 
 
 def test_a_zoom_belongs_to_the_selection_it_was_made_in():

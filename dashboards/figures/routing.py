@@ -56,9 +56,9 @@ def load_heatmap(root, run_id, layer, modality, xrange=None) -> go.Figure:
                         step_range=xrange)
     if s is None or len(s.steps) == 0:
         return message_figure("no routing rows committed yet", "expert load")
-    load = s.values.astype(np.float64)
-    tot = load.sum(axis=1, keepdims=True)
-    share = np.divide(load, tot, out=np.full_like(load, np.nan), where=tot > 0)
+    share = s.values.astype(np.float64)  # a copy (the slice is cached): divided in place
+    with np.errstate(invalid="ignore"):
+        share /= share.sum(axis=1, keepdims=True)  # a step without tokens: 0/0, NaN
     return step_heatmap(s.steps, share, s.coords["expert"],
                         title=f"{run_id} · expert load share — layer {layer}, {modality}", ylabel="expert",
                         colorscale="Viridis", uirevision=f"{run_id}/load")
