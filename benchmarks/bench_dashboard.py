@@ -107,6 +107,7 @@ def routing_first_paint(root, rid, layer, verbose=True):
 def bench_server_side(root, rid, layer="5", repeat=1):
     from dashboards.app import _warm_up
     _warm_up()  # a running server has paid plotly's lazy imports already
+    data.tune_reads()  # and reads with the server's zarr settings
     meta = data.run_meta(root, rid)
     print(f"store {root}/{rid}: {meta['committed']} committed rows, {len(meta['layers'])} layers")
     # Timings on a shared machine mean little without its load; OS file cache is warm here

@@ -51,12 +51,7 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         routing_callback_inputs={"sel": State("sel", "data")},
     )
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
-    # zarr decodes the chunks of a read in batches of `batch_size` (default 1: each chunk goes
-    # through its async pipeline alone). A view reads ~100 chunks of one array; in batches of
-    # 64, reading a (step, layer, modality) block of the large store took 40 instead of 56 ms
-    # and 53 instead of 73 ms of CPU. The dashboard only reads, in its own process.
-    import zarr
-    zarr.config.set({"codec_pipeline.batch_size": 64})
+    data.tune_reads()
     _without_core_js(app)
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request
