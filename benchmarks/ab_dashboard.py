@@ -4,15 +4,18 @@
 
 On this shared 2-core VM one page open varies by ±0.3-0.5 s from minute to minute, more than
 most changes gain, so two runs of bench_dashboard.py taken apart cannot tell a change's effect.
-Here each revision gets its own checkout (a git worktree) and its own server (warmed at start),
-and the Routing page is opened in a fresh chromium profile for each revision in turn, round after
-round, with the starting revision rotated. Chromium is started `--settle` seconds (default 3)
-before the page is opened: a user's browser is already running when they open the dashboard,
-while a just-launched chromium spends its first ~2 s setting itself up (profile, a spare
-renderer process) on the same 2 cores, ~0.3 s of a page opened at once (`--settle 0` measures
-that case). Per open, from the page's clock and a chromium trace:
+Here each revision gets its own checkout (a git worktree) and its own server (warmed at start;
+with `--cold`, a new server without start-up warming for each open), and the Routing page is
+opened in a fresh chromium profile for each revision in turn, round after round, with the
+starting revision rotated. Chromium is started `--settle` seconds (default 3) before the page
+is opened: a user's browser is already running when they open the dashboard, while a
+just-launched chromium keeps setting itself up on the same 2 cores (a second renderer process
+alone used 0.3-0.5 s of CPU during pages opened at once, ~0 after 3 s); pages opened at once
+took 0.1-0.3 s longer (`--settle 0` measures that case). Per open, from the page's clock and a
+chromium trace:
 
-* first screen: ms from navigation until the graphs in the 1400×1000 window hold the run's data;
+* first screen: ms from navigation until the graphs in the 1400×1000 window hold the run's data
+  (also: how many opens took < 1 s, and every open's value);
 * all graphs: ms until all 7 do;
 * main-thread CPU: CPU time of the renderer's main thread until the first screen (the work
   the page costs, less sensitive than wall times to what else the machine runs).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,38 +76,10 @@ def _main_thread_cpu_ms(events, until_ms: float) -> float:
     return cpu / 1000
 
 
-class _Server(T.Server):
-    """`python -m dashboards.app` of a revision's checkout (cwd: `python -m` puts the working
-    directory first on sys.path), with or without start-up warming."""
-
-    def __init__(self, tree: Path, store, *, cold: bool = True):
-        super().__init__(store, refresh=60.0, timeout=180)
-        self.tree, self.cold = tree, cold
-
-    def __enter__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": str(self.tree), "MOE_PROBE_DASH_PREWARM": "0" if self.cold else "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.app", self.root, "--port", str(self.port),
-             "--refresh", "60"], stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.tree)
-        T.wait_for(lambda: self._up(), self.timeout, what=f"server of {self.tree}")
-        if not self.cold:
-            T.wait_for(lambda: "prewarm" in self.output(), self.timeout,
-                       what=f"start-up warm-up of {self.tree}")
-        return self
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"dashboard exited: {self.output()}")
-        try:
-            with urllib.request.urlopen(self.url + "/_dash-layout", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-
-def _start_server(tree: Path, store, cold: bool) -> _Server:
-    return _Server(tree, store, cold=cold).__enter__()
+def _server(tree: Path, store, cold: bool) -> T.Server:
+    """`python -m dashboards.app` of a revision's checkout, with or without start-up warming."""
+    return T.Server(store, refresh=60.0, timeout=180, repo=tree,
+                    env={"MOE_PROBE_DASH_PREWARM": "0" if cold else "1"})
 
 
 def _first_visit(url: str, rid: str, settle_s: float) -> tuple[float, float, float, int]:
@@ -136,50 +111,60 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=3.0,
                     help="seconds between starting chromium and opening the page (0: at once)")
     a = ap.parse_args(argv)
+    if a.settle < 0:
+        ap.error("--settle must be >= 0 seconds")
     if len(a.revs) < 2:
         ap.error("give at least two revisions")
     if (why := T.browser_missing()):
         ap.error(why)
     tmp = tempfile.TemporaryDirectory(prefix="moe_probe_ab_")
-    trees, servers = [], []
+    trees, servers = [], contextlib.ExitStack()
     try:
         for i, rev in enumerate(a.revs):
             tree = Path(tmp.name) / str(i)
             subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q",
                             str(tree), rev], check=True)
             trees.append(tree)
+        warm = []
         if not a.cold:  # one server per revision, warmed at start, for all rounds
-            servers = [_start_server(tree, a.store, cold=False) for tree in trees]
-        res = {i: [] for i in range(len(a.revs))}
-        for k in range(a.rounds):
-            order = list(range(len(a.revs)))
-            for i in order[k % len(order):] + order[:k % len(order)]:
-                if a.cold:  # a new server for each open: nothing read yet
-                    with _Server(trees[i], a.store) as srv:
-                        res[i].append(_first_visit(srv.url, a.run, a.settle))
-                else:
-                    res[i].append(_first_visit(servers[i].url, a.run, a.settle))
-        print(f"Routing page, first visits (fresh chromium profile started {a.settle:g} s before, "
-              f"{'new server without start-up warming' if a.cold else 'server warmed at start'}"
-              f"), median of {a.rounds} rounds; ratio to {a.revs[0]}")
-        print(f"  {'revision':24s} {'first screen':>18s} {'all graphs':>18s} "
-              f"{'main-thread CPU':>18s}  first screens < 1 s  console errors")
-        ref = [statistics.median(x[j] for x in res[0]) for j in range(3)]
-        for i, rev in enumerate(a.revs):
-            med = [statistics.median(x[j] for x in res[i]) for j in range(3)]
-            cells = "".join(f"{m:9.0f} ms ({m / r:4.2f})" for m, r in zip(med, ref))
-            under = sum(x[0] < 1000 for x in res[i])
-            print(f"  {rev[:24]:24s} {cells}  {under:>9d} of {len(res[i]):<9d} "
-                  f"{sum(x[3] for x in res[i])}")
-            print(f"  {'':24s} first screens: {sorted(round(x[0]) for x in res[i])}")
+            for tree in trees:
+                srv = servers.enter_context(_server(tree, a.store, cold=False))
+                T.wait_for(lambda s=srv: "prewarm" in s.output(), 180,
+                           what=f"start-up warm-up of {tree}")
+                warm.append(srv)
+        _rounds(a, trees, warm)
     finally:
-        for srv in servers:
-            srv.__exit__()
+        servers.close()  # before their checkouts go
         for tree in trees:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                            check=False)
         tmp.cleanup()
     return 0
+
+
+def _rounds(a, trees, warm) -> None:
+    res = {i: [] for i in range(len(a.revs))}
+    for k in range(a.rounds):
+        order = list(range(len(a.revs)))
+        for i in order[k % len(order):] + order[:k % len(order)]:
+            if a.cold:  # a new server for each open: nothing read yet
+                with _server(trees[i], a.store, cold=True) as srv:
+                    res[i].append(_first_visit(srv.url, a.run, a.settle))
+            else:
+                res[i].append(_first_visit(warm[i].url, a.run, a.settle))
+    print(f"Routing page, first visits (fresh chromium profile started {a.settle:g} s before, "
+          f"{'new server without start-up warming' if a.cold else 'server warmed at start'}"
+          f"), median of {a.rounds} rounds; ratio to {a.revs[0]}")
+    print(f"  {'revision':24s} {'first screen':>18s} {'all graphs':>18s} "
+          f"{'main-thread CPU':>18s}  first screens < 1 s  console errors")
+    ref = [statistics.median(x[j] for x in res[0]) for j in range(3)]
+    for i, rev in enumerate(a.revs):
+        med = [statistics.median(x[j] for x in res[i]) for j in range(3)]
+        cells = "".join(f"{m:9.0f} ms ({m / r:4.2f})" for m, r in zip(med, ref))
+        under = sum(x[0] < 1000 for x in res[i])
+        print(f"  {rev[:24]:24s} {cells}  {under:>9d} of {len(res[i]):<9d} "
+              f"{sum(x[3] for x in res[i])}")
+        print(f"  {'':24s} first screens: {sorted(round(x[0]) for x in res[i])}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,10 @@ def _warm_async(root_p: Path) -> None:
         finally:
             _warming.release()
 
-    threading.Thread(target=run, name="moe-probe-warm-on-open", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="moe-probe-warm-on-open", daemon=True).start()
+    except RuntimeError:  # no thread to be had: the page's callbacks read the views themselves
+        _warming.release()
 
 
 def _without_core_js(app: dash.Dash) -> None:
@@ -148,8 +151,9 @@ def _prewarm(root_p: Path, quiet: bool = False) -> None:
     at start-up (and when a browser asks for the page, `quiet`). On a long run they cost ~1 s of
     zarr decoding; the figure memo and slice caches are keyed on committed rows, so what this
     computes is exactly what the first visitor's callbacks would (a later commit simply misses
-    the cache). Best effort: any error is left for the page to report. Disable the start-up
-    warming with MOE_PROBE_DASH_PREWARM=0 (the benchmark times both)."""
+    the cache). Best effort: any error is left for the page to report.
+    MOE_PROBE_DASH_PREWARM=0 turns off the start-up warming only (the benchmark times both); a
+    request for the page still warms."""
     t0 = time.perf_counter()
     try:
         from dashboards.figures import routing as R
@@ -308,7 +312,10 @@ def serve(args) -> int:
     app = create_app(args.root, float(args.refresh))
     # Dash sets itself up on the first request it serves (layout validation, asset scan,
     # callback map: ~0.3 s on the large store); pay that here, not in the first visitor's page.
-    app.server.test_client().get("/_dash-layout")
+    r = app.server.test_client().get("/_dash-layout")
+    if r.status_code != 200:
+        raise RuntimeError(f"the dashboard cannot build its layout (HTTP {r.status_code}); "
+                           "see the log above")
     print(f"moe_probe dashboard for {app.server.config['MOE_PROBE_ROOT']} "
           f"on http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=int(args.port), debug=False)

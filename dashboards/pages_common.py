@@ -82,18 +82,3 @@ def zoom_range(zoom, sel, key_of) -> list | None:
         return None
     return zoom.get("range")
 
-
-def first_screen_gate(store_id: str) -> None:
-    """Register the gate `first_screen_store(store_id, ...)`: its store gets `True` once the
-    page's first-screen graphs have been drawn (assets/clientside.js, `drawn`). Views below the
-    first screen take the store as an Input, so Dash runs them only then: on a first visit their
-    requests, server work and drawing would otherwise compete for the CPU with the first screen
-    (and plotly.js, still cold, sometimes drew one of them first). Call at import time."""
-    clientside_callback(ClientsideFunction("moe_probe", "drawn"), Output(store_id, "data"),
-                        Input(f"{store_id}-graphs", "data"))
-
-
-def first_screen_store(store_id: str, *graph_ids: str) -> list[dcc.Store]:
-    """The stores of `first_screen_gate(store_id)` for a page whose first screen is `graph_ids`."""
-    return [dcc.Store(id=f"{store_id}-graphs", data=list(graph_ids)),
-            dcc.Store(id=store_id, data=None)]

@@ -40,35 +40,43 @@ def free_port() -> int:
 
 
 class Server:
-    """`moe-probe dash ROOT` in a subprocess; use as a context manager."""
+    """`moe-probe dash ROOT` in a subprocess; use as a context manager. `repo`: the checkout to
+    run (default: this one); `env`: extra environment variables."""
 
-    def __init__(self, root, *, refresh: float = 1.0, port: int | None = None, timeout: float = 60):
+    def __init__(self, root, *, refresh: float = 1.0, port: int | None = None, timeout: float = 60,
+                 repo=None, env: dict | None = None):
         self.root, self.refresh, self.port = str(root), refresh, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.timeout = timeout
+        self.repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile("w+", prefix="moe_probe_dash_", suffix=".log",
                                                delete=False)
 
     def __enter__(self):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        repo = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.env}
+        env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
+        # cwd: `python -m` puts the working directory first on sys.path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dashboards.app", self.root, "--port", str(self.port),
-             "--refresh", str(self.refresh)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             "--refresh", str(self.refresh)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            cwd=self.repo)
         deadline = time.time() + self.timeout
+        why = f"did not start in {self.timeout}s"
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dashboard exited with {self.proc.returncode}: {self.output()}")
+                why = f"exited with {self.proc.returncode}"
+                break
             try:
                 with urllib.request.urlopen(self.url + "/_dash-layout", timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
                 time.sleep(0.2)
+        out = self.output()
         self.__exit__()
-        raise RuntimeError(f"dashboard did not start in {self.timeout}s: {self.output()}")
+        raise RuntimeError(f"dashboard {why}: {out}")
 
     def output(self) -> str:
         self.log.flush()
@@ -81,6 +89,8 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
         return False
 
 

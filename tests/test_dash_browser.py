@@ -244,17 +244,19 @@ def test_pages_use_the_vendored_plotly(page, server):
 # Installed before the page's scripts: for each callback request, its outputs and whether the
 # Routing page's first-screen graphs had been drawn when it was sent.
 _REQUESTS_JS = """
-window.__requests = [];
-const fetch0 = window.fetch;
-window.fetch = function (input, init) {
-  if (String(input && input.url || input).includes('_dash-update-component')) {
-    const drawn = ['routing-cap-lines', 'routing-cap-heat', 'routing-load-heat'].every(id => {
-      const gd = document.querySelector('#' + id + ' .js-plotly-plot');
-      return !!(gd && gd._fullLayout); });
-    window.__requests.push([JSON.parse(init.body).output, drawn]);
-  }
-  return fetch0.apply(this, arguments);
-};
+(() => {
+  window.__requests = [];
+  const fetch0 = window.fetch;
+  window.fetch = function (input, init) {
+    if (String(input && input.url || input).includes('_dash-update-component')) {
+      const drawn = ['routing-cap-lines', 'routing-cap-heat', 'routing-load-heat'].every(id => {
+        const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+        return !!(gd && gd._fullLayout); });
+      window.__requests.push([JSON.parse(init.body).output, drawn]);
+    }
+    return fetch0.apply(this, arguments);
+  };
+})();
 """
 
 

@@ -264,14 +264,24 @@ def test_heatmap_axes_number_consecutive_ids_and_keep_other_labels_in_order():
         assert fig.layout.yaxis.type == "category" and list(fig.data[0].y) == labels
 
 
-def test_a_view_asked_for_twice_at_once_is_built_once(root):
+def test_a_view_asked_for_twice_at_once_is_built_once(root, monkeypatch):
     """A page's callback asking for a view while the server warms the same view (app.py) waits
     for that build instead of reading the store a second time; a build that fails is not
-    shared: each caller then builds, and reports, for itself."""
+    shared: the waiter then builds, and reports, for itself."""
     import threading
+    from concurrent.futures import Future
+
+    from dashboards import figures
     from dashboards.figures import memo
 
-    calls, started, release = [], threading.Event(), threading.Event()
+    calls, started, release, waiting = [], threading.Event(), threading.Event(), threading.Event()
+
+    class _Watched(Future):
+        def result(self, timeout=None):
+            waiting.set()  # a second caller is waiting on the first one's build
+            return super().result(timeout)
+
+    monkeypatch.setattr(figures, "Future", _Watched, raising=False)
 
     @memo
     def view(root_, run_id, what):
@@ -283,7 +293,9 @@ def test_a_view_asked_for_twice_at_once_is_built_once(root):
         return {"built": what}
 
     for what in ("ok", "broken"):
-        calls.clear(), started.clear(), release.clear()
+        for ev in (started, release, waiting):
+            ev.clear()
+        calls.clear()
         out = []
 
         def ask():
@@ -297,9 +309,10 @@ def test_a_view_asked_for_twice_at_once_is_built_once(root):
         assert started.wait(10)
         second = threading.Thread(target=ask)
         second.start()
-        time.sleep(0.3)  # the second caller is now waiting on the first build (or building)
+        assert waiting.wait(10), "the second caller built instead of waiting"
         release.set()
-        first.join(10), second.join(10)
+        for t in (first, second):
+            t.join(10)
         assert len(out) == 2
         if what == "ok":
             assert calls == ["ok"] and out[0] is out[1]

@@ -1,9 +1,13 @@
-// Clientside callbacks of the pages (dashboards/pages_common.py).
+// Clientside callbacks of the pages (registered in dashboards/pages_common.py and pages/).
 //
 // zoom: zoom requests, filtered in the browser. A graph reports relayoutData after every draw
 // (autosize), legend click or y zoom; sent to the server, each would re-run (and, while the
 // first call of a page is in flight, supersede) the view's callback. Only a change of the
 // visible x range is written to the view's zoom store, with the selection it was made in.
+
+// How long `drawn` waits for a first screen before it lets the rest of the page go anyway.
+const DRAWN_WAIT_MS = 10000;
+
 window.dash_clientside = Object.assign({}, window.dash_clientside, {
   moe_probe: {
     zoom: function () {
@@ -14,10 +18,11 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       return {range: range, sel: sel};
     },
 
-    // drawn: resolves (true) once each graph in `ids` has been drawn by plotly, or after
-    // `DRAWN_WAIT_MS` whatever happened (a graph that never draws must not hold the rest of the
-    // page). Views below the first screen take its store as an Input: Dash runs them only then,
-    // so their requests, server work and drawing do not compete with the first screen's.
+    // drawn: resolves (true) once plotly has plotted each graph in `ids` (it sets _fullLayout
+    // when it starts plotting one; this polls from its own tasks, and plotting these traces
+    // takes a single task), or after DRAWN_WAIT_MS whatever
+    // happened: a graph that never draws must not hold the rest of the page back. Views below
+    // the first screen take its output as an Input (pages/routing.py): Dash runs them only then.
     drawn: function (ids) {
       const t0 = performance.now();
       return new Promise(function (resolve) {
@@ -33,8 +38,6 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
     }
   }
 });
-
-const DRAWN_WAIT_MS = 5000;
 
 // undefined: the x range did not change; null: back to all steps; else [lo, hi]. Any x axis
 // counts (`xaxis2.range[0]`... in subplots whose x axes are linked).

@@ -27,7 +27,8 @@ def memo(fn):
     Building a plotly figure (validation of every property) costs more than the cached slice
     it shows; refresh ticks, page revisits and several browser tabs ask for the same figure.
     A figure being built is built once: a second caller (a page's callback while the server
-    warms the same view, see dashboards/app.py) waits for the first one's result."""
+    warms the same view, see dashboards/app.py) waits for the first one's result. A failed
+    build is not shared: each waiter then asks again, and one of them builds."""
 
     @functools.wraps(fn)
     def wrapper(root, runs, *args, **kwargs):
@@ -51,8 +52,8 @@ def memo(fn):
         if not mine:
             try:
                 return fut.result()
-            except Exception:  # noqa: BLE001 - the builder's error is reported by our own call
-                return fn(root, runs, *args, **kwargs)
+            except BaseException:  # noqa: BLE001 - not shared: ask again (and build, report)
+                return wrapper(root, runs, *args, **kwargs)
         try:
             fig = fn(root, runs, *args, **kwargs)
             _figs.put(key, fig)

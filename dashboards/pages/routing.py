@@ -4,14 +4,13 @@ focused run at the selected layer/modality (header controls → `sel` store)."""
 from __future__ import annotations
 
 import dash
-from dash import Input, Output, State, callback, ctx, dcc, html
+from dash import ClientsideFunction, Input, Output, State, callback, clientside_callback, ctx, dcc, html
 
 from dashboards import data
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
 from dashboards.pages_common import (
-    figures_or_message, first_screen_gate, first_screen_store, need, opened_with_page, root_of,
-    zoom_callback, zoom_range, zoom_store,
+    figures_or_message, need, opened_with_page, root_of, zoom_callback, zoom_range, zoom_store,
 )
 
 dash.register_page(__name__, path="/routing", name="Routing", order=1)
@@ -37,8 +36,10 @@ def layout(sel=None, **_query):
         zoom_store("routing-zoom-cap"),
         zoom_store("routing-zoom-load"),
         zoom_store("routing-zoom-bal"),
-        *first_screen_store("routing-fold", "routing-cap-lines", "routing-cap-heat",
-                            "routing-load-heat"),
+        # The first screen's graphs, and the gate their drawing opens (see below).
+        dcc.Store(id="routing-fold-graphs",
+                  data=["routing-cap-lines", "routing-cap-heat", "routing-load-heat"]),
+        dcc.Store(id="routing-fold", data=None),
     ])
 
 
@@ -46,8 +47,13 @@ def layout(sel=None, **_query):
 zoom_callback("routing-zoom-cap", "routing-cap-lines")
 zoom_callback("routing-zoom-load", "routing-load-heat")
 zoom_callback("routing-zoom-bal", "routing-balance")
-# The views below the first screen (balance, per step, saturation) start once it is drawn.
-first_screen_gate("routing-fold")
+# The views below the first screen (balance, per step, saturation) take `routing-fold` as an
+# Input: Dash runs them only once the browser has drawn the first screen (assets/clientside.js,
+# `drawn`, which gives up waiting after 10 s). On a first visit their requests, server work and
+# drawing otherwise compete with the first screen for the CPU, and plotly.js, still cold,
+# sometimes drew one of them first (+0.2 s).
+clientside_callback(ClientsideFunction("moe_probe", "drawn"), Output("routing-fold", "data"),
+                    Input("routing-fold-graphs", "data"))
 
 
 def _key(sel):
