@@ -20,9 +20,9 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
 
     // drawn: resolves (true) once plotly has plotted each graph in `ids` (it sets _fullLayout
     // when it starts plotting one; this polls from its own tasks, and plotting these traces
-    // takes a single task), or after DRAWN_WAIT_MS whatever
-    // happened: a graph that never draws must not hold the rest of the page back. Views below
-    // the first screen take its output as an Input (pages/routing.py): Dash runs them only then.
+    // takes a single task), or after DRAWN_WAIT_MS whatever happened: a graph that never draws
+    // must not hold the rest of the page back. Views below the first screen take its output as
+    // an Input (pages/routing.py): Dash runs them only then.
     drawn: function (ids) {
       const t0 = performance.now();
       return new Promise(function (resolve) {

@@ -4,7 +4,9 @@ focused run at the selected layer/modality (header controls → `sel` store)."""
 from __future__ import annotations
 
 import dash
-from dash import ClientsideFunction, Input, Output, State, callback, clientside_callback, ctx, dcc, html
+from dash import (
+    ClientsideFunction, Input, Output, State, callback, clientside_callback, ctx, dcc, html,
+)
 
 from dashboards import data
 from dashboards.components import graph, labelled, row, section
