@@ -81,4 +81,3 @@ def zoom_range(zoom, sel, key_of) -> list | None:
     if not zoom or key_of(zoom.get("sel") or {}) != key_of(sel or {}):
         return None
     return zoom.get("range")
-
