@@ -38,6 +38,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from moe_probe import open_run
+from moe_probe.run import Run
 
 pio.renderers.default = "plotly_mimetype"  # figure JSON only: the notebook stays small
 
@@ -52,8 +53,8 @@ def fixture_runs(names):
 
 
 run_dirs = [Path(p) for p in RUN_DIRS.split(os.pathsep) if p] or fixture_runs(DEFAULT_FIXTURES)
-stores = {open_run(d).info()["name"]: open_run(d) for d in run_dirs}
-{name: s.info()["committed_steps"] for name, s in stores.items()}
+stores = {Run(d).info().name: open_run(d) for d in run_dirs}
+{Run(d).info().name: Run(d).info().committed for d in run_dirs}
 
 # %% [markdown]
 # ## Fig. 5a: capacity rate per token kind, mean over layers

@@ -40,6 +40,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from moe_probe import open_run
+from moe_probe.run import Run
 
 pio.renderers.default = "plotly_mimetype"
 
@@ -54,7 +55,7 @@ def fixture_runs(names):
 
 
 run_dirs = [Path(p) for p in RUN_DIRS.split(os.pathsep) if p] or fixture_runs(DEFAULT_FIXTURES)
-stores = {open_run(d).info()["name"]: open_run(d) for d in run_dirs}
+stores = {Run(d).info().name: open_run(d) for d in run_dirs}
 grads = {name: s.dataset("grad").load() for name, s in stores.items() if "grad" in s.groups}
 {name: int(ds.sizes["step"]) for name, ds in grads.items()}
 

@@ -42,6 +42,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from moe_probe import open_run
+from moe_probe.run import Run
 
 pio.renderers.default = "plotly_mimetype"
 
@@ -60,11 +61,11 @@ if RUN_DIRS:
     control_dir = Path(CONTROL_DIR) if CONTROL_DIR else None
 else:
     *run_dirs, control_dir = fixture_runs(DEFAULT_FIXTURES + [DEFAULT_CONTROL])
-stores = {open_run(d).info()["name"]: open_run(d) for d in run_dirs}
+stores = {Run(d).info().name: open_run(d) for d in run_dirs}
 control = open_run(control_dir) if control_dir else None
 series = {name: s.dataset("probe").load() for name, s in stores.items() if "probe" in s.groups}
 if control is not None and "probe" in control.groups:
-    series[f"{control.info()['name']} (control)"] = control.dataset("probe").load()
+    series[f"{Run(control_dir).info().name} (control)"] = control.dataset("probe").load()
 list(series)
 
 # %% [markdown]

@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe_probe.store import StoreWriter, default_coords, open_run  # noqa: E402
+from moe_probe.run import open_run, store_path  # noqa: E402
+from moe_probe.store import StoreWriter, default_coords  # noqa: E402
 
 SIZES = {"demo (4 L × 8 E)": (4, 8), "hf (32 L × 64 E)": (32, 64)}
 
@@ -46,7 +47,7 @@ def bench_writer(steps: int, n_layers: int, n_experts: int, chunk: int, workdir:
     coords = default_coords(layers=[str(i) for i in range(n_layers)], n_experts=n_experts,
                             isolated_metrics=None, groups=("routing", "loss"))
     run = workdir / f"w{n_layers}-{n_experts}-{chunk}"
-    w = StoreWriter.create(run, attrs={"run": {"name": "bench"}, "model": {}}, coords=coords,
+    w = StoreWriter.create(store_path(run), attrs={"run": {"name": "bench"}, "model": {}}, coords=coords,
                            chunk_steps={"routing": chunk})
     t_append = 0.0
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ def bench_writer(steps: int, n_layers: int, n_experts: int, chunk: int, workdir:
         time.sleep(step_s)  # the training step (sleeping: leaves the CPU to the writer thread)
     w.close()
     wall = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in (run / "traces.zarr").rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in store_path(run).rglob("*") if p.is_file())
     return {"append_us": 1e6 * t_append / steps,
             "write_us": 1e6 * w.stats["write_seconds"] / steps,
             "writes": w.stats["writes"], "bytes": size / steps, "wall_s": wall}

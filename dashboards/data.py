@@ -21,8 +21,8 @@ import pandas  # noqa: F401
 import xarray  # noqa: F401
 
 from moe_probe.modalities import MODALITIES
-
-STORE_NAME = "traces.zarr"
+from moe_probe.run import Run, find_runs, open_run
+from moe_probe.store import NotMeasured
 
 
 class DataError(ValueError):
@@ -55,7 +55,7 @@ def resolve_run(root, run_id: str) -> Path:
     target = (root_r / Path(*rel.parts)).resolve()
     if target != root_r and not target.is_relative_to(root_r):
         raise DataError(f"run id {run_id!r} is outside the dashboard root")
-    store = (target / STORE_NAME)
+    store = Run(target).store_path
     if not store.exists():
         raise DataError(f"run {run_id!r} not found under the dashboard root")
     # The store itself may be a symlink pointing out of ROOT.
@@ -71,14 +71,8 @@ def list_runs(root) -> list[str]:
     run pointing outside ROOT is never listed. A run directory that vanishes meanwhile is skipped.
     """
     root_r = check_root(root)
-    try:
-        from moe_probe.store.reader import find_runs
-        found = [Path(p) for p in find_runs(root_r)]
-    except ImportError:  # reader not built yet: same rule by hand
-        found = [p.parent for p in root_r.rglob(STORE_NAME)]
     ids = []
-    for p in found:
-        p = p.parent if p.name == STORE_NAME else p
+    for p in find_runs(root_r):
         try:
             rel = p.absolute().relative_to(root_r) if p.is_absolute() else p
         except ValueError:
@@ -98,10 +92,9 @@ def list_runs(root) -> list[str]:
 # --------------------------------------------------------------------------------------- stores
 def open_store(root, run_id: str):
     """RunStore of a run inside ROOT; reader errors become DataError (shown on the page)."""
-    import moe_probe
     path = resolve_run(root, run_id)
     try:
-        return moe_probe.open_run(path)
+        return open_run(path)
     except (ValueError, OSError, KeyError) as e:
         raise DataError(f"{run_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
@@ -239,7 +232,8 @@ class Slice:
 
 def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **sel) -> Slice | None:
     """One variable of one group, cut to labels `sel` (e.g. layer="3", modality="vae") and an
-    inclusive `step_range` before data is read. None while the group holds no rows.
+    inclusive `step_range` before data is read. None while the group holds no rows;
+    :class:`NotMeasured` for a declared optional array the run did not record.
 
     The step window and (for per-layer-chunked arrays) the label positions index the lazy backend
     array directly, so only the chunks covering the cut are fetched and decoded.
@@ -253,8 +247,12 @@ def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **se
     if hit is not None:
         return hit
     ds = _dataset(store, group)
-    if ds is None or var not in ds:
+    if ds is None:
         return None
+    if var not in ds:
+        if store.measured(group, var):
+            return None
+        raise NotMeasured(f"{group}/{var}: not measured in this run")
     da = ds[var]
     idx = {}
     for dim, label in sel.items():

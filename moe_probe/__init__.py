@@ -4,12 +4,13 @@ Importing the package must stay cheap and torch-free: readers (diagnose, dashboa
 notebooks) import ``moe_probe.open_run`` without pulling in torch.
 """
 
-__version__ = "0.1.0"
+from moe_probe._version import __version__
 
 
 def open_run(run_dir, **kwargs):
-    """Open ``RUN_DIR/traces.zarr`` for reading (see :mod:`moe_probe.store.reader`)."""
-    from moe_probe.store.reader import open_run as _open_run
+    """Open a run's trace store for reading (see :mod:`moe_probe.run` and
+    :mod:`moe_probe.store.reader`)."""
+    from moe_probe.run import open_run as _open_run
 
     return _open_run(run_dir, **kwargs)
 

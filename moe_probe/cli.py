@@ -24,7 +24,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=None,
                    help="steps of this stage (stage 1 of a stage-2 recipe: --set base.steps=N)")
     t.add_argument("--out", default=None, help="run directory (default runs/<recipe>-s<seed>)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=None, help="default 0 (a resumed run keeps its own)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -30,5 +30,3 @@ toward `all`. A component a layer lacks is NaN in the store."""
 
 ISOLATED_METRICS: tuple[str, ...] = ("text_loss", "mmu_loss", "digit_acc")
 """Labels of the store's `probe/isolated` `metric` dim (trace/isolated.py computes them)."""
-
-SCHEMA_VERSION: int = 1

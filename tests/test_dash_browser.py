@@ -404,6 +404,7 @@ def test_runs_page_verdicts_and_compare_overlay(page, server, root):
 def test_live_run_appends_and_runs_come_and_go(page, server, root):
     """A writer appends to `live` while the page refreshes: new committed steps appear, garbage
     rows past the marker never do; a run directory appearing/disappearing is no error."""
+    from moe_probe.run import store_path
     from moe_probe.store import StoreWriter
 
     d = page
@@ -414,7 +415,7 @@ def test_live_run_appends_and_runs_come_and_go(page, server, root):
     assert max(g["traces"][0]["x"]) == last
     assert np.nanmax(_arr(g["traces"][0]["y"])) < 2  # no GARBAGE (1e9) past the marker
 
-    writer, _ = StoreWriter.resume(root / "live")
+    writer, _ = StoreWriter.resume(store_path(root / "live"))
     L, M, E = (before.sizes[k] for k in ("layer", "modality", "expert"))
     try:
         for s in range(last + 1, last + 6):

@@ -225,13 +225,14 @@ def test_a_diagnosis_not_ready_is_pending_then_cached(tmp_path):
 def test_runs_with_other_token_kinds_hf_scan_style(tmp_path):
     """HF scans label token kinds by input file (text, text_b): views follow the run's labels."""
     from dashboards.figures import compare as CMP, routing as R
+    from moe_probe.run import store_path
     from moe_probe.store import StoreWriter, default_coords
 
     coords = default_coords(layers=["0", "1"], n_experts=4, groups=("routing", "loss"))
     coords["routing"]["modality"] = ["text", "text_b"]
     attrs = {"run": {"name": "scan"}, "model": {"arch": "hf", "experts": 4, "top_k": 2},
              "modalities": ["text", "text_b"]}
-    with StoreWriter.create(tmp_path / "scan", attrs=attrs, coords=coords) as w:
+    with StoreWriter.create(store_path(tmp_path / "scan"), attrs=attrs, coords=coords) as w:
         for s in range(5):
             w.append("routing", s, tokens=np.full((2, 2), 8, np.int32),
                      kept=np.full((2, 2), 16.0, np.float32),

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 
 from moe_probe.cli import main  # noqa: E402
 from moe_probe.hf.loading import load_model, read_windows  # noqa: E402
-from moe_probe.store.reader import open_run  # noqa: E402
+from moe_probe.run import open_run  # noqa: E402
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
@@ -49,7 +49,7 @@ def qwen_run(tmp_path_factory):
 def test_scan_store_reads_and_follows_schema(qwen_run):
     d, _, _, out = qwen_run
     run = open_run(out)
-    assert set(run.groups) == {"routing", "loss", "grad", "probe"}
+    assert set(run.groups) == {"routing", "loss", "grad", "probe", "grad_expert"}
     assert run.attrs["model"]["arch"] == "qwen2_moe"
     assert run.attrs["model"]["shared_experts"] == 1
     assert run.attrs["modalities"] == ["text", "text_b"]
@@ -75,6 +75,11 @@ def test_scan_store_reads_and_follows_schema(qwen_run):
     assert np.isfinite(iso).all()
     e = xr.open_zarr(run.store_path, group="grad_expert", consolidated=False)
     assert e["cosine"].dims == ("step", "layer", "expert")
+    # Written through the writer: same rows as `grad`, checksummed chunks, commit marker.
+    assert list(run.dataset("grad_expert")["step"].values) == list(g["step"].values)
+    codecs = [c["name"] for c in json.loads((run.store_path / "grad_expert" / "cosine" /
+                                             "zarr.json").read_text())["codecs"]]
+    assert "crc32c" in codecs and e.attrs["committed_steps"] == g.sizes["step"]
     # Per-expert squared norms add up to the layer's routed-experts norm².
     np.testing.assert_allclose((e["norm_und"].values ** 2).sum(-1),
                                g["norm_und"].sel(component="experts", layer=["0", "1"]).values ** 2,

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_probe.store import StoreWriter, open_run
+from moe_probe.run import open_run, store_path
+from moe_probe.store import StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,16 +39,17 @@ exec(VALUES)
 
 CHILD = VALUES + textwrap.dedent("""
     import sys, time
+    from moe_probe.run import store_path
     from moe_probe.store import StoreWriter, default_coords
     run, mode = sys.argv[1], sys.argv[2]
     if mode == "create":
         coords = default_coords(layers=["0", "1"], n_experts=4, isolated_metrics=None,
                                 groups=("routing", "loss", "grad"))
-        w = StoreWriter.create(run, attrs={"run": {"name": "crash"}, "model": {"arch": "moe"}},
+        w = StoreWriter.create(store_path(run), attrs={"run": {"name": "crash"}, "model": {"arch": "moe"}},
                                coords=coords, chunk_steps={"routing": 64, "loss": 64, "grad": 8},
                                linger=0.002)
     else:
-        w, _ = StoreWriter.resume(run, linger=0.002)
+        w, _ = StoreWriter.resume(store_path(run), linger=0.002)
     nxt = {g: (w.last_step(g) + 1 if w.last_step(g) is not None else 0) for g in w.groups}
     s = min(nxt.values())
     print("ready", s, flush=True)
@@ -122,7 +124,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     # a kill can leave them at quite different counts: only the total must grow)
     assert sum(seen[-1].values()) > sum(seen[0].values()) > 0, seen
     # a final in-process resume: garbage past the markers is dropped, writing continues
-    w, committed = StoreWriter.resume(run)
+    w, committed = StoreWriter.resume(store_path(run))
     assert committed == {g: seen[-1][g] for g in ("routing", "loss", "grad")}
     assert not list((run / "traces.zarr").rglob("*.partial"))
     n = committed["loss"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from moe_probe.store import StoreError, StoreWriter, default_coords, open_run
+from moe_probe.run import open_run, store_path
+from moe_probe.store import StoreError, StoreWriter, default_coords
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
 
@@ -20,7 +21,7 @@ def _one_line(excinfo):
 
 
 def _small(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs={"run": {"name": "e"}, "model": {}},
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs={"run": {"name": "e"}, "model": {}},
                            coords=default_coords(layers=["0"], n_experts=2, isolated_metrics=None))
     w.append_rows("loss", np.arange(40), value=np.arange(240.0).reshape(40, 6))
     w.close()
@@ -59,10 +60,10 @@ def test_foreign_v2_and_other_schema_versions(tmp_path):
     meta.write_text(json.dumps(doc))
     with pytest.raises(StoreError) as e:
         open_run(run)
-    assert _one_line(e).startswith("store schema version 7 is not supported "
-                                   "(this moe_probe reads version 1)")
+    assert _one_line(e).startswith("store schema version 7.0 is newer than this moe_probe "
+                                   "reads (1.1); upgrade moe_probe")
     with pytest.raises(StoreError, match="version 7"):
-        StoreWriter.resume(run)  # resume refuses it too, before touching anything
+        StoreWriter.resume(store_path(run))  # resume refuses it too, before touching anything
 
 
 def test_corrupt_chunk_and_metadata(tmp_path):
@@ -107,7 +108,7 @@ def test_live_fixture_hides_rows_past_the_marker(tmp_path):
             vals = ds[v].values
             assert not (vals == truth["garbage"]).any() and not (vals == 123456789).any(), (g, v)
     # resuming the "crashed" run drops the garbage and continues after the last committed step
-    w, committed = StoreWriter.resume(tmp_path / "live")
+    w, committed = StoreWriter.resume(store_path(tmp_path / "live"))
     assert committed == truth["committed"]
     last = w.last_step("loss")
     w.append("loss", last + 1, value=np.zeros(6))

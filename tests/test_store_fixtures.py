@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fixtures.generate import NAMES, SIZES, build
-from moe_probe.store import GROUPS, open_run
+from moe_probe.run import open_run
+from moe_probe.store import CORE_GROUPS
 from moe_probe.trace import metrics as mt
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
@@ -33,7 +34,7 @@ def test_fixtures_are_small():
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_is_internally_consistent(name):
     r = open_run(FIX / name)
-    assert r.groups == list(GROUPS)
+    assert r.groups == list(CORE_GROUPS)
     m = r.attrs["model"]
     ds = r.dataset("routing").load()
     k = m["top_k"]

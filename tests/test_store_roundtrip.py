@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
-from moe_probe.store import (GROUPS, SCHEMA_VERSION, StoreError, StoreWriteError, StoreWriter,
-                             default_coords, find_runs, open_run)
+from moe_probe.run import Run, find_runs, open_run, store_path
+from moe_probe.store import (CORE_GROUPS, SCHEMA_VERSION, StoreError, StoreWriteError,
+                             StoreWriter, default_coords)
 
 LAYERS = ["0", "1", "2"]
 E = 4
@@ -35,7 +36,7 @@ def routing_row(s):
 
 
 def test_roundtrip_values_layout_and_attrs(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     for s in range(0, 1300):  # > one routing chunk (512 rows)
         w.append("routing", s, **routing_row(s))
         w.append("loss", s, value=np.arange(6) + s)
@@ -47,7 +48,7 @@ def test_roundtrip_values_layout_and_attrs(tmp_path):
     assert r.attrs["schema_version"] == SCHEMA_VERSION
     assert r.attrs["run"]["name"] == "t" and "created" in r.attrs["run"]
     assert r.attrs["modalities"] == ["text", "vit", "vae"]
-    assert r.groups == list(GROUPS)
+    assert r.groups == list(CORE_GROUPS)
     ds = r.dataset("routing")
     assert ds.sizes == {"step": 1300, "layer": 3, "modality": 3, "expert": 4}
     assert ds["step"].dtype == np.int64 and list(ds["step"].values) == list(range(1300))
@@ -65,10 +66,10 @@ def test_roundtrip_values_layout_and_attrs(tmp_path):
     assert f.query("step == 7 and term == 'gen'")["value"].item() == 9.0
     one = r.frame("routing", "load", layer="1", modality="vae")
     assert list(one.columns) == ["step", "expert", "value"]
-    info = r.info()
-    assert info["committed_steps"]["routing"] == 1300 and info["last_step"]["grad"] == 1290
-    assert info["committed_steps"]["snapshot"] == 0 and info["last_step"]["snapshot"] is None
-    assert info["arch"] == "moe" and info["experts"] == E
+    info = Run(tmp_path / "run").info()
+    assert info.committed["routing"] == 1300 and info.last_step["grad"] == 1290
+    assert info.committed["snapshot"] == 0 and info.last_step["snapshot"] is None
+    assert info.arch == "moe" and info.experts == E and info.layers == LAYERS
     # array dims and chunking as documented: load chunked one layer at a time
     z = zarr.open_group(str(tmp_path / "run/traces.zarr"), mode="r")
     assert z["routing/load"].metadata.dimension_names == ("step", "layer", "modality", "expert")
@@ -76,7 +77,7 @@ def test_roundtrip_values_layout_and_attrs(tmp_path):
 
 
 def test_plain_xarray_opens_every_group_without_moe_probe(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     for s in range(5):
         w.append("routing", s, **routing_row(s))
         w.append("eval", s * 50, value=[1.0, 0.5])
@@ -86,7 +87,7 @@ import sys, warnings
 import xarray as xr
 warnings.simplefilter("ignore")  # no consolidated metadata, by design
 p = {str(tmp_path / 'run/traces.zarr')!r}
-for g in {list(GROUPS)!r}:
+for g in {list(CORE_GROUPS)!r}:
     ds = xr.open_zarr(p, group=g)
     assert "step" in ds.coords, g
 ds = xr.open_zarr(p, group="routing")
@@ -101,13 +102,15 @@ assert not any(m.startswith("moe_probe") for m in sys.modules)
 
 
 def test_reader_never_imports_torch(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     w.append("routing", 0, **routing_row(0))
     w.close()
     code = f"""
 import sys, moe_probe
 r = moe_probe.open_run({str(tmp_path / 'run')!r})
-r.dataset("routing"); r.frame("routing", "load"); r.info()
+r.dataset("routing"); r.frame("routing", "load")
+from moe_probe.run import Run
+Run({str(tmp_path / 'run')!r}).info()
 import moe_probe.store, moe_probe.trace.metrics
 assert "torch" not in sys.modules, "torch was imported"
 """
@@ -115,7 +118,7 @@ assert "torch" not in sys.modules, "torch was imported"
 
 
 def test_append_validation(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     with pytest.raises(ValueError, match="missing \\['norm_gen'\\]"):
         w.append("grad", 0, cosine=np.ones((4, 7)), norm_und=np.ones((4, 7)))
     with pytest.raises(ValueError, match="row shape \\(3, 7\\), expected \\(4, 7\\)"):
@@ -139,19 +142,19 @@ def test_append_validation(tmp_path):
     with pytest.raises(ValueError, match="closed"):
         w.append("loss", 7, value=np.ones(6))
     with pytest.raises(StoreError, match="already exists"):
-        StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+        StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     with pytest.raises(ValueError, match="missing \\['task'\\]"):
-        StoreWriter.create(tmp_path / "r2", attrs=_attrs(),
+        StoreWriter.create(store_path(tmp_path / "r2"), attrs=_attrs(),
                            coords={"probe": {"layer": ["0"], "metric": ["a"]}})
     with pytest.raises(ValueError, match="duplicate labels"):
-        StoreWriter.create(tmp_path / "r3", attrs=_attrs(), coords={"eval": {"metric": ["a", "a"]}})
+        StoreWriter.create(store_path(tmp_path / "r3"), attrs=_attrs(), coords={"eval": {"metric": ["a", "a"]}})
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()  # nothing half-made
 
 
 def test_absent_groups_and_labels(tmp_path):
     coords = default_coords(layers=["0"], n_experts=2, isolated_metrics=None)
     assert "probe" not in coords  # no shared experts -> no probe group
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=coords)
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=coords)
     assert w.labels("grad", "layer") == ["0", "all"] and w.labels("eval", "metric") == []
     w.close()
     r = open_run(tmp_path / "run")
@@ -162,7 +165,7 @@ def test_absent_groups_and_labels(tmp_path):
 
 
 def test_writer_thread_error_surfaces_on_next_call(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords(), linger=0.01)
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords(), linger=0.01)
     w.append("loss", 0, value=np.zeros(6))
     w.flush()
     # a real filesystem fault: the chunk directory of loss/value becomes a plain file
@@ -181,10 +184,10 @@ def test_writer_thread_error_surfaces_on_next_call(tmp_path):
 
 
 def test_resume_truncates_and_continues(tmp_path):
-    w = StoreWriter.create(tmp_path / "run", attrs=_attrs(), coords=_coords())
+    w = StoreWriter.create(store_path(tmp_path / "run"), attrs=_attrs(), coords=_coords())
     w.append_rows("loss", np.arange(10), value=np.arange(60).reshape(10, 6))
     w.close()
-    w, committed = StoreWriter.resume(tmp_path / "run", after_step=6)
+    w, committed = StoreWriter.resume(store_path(tmp_path / "run"), after_step=6)
     assert committed["loss"] == 7 and w.last_step("loss") == 6 and committed["routing"] == 0
     with pytest.raises(ValueError, match="strictly increasing"):
         w.append("loss", 6, value=np.zeros(6))
@@ -197,7 +200,7 @@ def test_resume_truncates_and_continues(tmp_path):
 
 def test_find_runs(tmp_path):
     for p in ("a", "b/c", "d/e/f"):
-        StoreWriter.create(tmp_path / p, attrs=_attrs(), coords={"loss": {}}).close()
+        StoreWriter.create(store_path(tmp_path / p), attrs=_attrs(), coords={"loss": {}}).close()
     (tmp_path / "x/y").mkdir(parents=True)
     assert find_runs(tmp_path) == [tmp_path / "a", tmp_path / "b/c", tmp_path / "d/e/f"]
     assert find_runs(tmp_path / "a") == [tmp_path / "a"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moe_probe.run import store_path
 from moe_probe import open_run
 from moe_probe.data import DataConfig, MultimodalData
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS
@@ -45,7 +46,7 @@ def _batches(data, n, seed=0, size=8):
 
 def _writer(tmp_path, model):
     attrs, coords = store_layout(model, eval_metrics=EVAL)
-    return StoreWriter.create(tmp_path, attrs={"run": {"name": "t"}, **attrs}, coords=coords)
+    return StoreWriter.create(store_path(tmp_path), attrs={"run": {"name": "t"}, **attrs}, coords=coords)
 
 
 def test_session_writes_every_group_and_leaves_no_hooks(tmp_path, data):

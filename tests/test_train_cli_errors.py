@@ -19,7 +19,7 @@ def _run(*args, cwd):
 
 @pytest.mark.parametrize("args, needle", [
     (["train", "--recipe", "nope"], "unknown recipe 'nope'; known: base"),
-    (["train", "--recipe", "tiny-moe", "--resume", "--out", "{tmp}/missing"], "no checkpoint"),
+    (["train", "--recipe", "tiny-moe", "--out", "{tmp}/a/b", "--steps", "-1"], "--steps must be"),
 ])
 def test_real_process_exits_2_with_one_line(tmp_path, args, needle):
     p = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
@@ -62,3 +62,31 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     assert main(["train", "--recipe", "tiny-moe", "--out", str(other)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["traces.zarr"]
+
+
+def _snapshot(root):
+    """Every file under root with its bytes: a refused command must leave them all as they were."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("make, out, needle", [
+    (lambda t: (t / "notes.txt").write_text("mine"), "notes.txt", "is a file, not a run directory"),
+    (lambda t: (t / "notes.txt").write_text("mine"), "notes.txt/run", "is a file, so no directory"),
+    (lambda t: (t / "data").mkdir() or (t / "data" / "x.csv").write_text("1,2"), "data",
+     "holds files that are not a moe-probe run"),
+])
+def test_out_that_cannot_be_a_run_exits_2_in_a_real_process(tmp_path, make, out, needle):
+    make(tmp_path)
+    before = _snapshot(tmp_path)
+    p = _run("train", "--recipe", "tiny-moe", "--out", str(tmp_path / out), cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr and needle in lines[0], p.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_out_where_nothing_can_be_written_exits_2(tmp_path, capsys):
+    # /proc refuses new entries even to root (a chmod'ed directory would not stop root).
+    rc = main(["train", "--recipe", "tiny-moe", "--out", "/proc/moe-probe-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot write in /proc" in err, err

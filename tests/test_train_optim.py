@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from moe_probe.run import store_path
 from moe_probe.data import MultimodalData
 from moe_probe.model import MultimodalMoE
 from moe_probe.store.writer import StoreWriter
@@ -93,7 +94,7 @@ def test_fit_applies_lr_and_shielding_at_the_right_steps(tmp_path):
     h = ffn.register_forward_pre_hook(
         lambda m, _a: seen.append((m.shield_scale, gen_router["lr"])) if m.training else None)
     attrs, coords = store_layout(model, eval_metrics=["x"])
-    writer = StoreWriter.create(tmp_path, attrs={"run": {"name": "t"}, **attrs}, coords=coords)
+    writer = StoreWriter.create(store_path(tmp_path), attrs={"run": {"name": "t"}, **attrs}, coords=coords)
     session = TraceSession(model, cfg.trace, writer, data.probe_batch)
     try:
         fit(cfg, tmp_path, model=model, data=data, tokenizer=data.tokenizer, session=session,

@@ -78,9 +78,11 @@ def test_info_json_and_same_params_for_moe_and_symbiotic(cache, tmp_path, capsys
         runs[arch] = json.loads(capsys.readouterr().out)
     for arch, info in runs.items():
         assert info["arch"] == arch and info["steps_done"] == 1
-        assert info["n_params"] > 0 and info["layers"] == 2 and info["experts"] == 8
+        assert info["n_params"] > 0 and info["layers"] == ["0", "1"]
+        assert info["experts"] == (16 if arch == "mot" else 8)  # MoT: both towers
+        assert info["modalities"] == ["text", "vit", "vae"]
         assert info["top_k"] == 2 and info["capacity_factor"] == 1.25 and info["shared_experts"] == 1
-        assert info["committed_steps"]["loss"] == 1
+        assert info["committed"]["loss"] == 1
     assert runs["moe"]["n_params"] == runs["symbiotic"]["n_params"]  # zero extra parameters
     assert runs["mot"]["n_params"] > runs["moe"]["n_params"]          # untied towers
     assert runs["moe"]["groups"] is None

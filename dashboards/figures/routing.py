@@ -89,10 +89,18 @@ BALANCE_VARS = ("entropy", "maxvio", "dead_frac")
 
 @memo
 def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
-    """Entropy, MaxVio and dead-expert fraction per modality at one layer."""
-    fig = make_subplots(rows=1, cols=3, subplot_titles=BALANCE_VARS, horizontal_spacing=0.07)
+    """Each BALANCE_VARS metric per modality at one layer; "not measured" where a run (e.g. one
+    written before the metric existed) lacks it."""
+    fig = make_subplots(rows=1, cols=len(BALANCE_VARS), subplot_titles=BALANCE_VARS,
+                        horizontal_spacing=0.07)
     for j, var in enumerate(BALANCE_VARS, start=1):
-        s = data.read_slice(root, run_id, "routing", var, layer=layer, step_range=xrange)
+        try:
+            s = data.read_slice(root, run_id, "routing", var, layer=layer, step_range=xrange)
+        except data.NotMeasured:
+            fig.add_annotation(text="not measured", showarrow=False, font=dict(color="#a33"),
+                               xref=f"x{j if j > 1 else ''} domain",
+                               yref=f"y{j if j > 1 else ''} domain", x=0.5, y=0.5)
+            continue
         if s is None:
             return message_figure("no routing rows committed yet", "balance")
         for i, m in enumerate(s.coords["modality"]):

@@ -13,6 +13,7 @@ from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import REMEDIES, CheckResult, Finding
 from moe_probe.diagnose.rundata import RunData, layer_load
 from moe_probe.diagnose.windows import first_valid, sustained, tail_mean
+from moe_probe.trace.metrics import DEAD_SHARE
 
 
 def _routing(run: RunData, var: str, cfg: DiagnoseConfig, kind: str):
@@ -106,7 +107,7 @@ def detect_dead_experts(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
             tot = np.nansum(x[:, mis][:, :, ids], axis=1)  # (S, E_g)
             share = tot.sum(1, keepdims=True) / len(ids)
             with np.errstate(invalid="ignore"):
-                dead_SE = (tot < 0.01 * share) & (share > 0)
+                dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
             frac = dead_SE.mean(1)
             i = sustained(frac, above=cfg.dead_frac, window=cfg.window, smooth=cfg.smooth)
             if i is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import xarray as xr
 
-GROUPS = ("routing", "loss", "grad", "probe", "eval", "snapshot")
+from moe_probe.store.schema import CORE_GROUPS
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _as_dict(v) -> dict:
     return dict(v) if isinstance(v, dict) else {}
 
 
-def _layer_groups(model: dict, layer: str, key=("groups", "expert_groups"),
+def _layer_groups(model: dict, layer: str, key=("groups",),
                   values=(list, tuple)) -> dict:
     """A per-layer mapping in whichever shape the writer used: {layer: {...}}, a list indexed by
     layer, or one {...} for every layer."""
@@ -115,7 +115,7 @@ def load_run(run_dir: str | Path) -> RunData:
         attrs = dict(store.attrs)
         groups = {}
         for g in store.groups:
-            if g in GROUPS and store.committed_steps(g) > 0:
+            if g in CORE_GROUPS and store.committed_steps(g) > 0:
                 ds = store.dataset(g)
                 # Everything but the expert-sized arrays now (and bad chunks surface here as
                 # one line); `load`/`coactivation` stay lazy and are read a layer at a time.

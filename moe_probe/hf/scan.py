@@ -19,8 +19,9 @@ the typed segments' kinds):
   over MoE layers and unweighted; ``mmu``/``gen`` NaN;
 - ``grad`` (only with ``--text-b``) at most ``GRAD_ROWS`` evenly spaced steps: ``grad.py``;
 - ``probe`` at the last step, for models with shared experts: ``probes.py``;
-- extra group ``grad_expert`` (outside the reader's schema, same conventions): per-expert
-  cosine / norm_und / norm_gen (step, layer, expert) of the routed experts' fused parameters.
+- extra group ``grad_expert`` (declared in the schema; only with ``--text-b``): per-expert
+  cosine / norm_und / norm_gen (step, layer, expert) of the routed experts' fused parameters,
+  at the ``grad`` rows' steps.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from moe_probe.hf.capture import RouterCapture, lm_loss
 from moe_probe.hf.discover import MoeLayer, decoder_layers, find_moe_layers
 from moe_probe.hf.loading import load_model, read_typed_windows, read_windows
 from moe_probe.model.hooks import LayerRouting
+from moe_probe.model.params import n_params
+from moe_probe.run import Run
 
 GRAD_ROWS = 8
 """Gradient-conflict rows per scan (two backward passes each)."""
@@ -61,8 +64,10 @@ def _validate(args) -> None:
         raise ValueError(f"--max-batches must be >= 1, got {args.max_batches}")
     if not 0.0 < args.und_fraction < 1.0:
         raise ValueError(f"--und-fraction must be in (0, 1), got {args.und_fraction}")
-    if (Path(args.out) / "traces.zarr").exists():
-        raise ValueError(f"{args.out} already holds a run (traces.zarr); choose another --out")
+    run = Run(args.out)
+    run.check_writable()
+    if run.exists():
+        raise ValueError(f"{args.out} already holds a run; choose another --out")
 
 
 def _balance_losses(records) -> tuple[float, float]:
@@ -127,21 +132,21 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
     coords = default_coords(layers=names, n_experts=E, eval_metrics=[],
                             isolated_metrics=isolated_metric_names(two) if has_shared else None,
                             tasks=probe_task_names(two),
-                            groups=("routing", "loss", "grad", "probe"))
+                            groups=("routing", "loss", "grad", "probe", "grad_expert"))
     coords["routing"]["modality"] = modalities
     if not two:
         coords.pop("grad")
+        coords.pop("grad_expert")
     attrs = _attrs(args, model, layers, how, source, modalities, seed)
     counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor)
     grad = GradConflict(model, layers) if two else None
     every = max(1, math.ceil(n_steps / GRAD_ROWS))
     load_text = np.zeros((len(layers), E), dtype=np.int64)
-    expert_rows: dict[str, list] = {"step": [], "cosine": [], "norm_und": [], "norm_gen": []}
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    run = Run(args.out)
+    run.create(store_attrs=attrs, store_coords=coords)
     # The capture context takes nnsight's controllers off the model again at the end.
-    with RouterCapture(model, layers) as cap, \
-            StoreWriter.create(args.out, attrs=attrs, coords=coords) as writer:
+    with RouterCapture(model, layers) as cap, StoreWriter.resume(run.store_path)[0] as writer:
         for step in tqdm(range(n_steps), desc="scan", unit="batch", disable=args.quiet):
             parts = [w[step * B:(step + 1) * B] for w in sets]
             ids = torch.cat(parts)
@@ -167,15 +172,11 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
             if grad is not None and step % every == 0:
                 g_row, e_row = grad.measure(parts[0], parts[1])
                 writer.append("grad", step, **g_row)
-                expert_rows["step"].append(step)
-                for k in ("cosine", "norm_und", "norm_gen"):
-                    expert_rows[k].append(e_row[k])
+                writer.append("grad_expert", step, **e_row)
         if has_shared:
             probe_sets = [w[:PROBE_WINDOWS] for w in sets]
             iso = isolated_row(cap, probe_sets, B)
             writer.append("probe", n_steps - 1, isolated=iso, **probe_rows(cap, probe_sets, B))
-    if expert_rows["step"]:
-        _write_expert_grad(Path(args.out), names, E, expert_rows)
     summary = {"steps": n_steps, "layers": names, "experts": E, "discovery": how,
                "modalities": modalities, "load_text": load_text}
     if args.advise_groups:
@@ -205,43 +206,11 @@ def _attrs(args, model, layers, how, source, modalities, seed) -> dict:
         "shared_experts": layers[0].n_shared,
         "shared_gate": any(x.shared_gate for x in layers),
         "routers": {x.name: x.router for x in layers},
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_params": n_params(model),
         "hf_config": cfg.to_json_string(use_diff=True),
     }
     run_cfg = {k: getattr(args, k, None) for k in ("model", "text", "text_b", "capacity_factor",
                                                    "batch_size", "seq_len", "max_batches")}
     return {"run": {"name": Path(args.out).name, "recipe": "hf-scan", "seed": seed,
-                    "config": json.dumps(run_cfg), "package_version": _version()},
+                    "config": json.dumps(run_cfg)},
             "model": model_attrs, "modalities": list(modalities)}
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("moe_probe")
-    except Exception:  # noqa: BLE001 - an uninstalled checkout has no metadata
-        return "0+unknown"
-
-
-def _write_expert_grad(run_dir: Path, layers: list[str], E: int, rows: dict) -> None:
-    """Extra group ``grad_expert`` (step, layer, expert), written after the writer closed so it
-    never races the background thread; same conventions (dimension_names, string coordinates,
-    ``committed_steps`` last) so ``xarray.open_zarr(store, group="grad_expert")`` reads it."""
-    import zarr
-
-    grp = zarr.open_group(str(run_dir / "traces.zarr"), mode="r+").create_group("grad_expert")
-    steps = np.asarray(rows["step"], dtype=np.int64)
-    for name, labels in (("layer", layers), ("expert", [str(e) for e in range(E)])):
-        a = grp.create_array(name, shape=(len(labels),), dtype=str, dimension_names=[name])
-        a[:] = np.array(labels, dtype=str)
-    a = grp.create_array("step", shape=steps.shape, dtype="int64", dimension_names=["step"])
-    a[:] = steps
-    for k in ("cosine", "norm_und", "norm_gen"):
-        data = np.stack(rows[k]).astype(np.float32)
-        a = grp.create_array(k, shape=data.shape, dtype="float32", fill_value=np.nan,
-                             dimension_names=["step", "layer", "expert"])
-        a[:] = data
-    grp.attrs["committed_steps"] = int(steps.size)
-    grp.attrs["description"] = ("per-expert gradient conflict of the routed experts' fused "
-                                "parameters, --text (und) vs --text-b (gen); moe_probe.hf.grad")

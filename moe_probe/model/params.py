@@ -54,3 +54,8 @@ def param_groups(model) -> dict[str, list[str]]:
     for n, _ in model.named_parameters():
         out[_classify(n)[2]].append(n)
     return out
+
+
+def n_params(model) -> int:
+    """Parameters of a module, each counted once (the number in run summaries and store attrs)."""
+    return sum(p.numel() for p in model.parameters())

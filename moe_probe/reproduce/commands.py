@@ -82,9 +82,9 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
 
 
 def _marker(spec) -> dict:
-    from moe_probe.reproduce.runner import DONE
+    from moe_probe.run import Run
 
-    p = spec.run_dir / DONE
+    p = Run(spec.run_dir).done_path
     return json.loads(p.read_text()) if p.is_file() else {}
 
 

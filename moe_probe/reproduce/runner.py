@@ -3,8 +3,8 @@
 A run is in one of three states, read from its directory (never from memory, so an
 interrupted invocation is continued by the next one):
 
-- done: ``reproduce_done.json`` exists (written only after the trainer returned) → skipped;
-- half done: a trainer checkpoint exists → continued through the trainer's ``resume=True``;
+- done: its done mark (``Run.done_path``) exists (written only after the trainer returned) → skipped;
+- half done: a trainer checkpoint exists → continued through the trainer's ``how="resume"``;
 - not started (or died before its first checkpoint: derived data) → trained from scratch.
 
 The stage-1 base is cached by the trainer under ``$MOE_PROBE_CACHE``; pointing that at
@@ -26,9 +26,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moe_probe.reproduce.config import ReproduceConfig, RunKind
+from moe_probe.run import BASE_CACHE, Run, write_json
 
-DONE = "reproduce_done.json"
-"""Marker of a finished run (its summary): written atomically after training returned."""
 MANIFEST = "reproduce.json"
 """DIR's record of the plan it was trained with (see ReproduceConfig.plan_key)."""
 
@@ -78,21 +77,19 @@ def prepare_out(cfg: ReproduceConfig, out: Path) -> None:
                          f"use another --out")
     # Seeds may grow between invocations (a later --seeds 5 adds to a finished --seeds 3).
     seeds = sorted(set(old.get("seeds", [])) | set(cfg.seeds))
-    _write_json(manifest, {"plan": cfg.plan_key(), "seeds": seeds})
+    write_json(manifest, {"plan": cfg.plan_key(), "seeds": seeds})
 
 
 def run_state(spec: RunSpec) -> str:
     """``done``, ``partial`` or ``new`` (see module doc); ValueError if it is another run."""
-    from moe_probe.train.checkpoint import checkpoint_path
-
-    done = spec.run_dir / DONE
+    done = Run(spec.run_dir).done_path
     if done.is_file():
         mark = json.loads(done.read_text())
         if mark.get("recipe") != spec.recipe or tuple(mark.get("overrides", ())) != spec.overrides:
             raise ValueError(f"{spec.run_dir} holds another run ({mark.get('recipe')} "
                              f"{mark.get('overrides')}); use another --out")
         return "done"
-    return "partial" if checkpoint_path(spec.run_dir).is_file() else "new"
+    return "partial" if Run(spec.run_dir).has_checkpoint() else "new"
 
 
 def _planned_config(spec: RunSpec):
@@ -108,7 +105,7 @@ def _saved_config(spec: RunSpec):
     """The config a half-done run was started with; it must be the planned one."""
     from moe_probe.train.config import run_config_from_json, to_dict
 
-    saved = run_config_from_json((spec.run_dir / "config.json").read_text())
+    saved = run_config_from_json(json.dumps(Run(spec.run_dir).config()))
     planned = _planned_config(spec)
     # Stage 2 fills in model.groups (chosen from the base); everything else must agree.
     same_model = to_dict(saved.model) == to_dict(replace(planned.model, groups=saved.model.groups))
@@ -120,15 +117,16 @@ def _saved_config(spec: RunSpec):
 
 def train_one(spec: RunSpec, *, log, quiet: bool | None = None) -> dict:
     """Train (or continue) one run and write its done marker; returns the marker's content."""
-    from moe_probe.train.stages import read_progress, train_run
+    from moe_probe.train.stages import train_run
 
+    run = Run(spec.run_dir)
     state = run_state(spec)
     if state == "done":
-        return json.loads((spec.run_dir / DONE).read_text())
+        return json.loads(run.done_path.read_text())
     resumed_from = None
     if state == "partial":
         cfg = _saved_config(spec)
-        resumed_from = read_progress(spec.run_dir)
+        resumed_from = run.progress()
     else:
         cfg = _planned_config(spec)
         if spec.run_dir.exists():
@@ -137,12 +135,13 @@ def train_one(spec: RunSpec, *, log, quiet: bool | None = None) -> dict:
             shutil.rmtree(spec.run_dir)
     t0 = time.perf_counter()
     quiet = not sys.stderr.isatty() if quiet is None else quiet  # the trainer's step bar
-    summary = train_run(cfg, spec.run_dir, resume=state == "partial", quiet=quiet, log=log)
+    summary = train_run(cfg, spec.run_dir, how="resume" if state == "partial" else "new",
+                        quiet=quiet, log=log)
     mark = {"kind": spec.kind.name, "seed": spec.seed, "recipe": spec.recipe,
             "overrides": list(spec.overrides), "steps": summary.get("steps"),
             "base": (summary.get("base") or {}).get("key"),
             "resumed_from": resumed_from, "wall_s": round(time.perf_counter() - t0, 1)}
-    _write_json(spec.run_dir / DONE, mark)
+    write_json(run.done_path, mark)
     return mark
 
 
@@ -155,7 +154,7 @@ def run_plan(cfg: ReproduceConfig, out: Path) -> list[RunSpec]:
     log(f"reproduce: {len(plan)} runs ({len(cfg.kinds)} kinds × {len(cfg.seeds)} seeds), "
         f"{len(plan) - len(todo)} already done, {len(todo)} to train"
         + (f", {cfg.jobs} at a time" if cfg.jobs > 1 and len(todo) > 1 else ""))
-    with _base_cache(Path(out) / ".base"), tqdm(total=len(plan), desc="runs", unit="run",
+    with _base_cache(Path(out) / BASE_CACHE), tqdm(total=len(plan), desc="runs", unit="run",
                                                  dynamic_ncols=True) as bar:
         bar.update(len(plan) - len(todo))
         if cfg.jobs > 1 and len(todo) > 1:
@@ -245,8 +244,3 @@ def _base_cache(path: Path):
         else:
             os.environ["MOE_PROBE_CACHE"] = old
 
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -9,7 +9,6 @@ of a group one after the other; such transient states are retried, persistent on
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,45 +19,28 @@ import zarr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-from moe_probe.modalities import SCHEMA_VERSION
-from moe_probe.store.schema import GROUPS, LABEL_DIMS, STORE_NAME, StoreError
+from moe_probe.store.schema import (
+    GROUPS, LABEL_DIMS, SCHEMA_VERSION, NotMeasured, StoreError, migrate_attrs, parse_version,
+    required,
+)
 
-__all__ = ["open_run", "RunStore", "find_runs", "StoreError"]
+__all__ = ["RunStore", "StoreError", "NotMeasured"]
 
 _RETRIES = 40
 _RETRY_SLEEP = 0.025
 
 
-def open_run(run_dir) -> "RunStore":
-    """Open a run directory (or its ``traces.zarr``) for reading; :class:`StoreError` if unusable."""
-    return RunStore(run_dir)
-
-
-def find_runs(root) -> list[Path]:
-    """Run directories under ``root`` (``root`` itself included) that hold a ``traces.zarr``."""
-    root = Path(root)
-    if not root.is_dir():
-        raise StoreError(f"no such directory: {root}")
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        if STORE_NAME in dirnames:
-            found.append(Path(dirpath))
-        # never descend into zarr stores (thousands of chunk dirs) or hidden dirs
-        dirnames[:] = [d for d in dirnames if not d.endswith(".zarr") and not d.startswith(".")]
-    return sorted(found)
-
-
 class RunStore:
-    def __init__(self, run_dir):
-        p = Path(run_dir)
+    """A store opened for reading; ``moe_probe.open_run(RUN_DIR)`` finds a run's store and opens
+    it. Also accepts a path to any moe_probe store directory."""
+
+    def __init__(self, path):
+        p = Path(path)
         if not p.exists():
-            raise StoreError(f"no such run directory: {p}")
-        if p.name != STORE_NAME and p.is_dir() and not (p / "zarr.json").exists():
-            if not (p / STORE_NAME).exists():
-                raise StoreError(f"not a moe_probe run: {p} has no {STORE_NAME}")
-            p = p / STORE_NAME
+            raise StoreError(f"no such store: {p}")
         self.store_path = p
-        self.path = p.parent if p.name == STORE_NAME else p
+        self.path = p.parent
+        """The run directory (the store's parent)."""
         meta = p / "zarr.json"
         if not meta.exists():
             if (p / ".zgroup").exists() or (p / ".zarray").exists():
@@ -75,16 +57,25 @@ class RunStore:
         attrs = doc.get("attributes", {}) or {}
         if "schema_version" not in attrs:
             raise StoreError(f"not a moe_probe store: {p} has no schema_version attribute")
-        if attrs["schema_version"] != SCHEMA_VERSION:
-            raise StoreError(f"store schema version {attrs['schema_version']} is not supported "
-                             f"(this moe_probe reads version {SCHEMA_VERSION}): {p}")
-        self.attrs: dict = attrs
+        major, minor = parse_version(attrs["schema_version"])
+        if major > parse_version(SCHEMA_VERSION)[0]:
+            raise StoreError(f"store schema version {major}.{minor} is newer than this moe_probe "
+                             f"reads ({SCHEMA_VERSION}); upgrade moe_probe: {p}")
+        self.attrs: dict = migrate_attrs(attrs)
+        """Root attrs, migrated to the current shape (``schema_version`` says what was written)."""
+        # Groups this version does not declare are ignored (a newer minor may add some).
         self.groups: list[str] = [g for g in GROUPS if (p / g / "zarr.json").exists()]
 
     def __repr__(self):
         return f"RunStore({str(self.path)!r}, groups={self.groups})"
 
     # ------------------------------------------------------------------ reading
+    def labels(self, group: str, dim: str) -> list[str]:
+        """The labels of ``group``'s ``dim`` (its coordinate array)."""
+        self._check_group(group)
+        arr = zarr.open_array(self.store_path / group / dim, mode="r")
+        return [str(x) for x in arr[:]]
+
     def committed_steps(self, group: str) -> int:
         """Rows of ``group`` that are complete (re-read from disk on each call)."""
         self._check_group(group)
@@ -125,8 +116,11 @@ class RunStore:
             coords[d] = xr.Variable((d,), np.array([str(x) for x in grp[d][:]], dtype=object))
         if "step" not in grp:
             raise StoreError(f"corrupt store: {where} has no 'step' coordinate array")
-        arrays = {name: grp[name] for name in [*GROUPS[group], "step"] if name in grp}
-        missing = sorted(set(GROUPS[group]) - set(arrays))
+        present = set(grp.array_keys())
+        # Arrays this version does not declare are ignored; a missing optional one is "not
+        # measured" (see measured()); a missing required one means the store is damaged.
+        arrays = {name: grp[name] for name in [*GROUPS[group], "step"] if name in present}
+        missing = sorted(set(required(group)) - set(arrays))
         if missing:
             raise StoreError(f"corrupt store: {where} lacks arrays {missing}")
         short = [k for k, a in arrays.items() if a.shape[0] < n]
@@ -140,9 +134,18 @@ class RunStore:
             data[name] = xr.Variable(dims, lazy)
         return xr.Dataset(data, coords=coords, attrs=dict(grp.attrs))
 
+    def measured(self, group: str, var: str) -> bool:
+        """Whether this run recorded ``group/var`` (a declared optional array may be absent)."""
+        if group not in GROUPS or var not in GROUPS[group]:
+            raise StoreError(f"{group}/{var} is not in the store schema")
+        return group in self.groups and (self.store_path / group / var / "zarr.json").exists()
+
     def read(self, group: str, var: str, **sel) -> xr.DataArray:
         """One variable of committed rows, label-selected with ``sel`` and loaded into memory.
-        A chunk that cannot be decoded raises :class:`StoreError` naming the array."""
+        A chunk that cannot be decoded raises :class:`StoreError` naming the array; a declared
+        array this run did not record raises :class:`NotMeasured`."""
+        if group in GROUPS and var in GROUPS[group] and not self.measured(group, var):
+            raise NotMeasured(f"{group}/{var}: not measured in {self.path}")
         ds = self.dataset(group)
         if var not in ds.data_vars:
             raise StoreError(f"group {group!r} has no variable {var!r} "
@@ -170,26 +173,6 @@ class RunStore:
             return None
         arr = zarr.open_array(self.store_path / group / "step", mode="r")
         return int(arr[n - 1])
-
-    def info(self) -> dict:
-        """Summary for ``moe-probe info`` and dashboards' run pickers."""
-        model = self.attrs.get("model", {}) or {}
-        run = self.attrs.get("run", {}) or {}
-        return {
-            "path": str(self.path),
-            "name": run.get("name", self.path.name),
-            "recipe": run.get("recipe"),
-            "seed": run.get("seed"),
-            "arch": model.get("arch"),
-            "n_params": model.get("n_params"),
-            "layers": model.get("layers"),
-            "experts": model.get("experts"),
-            "top_k": model.get("top_k"),
-            "capacity_factor": model.get("capacity_factor"),
-            "schema_version": self.attrs.get("schema_version"),
-            "committed_steps": {g: self.committed_steps(g) for g in self.groups},
-            "last_step": {g: self.last_step(g) for g in self.groups},
-        }
 
     def _check_group(self, group):
         if group not in self.groups:

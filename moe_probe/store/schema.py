@@ -11,18 +11,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, SCHEMA_VERSION, TASKS
+from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, TASKS
 
 __all__ = [
-    "SCHEMA_VERSION", "GROUPS", "LABEL_DIMS", "CHUNK_STEPS", "ArraySpec", "StoreError",
-    "default_coords", "chunk_shape", "row_shape", "STORE_NAME",
+    "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
+    "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
+    "parse_version", "migrate_attrs", "required", "optional",
 ]
 
-STORE_NAME = "traces.zarr"
+SCHEMA_VERSION = "1.1"
+"""``major.minor``. A minor version only adds (optional arrays, extra groups, attrs): any reader of
+the same major opens it and ignores what it does not know. A new major may remove or change
+meaning; readers refuse majors newer than their own and migrate older ones on read
+(:func:`migrate_attrs`).
+
+History:
+- 1.0 (stored as the integer ``1``): the closed schema of moe_probe 0.1.
+- 1.1: ``schema_version`` is a ``"major.minor"`` string; arrays are required or optional; the
+  optional ``routing/load_cv``; the extra group ``grad_expert`` written through the writer (1.0
+  scans wrote it by hand, unchunked and without checksums, which 1.1 readers still read);
+  ``run.package_version`` (1.0 training runs wrote ``run.version``)."""
 
 
 class StoreError(ValueError):
     """A store cannot be used as asked (missing, foreign, other schema version, corrupt): one line."""
+
+
+class NotMeasured(StoreError):
+    """A declared optional array (or extra group) this run did not record: "not measured"."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,9 @@ class ArraySpec:
     dims: tuple[str, ...]
     """Dims after ``step``."""
     dtype: str
+    required: bool = True
+    """Every store of the group has it. An optional array may be absent (a store written before
+    it existed, or a run that does not measure it); readers then say "not measured"."""
 
 
 _F, _I = "float32", "int32"
@@ -65,7 +84,58 @@ GROUPS: dict[str, dict[str, ArraySpec]] = {
         "saturation": ArraySpec(("layer",), _F),
         "coactivation": ArraySpec(("layer", "expert", "expert2"), _F),
     },
+    # Extra groups (EXTRA_GROUPS): declared here so they get the same codecs, checksums and commit
+    # marker, but written only by the runs that measure them.
+    "grad_expert": {
+        "cosine": ArraySpec(("layer", "expert"), _F),
+        "norm_und": ArraySpec(("layer", "expert"), _F),
+        "norm_gen": ArraySpec(("layer", "expert"), _F),
+    },
 }
+
+EXTRA_GROUPS: tuple[str, ...] = ("grad_expert",)
+"""Declared groups outside the core set: per-expert gradient conflict (HF scans with two text sets)."""
+
+CORE_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in EXTRA_GROUPS)
+"""The groups of ARCHITECTURE.md's store, in their usual order."""
+
+
+def required(group: str) -> list[str]:
+    return [n for n, spec in GROUPS[group].items() if spec.required]
+
+
+def optional(group: str) -> list[str]:
+    return [n for n, spec in GROUPS[group].items() if not spec.required]
+
+
+def parse_version(v) -> tuple[int, int]:
+    """``(major, minor)`` of a root ``schema_version``: ``"1.1"``, or 1.0's integer ``1``."""
+    if isinstance(v, bool):
+        raise StoreError(f"schema_version {v!r} is not a version")
+    if isinstance(v, int):
+        return v, 0
+    if isinstance(v, str):
+        major, _, minor = v.partition(".")
+        if major.isdigit() and (minor.isdigit() or minor == ""):
+            return int(major), int(minor or 0)
+    raise StoreError(f"schema_version {v!r} is not a version (expected 'major.minor')")
+
+
+def migrate_attrs(attrs: dict) -> dict:
+    """Root attrs of an older store in the current shape (a copy; the store is not changed).
+
+    1.0 -> 1.1: ``schema_version`` 1 -> "1.0" (kept: it says what was written); ``run.version``
+    -> ``run.package_version``. Arrays need no migration: 1.0's arrays are all still declared
+    with the same dims and dtypes, and the arrays 1.1 added are optional."""
+    out = dict(attrs)
+    major, minor = parse_version(out.get("schema_version"))
+    out["schema_version"] = f"{major}.{minor}"
+    run = out.get("run")
+    if isinstance(run, dict) and "version" in run and "package_version" not in run:
+        run = dict(run)
+        run["package_version"] = run.pop("version")
+        out["run"] = run
+    return out
 
 LABEL_DIMS: dict[str, tuple[str, ...]] = {
     g: tuple(dict.fromkeys(d for spec in arrays.values() for d in spec.dims))
@@ -75,6 +145,7 @@ LABEL_DIMS: dict[str, tuple[str, ...]] = {
 
 CHUNK_STEPS: dict[str, int] = {
     "routing": 512, "loss": 1024, "grad": 256, "probe": 64, "eval": 64, "snapshot": 16,
+    "grad_expert": 256,
 }
 """Rows per chunk. Sized so a chunk spans a similar stretch of training whatever a group's rate
 (routing every step, grad every 10, probe/eval/snapshot every 50): a dashboard reading 50k steps of
@@ -107,7 +178,7 @@ def default_coords(
     eval_metrics: list[str] | None = None,
     isolated_metrics: list[str] | None = None,
     tasks: list[str] | None = None,
-    groups: tuple[str, ...] = tuple(GROUPS),
+    groups: tuple[str, ...] = CORE_GROUPS,
 ) -> dict[str, dict[str, list[str]]]:
     """The usual ``coords`` for :meth:`StoreWriter.create`: expert labels "0".."E-1", grad layers
     = model layers + "all", loss terms/modalities/components from :mod:`moe_probe.modalities`.
@@ -120,6 +191,7 @@ def default_coords(
         "grad": {"layer": layers + ["all"], "component": list(GRAD_COMPONENTS)},
         "eval": {"metric": list(eval_metrics or [])},
         "snapshot": {"layer": layers, "expert": experts, "expert2": experts},
+        "grad_expert": {"layer": layers, "expert": experts},
     }
     if isolated_metrics is not None:
         out["probe"] = {"layer": layers, "task": list(tasks or TASKS),

@@ -27,10 +27,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from moe_probe import __version__
-from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, SCHEMA_VERSION
+from moe_probe._version import __version__
+from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES
 from moe_probe.store.schema import (
-    CHUNK_STEPS, GROUPS, LABEL_DIMS, STORE_NAME, StoreError, chunk_shape, fill_value, row_shape,
+    CHUNK_STEPS, GROUPS, LABEL_DIMS, SCHEMA_VERSION, StoreError, chunk_shape, fill_value,
+    required, row_shape,
 )
 
 __all__ = ["StoreWriter", "StoreWriteError"]
@@ -75,11 +76,15 @@ class StoreWriter:
                 continue
             grp = root[g]
             self._groups[g] = grp
-            self._labels[g] = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g]}
-            sizes = {d: len(self._labels[g][d]) for d in LABEL_DIMS[g]}
-            self._arrays[g] = {name: grp[name] for name in GROUPS[g]}
+            present = set(grp.array_keys())
+            self._labels[g] = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g] if d in present}
+            sizes = {d: len(v) for d, v in self._labels[g].items()}
+            # Only the arrays this store has: a store written before an optional array existed
+            # goes on without it (its readers say "not measured" for the whole run).
+            self._arrays[g] = {name: grp[name] for name in GROUPS[g] if name in present}
             self._arrays[g]["step"] = grp["step"]
-            self._rows[g] = {name: row_shape(g, name, sizes) for name in GROUPS[g]}
+            self._rows[g] = {name: row_shape(g, name, sizes) for name in self._arrays[g]
+                             if name != "step"}
             n = int(grp.attrs.get("committed_steps", 0))
             self._n[g] = n
             self._last[g] = int(grp["step"][n - 1]) if n else None
@@ -95,16 +100,17 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, run_dir, *, attrs: dict, coords: dict[str, dict[str, list] | None],
+    def create(cls, path, *, attrs: dict, coords: dict[str, dict[str, list] | None],
                chunk_steps: dict[str, int] | None = None, **kw) -> "StoreWriter":
-        """Create ``run_dir/traces.zarr`` (``run_dir`` is created; an existing store is an error).
+        """Create the store at ``path`` (a new directory; an existing one is an error). A run's
+        store lives where :class:`moe_probe.run.Run` says (``Run(dir).store_path``).
 
         ``attrs``: root attributes, at least ``run`` and ``model`` (``schema_version`` and
         ``modalities`` are added). ``coords``: group -> {dim: labels}; groups left out (or None)
         are absent from the store. ``modality``, ``term``, ``component`` default to the lists in
         :mod:`moe_probe.modalities`, ``expert2`` to ``expert``.
         """
-        path = Path(run_dir) / STORE_NAME
+        path = Path(path)
         if path.exists():
             raise StoreError(f"a store already exists at {path} (use resume, or remove it)")
         unknown = set(coords) - set(GROUPS)
@@ -147,15 +153,15 @@ class StoreWriter:
         return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
 
     @classmethod
-    def resume(cls, run_dir, *, after_step: int | None = None, **kw):
+    def resume(cls, path, *, after_step: int | None = None, **kw):
         """Reopen a store for appending. Returns ``(writer, committed)`` with ``committed`` =
         {group: committed rows}. Rows past each marker (a crash mid-append) are truncated; with
         ``after_step``, committed rows of later steps are dropped too (resuming from a checkpoint
         taken at ``after_step``). The next append of a group must have a step above
         ``writer.last_step(group)``."""
-        from moe_probe.store.reader import open_run  # validates version / foreign stores
+        from moe_probe.store.reader import RunStore  # validates version / foreign stores
 
-        store = open_run(run_dir)
+        store = RunStore(path)
         path = store.store_path
         for p in path.rglob("*.partial"):  # temp files of writes a SIGKILL interrupted
             p.unlink(missing_ok=True)
@@ -170,8 +176,9 @@ class StoreWriter:
             # Marker first: if we die between the two, the marker is still <= every array length.
             grp.attrs["committed_steps"] = n
             for name in [*GROUPS[g], "step"]:
-                arr = grp[name]
-                arr.resize((n, *arr.shape[1:]))
+                if name in grp:
+                    arr = grp[name]
+                    arr.resize((n, *arr.shape[1:]))
             committed[g] = n
         return cls(path, root, **kw), committed
 
@@ -179,6 +186,12 @@ class StoreWriter:
     @property
     def groups(self) -> list[str]:
         return list(self._groups)
+
+    def set_attrs(self, attrs: dict) -> None:
+        """Replace root attrs (a run started over in place); ``schema_version`` is kept."""
+        attrs = _jsonable(dict(attrs))
+        attrs.pop("schema_version", None)
+        self._root.attrs.update(attrs)
 
     def labels(self, group: str, dim: str) -> list[str]:
         """Labels the store holds for ``group``'s ``dim`` (e.g. the eval ``metric`` columns)."""
@@ -198,6 +211,8 @@ class StoreWriter:
         rows = {}
         self._check(group, arrays)
         for name, value in arrays.items():
+            if name not in self._rows[group]:
+                continue  # an optional array this (older) store does not have
             a = np.asarray(value)
             want = self._rows[group][name]
             if a.shape != want:
@@ -214,6 +229,8 @@ class StoreWriter:
             raise ValueError(f"{group}: steps must be strictly increasing")
         rows = {}
         for name, value in arrays.items():
+            if name not in self._rows[group]:
+                continue  # an optional array this (older) store does not have
             a = np.asarray(value)
             want = (steps.size, *self._rows[group][name])
             if a.shape != want:
@@ -278,11 +295,11 @@ class StoreWriter:
         if self._closed:
             raise ValueError("append to a closed StoreWriter")
         self._check_group(group)
-        want, got = set(GROUPS[group]), set(arrays)
-        if want != got:
-            raise ValueError(f"{group}: arrays {sorted(got)} given, expected exactly "
-                             f"{sorted(want)} (missing {sorted(want - got)}, "
-                             f"unexpected {sorted(got - want)})")
+        need, known, got = set(required(group)), set(GROUPS[group]), set(arrays)
+        if not need <= got <= known:
+            raise ValueError(f"{group}: arrays {sorted(got)} given; required {sorted(need)}, "
+                             f"optional {sorted(known - need)} (missing {sorted(need - got)}, "
+                             f"unexpected {sorted(got - known)})")
 
     def _put(self, group, steps, rows):
         last = self._last[group]
@@ -353,10 +370,14 @@ class StoreWriter:
             cap = -(-n1 // chunk) * chunk
             for a in arrays.values():
                 a.resize((cap, *a.shape[1:]))
-        for name in GROUPS[g]:
-            block = np.concatenate([it[2][name] for it in items]) if len(items) > 1 \
-                else items[0][2][name]
-            arrays[name][n0:n1] = block
+        for name, arr in arrays.items():
+            if name == "step":
+                continue
+            # An optional array a producer did not give for some rows: fill value (NaN) there.
+            parts = [it[2][name] if name in it[2] else
+                     np.full((it[1].size, *arr.shape[1:]), arr.fill_value, arr.dtype)
+                     for it in items]
+            arr[n0:n1] = np.concatenate(parts) if len(parts) > 1 else parts[0]
         arrays["step"][n0:n1] = steps
         self._groups[g].attrs["committed_steps"] = n1  # the commit: strictly after the data
         self._n[g] = n1

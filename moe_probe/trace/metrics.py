@@ -95,19 +95,22 @@ def dead_frac(load_ME, mask_ME, share: float = DEAD_SHARE) -> np.ndarray:
     return np.where(total > 0, _div(dead.sum(-1), e_g), np.nan)
 
 
+LOAD_METRICS = {"entropy": entropy, "maxvio": maxvio, "dead_frac": dead_frac}
+"""The ``routing`` metrics of a modality's load over the experts of the group it routes into:
+name -> f(load_ME, mask_ME) -> (..., M). The routing tracer, the HF adapter and the fixtures
+compute every entry; a new one also needs its entry in ``moe_probe.store.schema.GROUPS``."""
+
+
 def routing_metrics(tokens_M, load_ME, kept_M, k: int,
                     groups: Mapping[str, Sequence[int]] | None = None,
                     modality_group: Mapping[str, str] | None = None,
                     modalities: Sequence[str] = MODALITIES) -> dict[str, np.ndarray]:
-    """capacity_rate, entropy, maxvio, dead_frac (each ``(..., M)``) from one layer's counts."""
+    """capacity_rate and every :data:`LOAD_METRICS` entry (each ``(..., M)``) from one layer's
+    counts."""
     load_ME = np.asarray(load_ME)
     mask = group_masks(load_ME.shape[-1], groups, modality_group, modalities)
-    return {
-        "capacity_rate": capacity_rate(kept_M, tokens_M, k),
-        "entropy": entropy(load_ME, mask),
-        "maxvio": maxvio(load_ME, mask),
-        "dead_frac": dead_frac(load_ME, mask),
-    }
+    return {"capacity_rate": capacity_rate(kept_M, tokens_M, k),
+            **{name: f(load_ME, mask) for name, f in LOAD_METRICS.items()}}
 
 
 def routing_metrics_for(routing, tokens_M, load_ME, kept_M,

@@ -209,9 +209,7 @@ class RoutingCounter:
         mask, load = self._masks_LME, c["load"]
         derived = {
             "capacity_rate": metrics.capacity_rate(c["kept"], c["tokens"], self._k_L[:, None]),
-            "entropy": metrics.entropy(load, mask),
-            "maxvio": metrics.maxvio(load, mask),
-            "dead_frac": metrics.dead_frac(load, mask),
+            **{name: f(load, mask) for name, f in metrics.LOAD_METRICS.items()},
         }
         with np.errstate(invalid="ignore", divide="ignore"):
             confidence = np.where(c["tokens"] > 0, c["confidence_sum"] / np.maximum(c["tokens"], 1), np.nan)

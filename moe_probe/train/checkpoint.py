@@ -1,4 +1,4 @@
-"""Exact, atomic checkpoints: RUN_DIR/checkpoint.pt.
+"""Exact, atomic checkpoints (where: ``Run(RUN_DIR).checkpoint_path``).
 
 Everything a run needs to continue bit-for-bit: model and optimizer state, the torch /
 numpy / python RNG states, the batch generator's state, the step, the config JSON, the
@@ -10,7 +10,6 @@ a crash mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -18,15 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINT = "checkpoint.pt"
-PROGRESS = "progress.json"
-"""Small sidecar with the checkpoint's step, so `info` and the base cache need not load weights."""
+from moe_probe.run import Run, write_json
+
 FORMAT = 1
 """Bumped when the layout below changes; a checkpoint of another format is refused."""
 
 
 def checkpoint_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT
+    return Run(run_dir).checkpoint_path
 
 
 def rng_state() -> dict:
@@ -79,10 +77,8 @@ def save(run_dir, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     finally:
         if tmp.exists():
             tmp.unlink()
-    progress = path.with_name(PROGRESS)
-    tmp = progress.with_name(f".{PROGRESS}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"step": int(step)}) + "\n")
-    os.replace(tmp, progress)
+    # The step sidecar, so `info` and the base cache need not load weights to know it.
+    write_json(Run(run_dir).progress_path, {"step": int(step)})
     return path
 
 

@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 
 from moe_probe.data import MultimodalData, Tokenizer
-from moe_probe.jsonutil import strict_json
 from moe_probe.model import MultimodalMoE, choose_groups, convert, und_expert_counts
+from moe_probe.model.params import n_params
+from moe_probe.run import BASE_CACHE, Run
+from moe_probe.trace.layout import store_layout
 from moe_probe.train import checkpoint
-from moe_probe.train.config import RunConfig, run_config_from_json, to_dict
+from moe_probe.train.config import RunConfig, run_config_from_json, to_dict, to_json
 from moe_probe.train.distributed import SINGLE, Dist
 from moe_probe.train.evaluate import Evaluator
 from moe_probe.train.tracing import open_session
@@ -80,16 +82,12 @@ def base_key(base_cfg: RunConfig, world_size: int = 1) -> str:
 
 def cache_dir(run_dir: Path) -> Path:
     env = os.environ.get("MOE_PROBE_CACHE")
-    return Path(env) if env else Path(run_dir).resolve().parent / ".base"
+    return Path(env) if env else Path(run_dir).resolve().parent / BASE_CACHE
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)  # parameter init is part of what the seed fixes
     return MultimodalMoE(cfg.model, vocab_size)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @contextlib.contextmanager
@@ -120,17 +118,15 @@ def ensure_base(cfg: RunConfig, run_dir: Path, *, quiet: bool = False, log=print
             # A base that died before its first checkpoint: derived data, start it over.
             shutil.rmtree(bdir)
         log(f"stage 1: {'resuming' if done is not None else 'training'} base in {bdir}")
-        run_stage(bcfg, bdir, resume=done is not None, quiet=quiet, log=log, dist=dist)
+        run_stage(bcfg, bdir, how="new" if done is None else "resume", quiet=quiet, log=log,
+                  dist=dist)
         dist.barrier()  # rank 0 has written the finished base before anyone loads it
     return bdir
 
 
 def read_progress(run_dir: Path) -> int | None:
-    """Steps done according to RUN_DIR/progress.json (None = no checkpoint yet)."""
-    p = Path(run_dir) / checkpoint.PROGRESS
-    if not p.is_file():
-        return None
-    return int(json.loads(p.read_text())["step"])
+    """Steps done according to the run's last checkpoint (None = no checkpoint yet)."""
+    return Run(run_dir).progress()
 
 
 def count_expert_use(model, data: MultimodalData, n_batches: int, batch_size: int,
@@ -187,17 +183,22 @@ def _converted(cfg: RunConfig, base_dir: Path):
     return replace(cfg, model=replace(cfg.model, groups=groups)), model, tokenizer, groups
 
 
-def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False,
+def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
               log=print, dist: Dist = SINGLE) -> dict:
-    """Train one stage into ``run_dir`` (fresh or resumed); returns the run's summary dict
-    (also written to RUN_DIR/run.json: recipe, arch, n_params, groups, base, last eval)."""
-    run_dir = Path(run_dir)
+    """Train one stage into ``run_dir``; returns the run's summary dict (also in its summary file:
+    recipe, arch, n_params, groups, base, last eval).
+
+    ``how``: ``"new"`` (the run directory appears complete, atomically, once the model is built),
+    ``"start_over"`` (a run that died before its first checkpoint: same config, its store
+    truncated to 0 rows) or ``"resume"`` (from the last checkpoint)."""
+    assert how in ("new", "start_over", "resume"), how
+    run = Run(run_dir)
     optimizer = generator = None
     start, extra = 0, {}
-    if resume:
+    if how == "resume":
         cfg, model, tokenizer, groups, optimizer, generator, start, extra = _resumed(
             cfg, run_dir, dist.world)
-        summary = json.loads((run_dir / "run.json").read_text())
+        summary = run.summary()
     elif cfg.train.stage == 1:
         tokenizer = Tokenizer.build(cfg.data.vocab_words)
         model, groups, summary = build_model(cfg, tokenizer.vocab_size), None, {}
@@ -206,24 +207,29 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
         cfg, model, tokenizer, groups = _converted(cfg, base_dir)
         log(f"stage 2: {cfg.model.arch} from base {base_dir.name}"
             + (f", und experts per layer: {groups}" if groups is not None else ""))
-        base_eval = json.loads((base_dir / "run.json").read_text()).get("eval", {})
+        base_eval = Run(base_dir).summary().get("eval", {})
         summary = {"base": {"dir": str(base_dir.resolve()), "key": base_dir.name, "eval": base_eval}}
-    if not resume and dist.is_main:  # rank 0 alone writes the run's files
-        run_dir.mkdir(parents=True, exist_ok=True)
-        summary.update({"recipe": cfg.recipe, "arch": cfg.model.arch, "stage": cfg.train.stage,
-                        "seed": cfg.train.seed, "n_params": n_params(model), "groups": groups})
-        _write_json(run_dir / "run.json", summary)
-        if groups is not None:
-            _write_json(run_dir / "groups.json", {"arch": cfg.model.arch, "groups": groups})
-    # Rewritten on resume too: --steps / --set train.* may have changed the plan.
-    if dist.is_main:
-        _write_json(run_dir / "config.json", to_dict(cfg))
 
     t0 = time.perf_counter()
     data = MultimodalData(cfg.data, cfg.train.seed, tokenizer)
     evaluator = Evaluator(cfg, data, tokenizer)
-    session = open_session(cfg, run_dir, model, data, evaluator.metric_names,
-                           resume=resume, resume_step=start, dist=dist)
+    if dist.is_main:  # rank 0 alone writes the run's files
+        if how == "resume":
+            # Rewritten: --steps / --set train.* may have changed the plan.
+            run.write_config(to_dict(cfg))
+        else:
+            summary.update({"recipe": cfg.recipe, "arch": cfg.model.arch, "stage": cfg.train.stage,
+                            "seed": cfg.train.seed, "n_params": n_params(model), "groups": groups})
+            attrs, coords = store_layout(model, eval_metrics=list(evaluator.metric_names))
+            run_attrs = {"name": run.path.name, "recipe": cfg.recipe, "seed": cfg.train.seed,
+                         "stage": cfg.train.stage, "config": to_json(cfg)}
+            files = dict(store_attrs={"run": run_attrs, **attrs}, store_coords=coords,
+                         config=to_dict(cfg), summary=summary,
+                         groups=None if groups is None else {"arch": cfg.model.arch,
+                                                             "groups": groups})
+            run.create(**files) if how == "new" else run.start_over(**files)
+    session = open_session(cfg, run, model, data, evaluator.metric_names, resume_step=start,
+                           dist=dist)
     session.restore_snapshot(extra.get("snapshot"), start)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
@@ -235,8 +241,8 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = Fals
         return summary
     # Wall-clock of this stage's training + evaluation (summed over resumes), base excluded.
     wall = summary.get("wall_s", 0.0) + time.perf_counter() - t0
-    summary.update(eval=metrics, steps=read_progress(run_dir), wall_s=round(wall, 1))
-    _write_json(run_dir / "run.json", summary)
+    summary.update(eval=metrics, steps=run.progress(), wall_s=round(wall, 1))
+    run.write_summary(summary)
     return summary
 
 
@@ -253,13 +259,7 @@ def _plain(groups):
     return int(groups)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def train_run(cfg: RunConfig, run_dir: Path, *, resume: bool, quiet: bool = False, log=print,
+def train_run(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False, log=print,
               dist: Dist = SINGLE) -> dict:
     """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one."""
-    return run_stage(cfg, Path(run_dir), resume=resume, quiet=quiet, log=log, dist=dist)
+    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist)

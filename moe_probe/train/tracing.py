@@ -1,17 +1,15 @@
-"""Open the run's trace store and its :class:`TraceSession` (fresh or resumed).
+"""Open the run's trace store for appending and its :class:`TraceSession`.
 
 Kept apart from the loop so ``trainer.fit`` only sees the session's five calls.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from moe_probe import __version__
+from moe_probe.run import Run
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.layout import store_layout
 from moe_probe.trace.session import TraceSession
-from moe_probe.train.config import RunConfig, to_json
+from moe_probe.train.config import RunConfig
 from moe_probe.train.distributed import SINGLE, Dist
 
 
@@ -39,22 +37,17 @@ class NullWriter:
         pass
 
 
-def open_session(cfg: RunConfig, run_dir: Path, model, data, metric_names, *,
-                 resume: bool, resume_step: int = 0, dist: Dist = SINGLE) -> TraceSession:
-    """A session writing RUN_DIR/traces.zarr (on rank 0; other ranks trace into a NullWriter).
+def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
+                 resume_step: int = 0, dist: Dist = SINGLE) -> TraceSession:
+    """A session appending to the run's store (on rank 0; other ranks trace into a NullWriter).
 
-    On resume the store keeps only rows of steps before the checkpoint's: rows a crashed run
-    wrote past its last checkpoint are dropped, and the eval row at the checkpoint step is
-    written again by the trainer's first evaluation (identical: evaluation is deterministic).
+    The store already exists (``Run.create`` lays it out with the run). It keeps only rows of
+    steps before ``resume_step``: rows a crashed run wrote past its last checkpoint are dropped,
+    and the eval row at the checkpoint step is written again by the trainer's first evaluation
+    (identical: evaluation is deterministic).
     """
     if not dist.is_main:
         _, coords = store_layout(model, eval_metrics=list(metric_names))
         return TraceSession(model, cfg.trace, NullWriter(coords), data.probe_batch, distributed=True)
-    if resume:
-        writer, _ = StoreWriter.resume(run_dir, after_step=resume_step - 1)
-    else:
-        attrs, coords = store_layout(model, eval_metrics=list(metric_names))
-        run = {"name": Path(run_dir).name, "recipe": cfg.recipe, "seed": cfg.train.seed,
-               "stage": cfg.train.stage, "config": to_json(cfg), "version": __version__}
-        writer = StoreWriter.create(run_dir, attrs={"run": run, **attrs}, coords=coords)
+    writer, _ = StoreWriter.resume(run.store_path, after_step=resume_step - 1)
     return TraceSession(model, cfg.trace, writer, data.probe_batch, distributed=dist.enabled)
