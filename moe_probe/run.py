@@ -268,6 +268,9 @@ class Run:
         self._remove_leftovers()
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{_CREATING}", dir=parent))
         try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for secrets; a run is not one
             _fill(tmp, store_attrs, store_coords, config, summary, groups)
             if self.path.exists():
                 self.path.rmdir()  # empty (checked above); rename cannot replace it otherwise
