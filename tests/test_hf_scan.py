@@ -169,8 +169,8 @@ def test_typed_segments_are_modalities(tmp_path, n_kinds):
     fed in, and per-kind expert counts equal the model's own router-logit top-k over exactly
     those tokens."""
     rng = np.random.default_rng(3)
-    segs = [{"type": KINDS[i % n_kinds],
-             "text": " ".join(rng.choice(WORDS[(i % n_kinds) * 3:(i % n_kinds) * 3 + 12], rng.integers(3, 9)))}
+    vocab = [WORDS[3 * m: 3 * m + 12] for m in range(n_kinds)]  # overlapping word sets per kind
+    segs = [{"type": KINDS[i % n_kinds], "text": " ".join(rng.choice(vocab[i % n_kinds], rng.integers(3, 9)))}
             for i in range(120)]
     src = tmp_path / "typed.jsonl"
     src.write_text("\n".join(json.dumps(s) for s in segs) + "\n")

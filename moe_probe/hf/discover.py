@@ -5,8 +5,9 @@ layer, for an *experts* module (a direct 3-D parameter with first dim E, or a Mo
 identically shaped sub-modules) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
 Modules named ``*shared*`` next to them are shared experts (a 1-output linear among them is the
 shared-expert gate). One probe forward with temporary hooks (``moe_probe.model.hooks.hooks``)
-then checks what each router returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids recorded as the model chose
-them) or bare logits (then picks = top-k of softmax(logits), k from the config).
+then checks what each router returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids
+recorded as the model chose them) or bare logits (then picks = top-k of softmax(logits), k from
+the config).
 
 Legend: E experts, D model dim, K top-k.
 """

@@ -214,7 +214,8 @@ class RoutingCounter:
 
 def counter_for(model, nominal_capacity: float = 1.0, device=None) -> RoutingCounter:
     """A counter sized from ``model.moe_layers()`` (on the model's device unless given), over
-    moe_probe's ``MODALITIES``. Attach it with ``hooks(model, layer_hooks(model, "hook_router", counter.add))``."""
+    moe_probe's ``MODALITIES``. Attach it with
+    ``hooks(model, layer_hooks(model, "hook_router", counter.add))``."""
     layers = model.moe_layers()
     if device is None:
         p = next(model.parameters(), None)
