@@ -4,7 +4,8 @@ Used by the routing tracer, the HF adapter, the fixtures and readers. Every func
 leading dims (e.g. steps, layers) so whole histories can be computed at once.
 
 Legend: M modalities (the run's modality names; ``MODALITIES`` for moe_probe's models), E routed
-experts of the layer (all groups), T tokens, K top-k. A modality with no tokens (or whose group received nothing) gets NaN, silently.
+experts of the layer (all groups), T tokens, K top-k. A modality with no tokens (or whose group
+received nothing) gets NaN, silently.
 
 Groups: a layer's experts are partitioned into named groups (``{"und": (...), "gen": (...)}``, or
 one group for a plain MoE); modality m routes into ``modality_group[m]``. Per-modality metrics are
