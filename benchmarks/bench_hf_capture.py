@@ -1,9 +1,9 @@
-"""Cost of routing capture on an HF MoE model: nnsight-traced forward + counting vs plain forward.
+"""Cost of routing capture on an HF MoE model: hooked forward + counting vs plain forward.
 
-Same model object, same batch, measured side by side: each repeat runs one traced forward
-(RouterCapture.capture + RoutingCounter.add for every MoE layer + finish) and one plain
-``model(input_ids=...)`` with nnsight's controllers taken off (``detach``), in alternating order
-so drift in machine load hits both. Prints the medians and their ratio (target <= 1.15).
+Same model object, same batch, measured side by side: each repeat runs one captured forward
+(RouterCapture.capture — router hooks for that forward only — + RoutingCounter.add for every MoE
+layer + finish) and one plain ``model(input_ids=...)``, in alternating order so drift in machine
+load hits both. Prints the medians and their ratio (target <= 1.15).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_hf_capture.py [--family mixtral] [--hidden 128]
 """
@@ -65,18 +65,16 @@ def main() -> None:
     cap = RouterCapture(model, layers)
 
     def traced() -> None:
-        cap.attach()
         got = cap.capture(ids, mod_T)
         for li, rec in enumerate(got.records):
             counter.add(li, rec)
         counter.finish()
-        cap.detach()
 
     def plain() -> None:
         with torch.no_grad():
             model(input_ids=ids)
 
-    for f in (traced, plain, traced, plain):  # warm-up (allocator, nnsight's code cache)
+    for f in (traced, plain, traced, plain):  # warm-up (allocator, code caches)
         f()
     t_traced, t_plain = [], []
     for r in range(a.repeats):

@@ -164,44 +164,53 @@ def test_structural_scan_equals_table_scan(tmp_path, monkeypatch):
     np.testing.assert_array_equal(loads["table"], loads["structural"])
 
 
-def test_typed_segments_are_modalities(tmp_path):
-    """A .jsonl --text labels each token with its segment's kind (a token-type mask): the
-    store's modalities are the kinds, and per-kind expert counts equal the model's own
-    router-logit top-k over exactly the tokens of that kind."""
+KINDS = ("prose", "code", "math", "table", "dialog")
+
+
+@pytest.mark.parametrize("n_kinds", [2, 5])
+def test_typed_segments_are_modalities(tmp_path, n_kinds):
+    """A .jsonl --text labels each token with its segment's kind (a token-type mask), any number
+    of kinds: the store's modalities are the kinds, tokens per kind equal the tokens of that kind
+    fed in, and per-kind expert counts equal the model's own router-logit top-k over exactly
+    those tokens."""
     rng = np.random.default_rng(3)
-    segs = [{"type": ("prose", "code")[i % 2],
-             "text": " ".join(rng.choice(WORDS[(i % 2) * 10:(i % 2) * 10 + 12], rng.integers(3, 9)))}
+    vocab = [WORDS[3 * m: 3 * m + 12] for m in range(n_kinds)]  # overlapping word sets per kind
+    segs = [{"type": KINDS[i % n_kinds], "text": " ".join(rng.choice(vocab[i % n_kinds], rng.integers(3, 9)))}
             for i in range(120)]
     src = tmp_path / "typed.jsonl"
     src.write_text("\n".join(json.dumps(s) for s in segs) + "\n")
     out = tmp_path / "run"
     assert main(["scan", "--model", str(FIX / "mixtral.json"), "--text", str(src), "--out", str(out),
                  "--batch-size", "2", "--seq-len", "16", "--max-batches", "3", "--quiet"]) == 0
-    r = open_run(out).dataset("routing")
-    assert list(r["modality"].values) == ["prose", "code"]
+    run = open_run(out)
+    r = run.dataset("routing")
+    assert list(r["modality"].values) == list(KINDS[:n_kinds])
+    assert run.attrs["modalities"] == list(KINDS[:n_kinds])
     from moe_probe.hf.loading import read_typed_windows
     model, tok, _ = load_model(str(FIX / "mixtral.json"), seed=0)
     ids, kind, kinds = read_typed_windows(str(src), tok, model.config.vocab_size, 16)
-    assert kinds == ["prose", "code"]
+    assert kinds == list(KINDS[:n_kinds])
     E, K = model.config.num_local_experts, model.config.num_experts_per_tok
     for s in range(3):
         batch, k = ids[2 * s: 2 * s + 2], kind[2 * s: 2 * s + 2].reshape(-1)
+        assert set(k.tolist()) == set(range(n_kinds))  # every kind is fed in at every step
         with torch.no_grad():
             logits = model(input_ids=batch, output_router_logits=True).router_logits
         for li, lg in enumerate(logits):
             picks = torch.softmax(lg.float(), -1).topk(K, -1).indices  # T, K
-            for m in range(2):
+            for m in range(n_kinds):
                 want = np.bincount(picks[k == m].reshape(-1).numpy(), minlength=E)
                 np.testing.assert_array_equal(r["load"].isel(step=s, layer=li)
                                               .sel(modality=kinds[m]).values, want)
                 assert int(r["tokens"].isel(step=s, layer=li).sel(modality=kinds[m])) == int((k == m).sum())
+    assert (r["tokens"].values.sum(-1) == 2 * 16).all()  # every token under exactly one kind
+    assert np.isfinite(r["capacity_rate"].values).all()
 
 
 @pytest.mark.parametrize("lines,needle", [
     (['{"type": "a", "text": "x y"}', "not json"], "not JSON"),
     (['{"kind": "a", "text": "x y"}'], 'expected {"type"'),
     (['{"type": "a b", "text": "x y"}'], "must be a name"),
-    ([f'{{"type": "k{i}", "text": "x y"}}' for i in range(4)], "more than 3 token kinds"),
 ])
 def test_bad_typed_segments_exit_2(tmp_path, capsys, lines, needle):
     src = tmp_path / "t.jsonl"

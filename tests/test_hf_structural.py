@@ -70,8 +70,8 @@ def test_unknown_architecture_with_bare_logit_router():
     ids = torch.randint(0, V, (3, 10), generator=torch.Generator().manual_seed(1))
     for b in model.layers:
         b.picks.clear()
-    with RouterCapture(model, layers) as cap:
-        got = cap.capture(ids, torch.zeros(ids.numel(), dtype=torch.long))
+    got = RouterCapture(model, layers).capture(ids, torch.zeros(ids.numel(), dtype=torch.long))
+    assert not any(m._forward_hooks for m in model.modules())  # hooks lived for that forward only
     for b, rec in zip(model.layers, got.records):
         want = np.bincount(b.picks[-1].reshape(-1).numpy(), minlength=E)
         assert (want > 0).sum() > K

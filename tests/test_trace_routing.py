@@ -1,4 +1,4 @@
-"""RoutingCounter / RoutingTracer against routings worked out by hand (see the comments)."""
+"""RoutingCounter (attached with model.hooks) against routings worked out by hand (see the comments)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_probe.model.hooks import HookPoint, LayerRouting, RouterRecord
+from moe_probe.model.hooks import HookPoint, LayerRouting, RouterRecord, hooks, layer_hooks
 from moe_probe.trace import metrics
-from moe_probe.trace.routing import (
-    RoutingCounter, RoutingTracer, counter_for, group_of_experts, nominal_kept_torch,
-)
+from moe_probe.trace.routing import RoutingCounter, counter_for
 
 NINF = -math.inf
 PLAIN = LayerRouting(n_experts=4, top_k=2, capacity_factor=None, groups={"all": (0, 1, 2, 3)})
@@ -128,20 +126,38 @@ def test_absent_modality_is_nan_and_layers_of_different_width():
     np.testing.assert_allclose(row["dead_frac"][1, 0], 0.5)
 
 
-@pytest.mark.parametrize("C", [1.0, 1.25, 0.5, 2.0])
-def test_nominal_kept_torch_equals_metrics(C):
+@pytest.mark.parametrize("C", [1.0, 1.25, 0.5, 2.0, 1.1])
+def test_counter_nominal_kept_equals_metrics(C):
+    """The counter's batched on-device nominal kept == the numpy reader's, one forward at a time."""
     g = torch.Generator().manual_seed(0)
     for info in (PLAIN, LayerRouting(n_experts=6, top_k=1, capacity_factor=None,
                                      groups={"und": (0, 2, 4, 5), "gen": (1,)})):
-        gid = torch.tensor(group_of_experts(info))
-        size = torch.bincount(gid)
+        allowed = [e for ids in info.groups.values() for e in ids]  # expert 3 may be in no group
+        c = RoutingCounter(["0"], [info], nominal_capacity=C)
+        want = np.zeros(3)
         for _ in range(20):
-            load = torch.randint(0, 9, (3, info.n_experts), generator=g)
-            if len(info.groups) > 1:
-                load[:, 3] = 0  # expert 3 is in no group: it never receives tokens
-            ours = nominal_kept_torch(load, gid, size, C).numpy()
-            ref = metrics.nominal_kept(load.numpy(), info.groups, info.modality_group, C)
-            np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-12)
+            T = int(torch.randint(1, 12, (1,), generator=g))
+            ids = torch.tensor(allowed)[torch.randint(0, len(allowed), (T, info.top_k), generator=g)]
+            mod = torch.randint(0, 3, (T,), generator=g)
+            c.add(0, RouterRecord(torch.zeros(T, info.n_experts), ids, torch.ones(ids.shape), None, mod))
+            load = np.zeros((3, info.n_experts))
+            np.add.at(load, (mod[:, None].expand_as(ids).numpy(), ids.numpy()), 1)
+            want += metrics.nominal_kept(load, info.groups, info.modality_group, C)
+        np.testing.assert_allclose(c.finish()["kept"][0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_any_number_of_modalities():
+    """The modality width is the counter's names: 5 kinds, counts land under their own index."""
+    names = ["a", "b", "c", "d", "e"]
+    c = RoutingCounter(["0"], [PLAIN], modalities=names)
+    c.add(0, rec([[0, 0, 0, 0]] * 6, [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]], [0, 1, 2, 3, 4, 4]))
+    row = c.finish()
+    np.testing.assert_array_equal(row["tokens"], [[1, 1, 1, 1, 2]])
+    np.testing.assert_array_equal(row["load"][0], [[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1],
+                                                   [1, 0, 0, 1], [1, 1, 1, 1]])
+    assert row["entropy"].shape == row["capacity_rate"].shape == (1, 5)
+    with pytest.raises(ValueError, match="at least one modality"):
+        RoutingCounter(["0"], [PLAIN], modalities=[])
 
 
 # ----------------------------------------------------------------------------- a tiny real module
@@ -191,7 +207,7 @@ def test_tracer_counts_real_router_and_removes_hooks():
     for _, m in model.moe_layers():  # an independent observer of the same records
         m.hook_router.register_forward_hook(lambda _m, a, _o: seen.append(a[0]))
     counter = counter_for(model)
-    with RoutingTracer(model, counter):
+    with hooks(model, layer_hooks(model, "hook_router", counter.add)):
         assert _n_hooks(model) == 4
         model(x, mod)
     assert _n_hooks(model) == 2
@@ -216,7 +232,7 @@ def test_tracer_removes_hooks_on_exception():
     model = TinyModel()
     counter = counter_for(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with RoutingTracer(model, counter):
+        with hooks(model, layer_hooks(model, "hook_router", counter.add)):
             assert _n_hooks(model) == 2
             raise RuntimeError("boom")
     assert _n_hooks(model) == 0

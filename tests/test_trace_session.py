@@ -13,11 +13,12 @@ from moe_probe import open_run
 from moe_probe.data import DataConfig, MultimodalData
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS
 from moe_probe.model import ModelConfig, MultimodalMoE
+from moe_probe.model.hooks import hooks, layer_hooks
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.config import TraceConfig
 from moe_probe.trace.grad import GradConflictTracer, grad_layers
 from moe_probe.trace.layout import store_layout
-from moe_probe.trace.routing import RoutingTracer, counter_for
+from moe_probe.trace.routing import counter_for
 from moe_probe.trace.session import TraceSession
 
 EVAL = ["text_loss", "digit_acc"]
@@ -170,7 +171,7 @@ def test_capacity_layer_kept_matches_records(data):
         f.hook_router.register_forward_hook(lambda _m, a, _o: seen.append(a[0]))
     counter = counter_for(model)
     b = _batches(data, 1, seed=5, size=16)[0]
-    with RoutingTracer(model, counter):
+    with hooks(model, layer_hooks(model, "hook_router", counter.add)):
         model(b)
     row = counter.finish()
     for li, r in enumerate(seen):

@@ -1,8 +1,9 @@
-"""Hugging Face MoE adapter: routing capture through nnsight and ``moe-probe scan``.
+"""Hugging Face MoE adapter: routing capture through forward hooks and ``moe-probe scan``.
 
 - ``families.py`` — the table (family -> router / experts / shared-expert paths, selection rule).
 - ``discover.py`` — MoE layers from the table, else by structure (``find_moe_layers``).
-- ``capture.py``  — ``RouterCapture``: router outputs -> ``RouterRecord`` in one nnsight trace;
+- ``capture.py``  — ``RouterCapture``: router outputs -> ``RouterRecord`` in one forward
+  (hooks from ``moe_probe.model.hooks``, attached for that forward only);
   shared-expert outputs; logits with routed experts masked.
 - ``loading.py``  — offline model loading (directory or config JSON) and text windows.
 - ``grad.py``, ``probes.py``, ``advise.py`` — gradient conflict, shared-expert probes, the

@@ -1,9 +1,8 @@
-"""Read router decisions (and, on demand, shared-expert outputs) of an HF model through nnsight.
+"""Read router decisions (and, on demand, shared-expert outputs) of an HF model with forward hooks.
 
-One ``NNsight`` wrapper per model; every call opens one ``trace`` and saves only what is asked,
-so nothing stays attached between calls (nnsight removes its interventions when the trace
-exits). Modules are accessed in forward order inside a trace (nnsight 0.8 requires it), which
-is why shared-expert outputs — called *before* the router in Qwen2-MoE — get their own trace.
+Every call runs one plain forward with hooks (``moe_probe.model.hooks.hooks``) on the discovered
+module paths, removed when the forward returns (also when it raises): the model is never wrapped
+and nothing stays attached between calls.
 
 Legend: B batch, S sequence, T tokens (= B·S, the order routers flatten them in), E experts,
 K top-k, D model dim, V vocab.
@@ -14,17 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from nnsight import NNsight
 
 from moe_probe.hf.discover import MoeLayer
-from moe_probe.model.hooks import RouterRecord
-
-
-def _envoy(root, path: str):
-    env = root
-    for part in path.split("."):
-        env = env[int(part)] if part.isdigit() else getattr(env, part)
-    return env
+from moe_probe.model.hooks import HookFn, RouterRecord, hooks
 
 
 def picks_from_logits(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,59 +33,22 @@ class Capture:
     """LM logits of the same forward (only with ``want_logits``)."""
 
 
-_SLOTS = ("forward", "__nnsight__")
-"""Instance attributes nnsight 0.8 installs on every wrapped module (its inert-outside-a-trace
-``Controller`` forward and its state). ``detach`` takes them off again."""
-
-
 class RouterCapture:
-    """``capture(input_ids_BS, modality_T)`` -> routing records of every MoE layer, one forward.
-
-    Use as a context manager (or call ``detach``): nnsight leaves a controller ``forward`` on
-    every module it wraps, and the model must come back exactly as it was handed in.
-    """
+    """``capture(input_ids_BS, modality_T)`` -> routing records of every MoE layer, one forward."""
 
     def __init__(self, model: torch.nn.Module, layers: list[MoeLayer]):
         self.model = model
         self.layers = layers
-        self._before = {m: {k: m.__dict__[k] for k in _SLOTS if k in m.__dict__} for m in model.modules()}
-        self.traced = NNsight(model)
-        self._installed = {m: {k: m.__dict__[k] for k in _SLOTS if k in m.__dict__}
-                           for m in model.modules()}
-        self.attached = True
 
-    def detach(self) -> None:
-        """Restore every module's own attributes (the model runs exactly as before wrapping)."""
-        for m, mine in self._installed.items():
-            for k in mine:
-                m.__dict__.pop(k, None)
-            m.__dict__.update(self._before[m])
-        self.attached = False
-
-    def attach(self) -> None:
-        """Re-install the controllers ``detach`` took off (cheap: no re-wrapping)."""
-        for m, mine in self._installed.items():
-            m.__dict__.update(mine)
-        self.attached = True
-
-    def __enter__(self) -> "RouterCapture":
-        if not self.attached:
-            self.attach()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.detach()
-        return False
+    def _forward(self, input_ids_BS: torch.Tensor, fns: dict[str, HookFn]):
+        with torch.no_grad(), hooks(self.model, fns):
+            return self.model(input_ids=input_ids_BS)
 
     def capture(self, input_ids_BS: torch.Tensor, modality_T: torch.Tensor, *,
                 want_logits: bool = False) -> Capture:
-        saved = []
-        logits = None
-        with torch.no_grad(), self.traced.trace(input_ids=input_ids_BS):
-            for layer in self.layers:
-                saved.append(_envoy(self.traced, layer.router).output.save())
-            if want_logits:
-                logits = self.traced.output.logits.save()
+        saved: list = [None] * len(self.layers)
+        model_out = self._forward(input_ids_BS, {layer.router: lambda o, li=li: saved.__setitem__(li, o)
+                                                 for li, layer in enumerate(self.layers)})
         records = []
         for layer, out in zip(self.layers, saved):
             if layer.output == "ids":
@@ -111,15 +65,13 @@ class RouterCapture:
                 logits_TE=logits_TE, topk_ids_TK=ids_TK.reshape(logits_TE.shape[0], -1).long(),
                 topk_weights_TK=w_TK.reshape(logits_TE.shape[0], -1), kept_TK=None,
                 modality_T=modality_T))
-        return Capture(records, logits)
+        return Capture(records, model_out.logits if want_logits else None)
 
     def shared_outputs(self, input_ids_BS: torch.Tensor) -> list[torch.Tensor]:
         """Per MoE layer with shared experts: their summed output h_TD, before any shared gate."""
-        saved = []
-        with torch.no_grad(), self.traced.trace(input_ids=input_ids_BS):
-            for layer in self.layers:
-                for path in layer.shared:
-                    saved.append((layer.name, _envoy(self.traced, path).output.save()))
+        saved: list[tuple[str, torch.Tensor]] = []
+        self._forward(input_ids_BS, {path: lambda h, n=layer.name: saved.append((n, h))
+                                     for layer in self.layers for path in layer.shared})
         by_layer: dict[str, torch.Tensor] = {}
         for name, h in saved:
             h = h.reshape(-1, h.shape[-1]).float()
@@ -128,13 +80,8 @@ class RouterCapture:
 
     def logits(self, input_ids_BS: torch.Tensor, *, mask_routed: bool = False) -> torch.Tensor:
         """LM logits; ``mask_routed`` zeroes every routed-experts output (shared experts only)."""
-        with torch.no_grad(), self.traced.trace(input_ids=input_ids_BS):
-            if mask_routed:
-                for layer in self.layers:
-                    env = _envoy(self.traced, layer.experts)
-                    env.output = torch.zeros_like(env.output)
-            out = self.traced.output.logits.save()
-        return out
+        zero = {layer.experts: torch.zeros_like for layer in self.layers} if mask_routed else {}
+        return self._forward(input_ids_BS, zero).logits
 
 
 def lm_loss(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor) -> torch.Tensor:

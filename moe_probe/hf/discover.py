@@ -4,9 +4,10 @@ Structural discovery (families missing from ``families.FAMILIES``) looks, inside
 layer, for an *experts* module (a direct 3-D parameter with first dim E, or a ModuleList of E
 identically shaped sub-modules) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
 Modules named ``*shared*`` next to them are shared experts (a 1-output linear among them is the
-shared-expert gate). One probe forward with temporary hooks then checks what each router
-returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids recorded as the model chose
-them) or bare logits (then picks = top-k of softmax(logits), k from the config).
+shared-expert gate). One probe forward with temporary hooks (``moe_probe.model.hooks.hooks``)
+then checks what each router returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids
+recorded as the model chose them) or bare logits (then picks = top-k of softmax(logits), k from
+the config).
 
 Legend: E experts, D model dim, K top-k.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from moe_probe.hf.families import FAMILIES, Family
+from moe_probe.model.hooks import hooks
 
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts", "moe_k")
 N_SHARED_KEYS = ("n_shared_experts", "num_shared_experts", "shared_expert_count")
@@ -178,10 +180,9 @@ def _check_router_outputs(model: nn.Module, found: list[MoeLayer]) -> list[MoeLa
     read without a table entry — the (logits, weights, ids) tuple and bare [T, E] logits —
     anything else is refused rather than guessed at."""
     seen: dict[str, str] = {}
-    handles = []
 
     def hook(name, E):
-        def fn(_m, _a, out):
+        def fn(out):
             if (isinstance(out, tuple) and len(out) >= 3 and all(torch.is_tensor(t) for t in out[:3])
                     and out[0].shape[-1] == E and not out[2].is_floating_point()):
                 seen[name] = "ids"
@@ -191,15 +192,9 @@ def _check_router_outputs(model: nn.Module, found: list[MoeLayer]) -> list[MoeLa
                 seen[name] = "unknown"
         return fn
 
-    try:
-        for m in found:
-            handles.append(model.get_submodule(m.router).register_forward_hook(hook(m.router, m.n_experts)))
-        vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-        with torch.no_grad():
-            model(input_ids=torch.arange(4).remainder(vocab)[None].to(_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    with torch.no_grad(), hooks(model, {m.router: hook(m.router, m.n_experts) for m in found}):
+        model(input_ids=torch.arange(4).remainder(vocab)[None].to(_device(model)))
     bad = [m.router for m in found if seen.get(m.router, "unknown") == "unknown"]
     if bad:
         raise ValueError(f"{getattr(model.config, 'model_type', '?')}: router {bad[0]} returns a form "

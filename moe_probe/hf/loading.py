@@ -87,16 +87,15 @@ def encode(text: str, tokenizer, vocab_size: int) -> list[int]:
             for w in _WORD.findall(text)]
 
 
-MAX_KINDS = 3
-"""Token kinds a typed text can label (the routing counter's modality width)."""
 _KIND = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 
 
 def read_typed_windows(path: str, tokenizer, vocab_size: int, seq_len: int):
     """Token windows [N, S] of a JSONL file of typed segments, one per line,
     ``{"type": "code", "text": "..."}``, and the kind of each token (the user's token-type
-    mask): ``(ids_NS, kind_NS, kinds)``, kinds in order of first appearance. Segments are
-    tokenized one by one and concatenated in file order; windows as in `read_windows`."""
+    mask): ``(ids_NS, kind_NS, kinds)``, kinds in order of first appearance (any number of them:
+    they become the run's modalities). Segments are tokenized one by one and concatenated in
+    file order; windows as in `read_windows`."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"text file does not exist: {path}")
@@ -121,9 +120,6 @@ def read_typed_windows(path: str, tokenizer, vocab_size: int, seq_len: int):
         if not _KIND.fullmatch(kind):
             raise ValueError(f"{path}:{n}: token kind {kind!r} must be a name (letters, digits, _)")
         if kind not in kinds:
-            if len(kinds) == MAX_KINDS:
-                raise ValueError(f"{path}:{n}: more than {MAX_KINDS} token kinds "
-                                 f"({', '.join(kinds)}, {kind})")
             kinds.append(kind)
         seg_ids = encode(seg["text"], tokenizer, vocab_size)
         ids += seg_ids

@@ -1,6 +1,6 @@
 """Shared-expert probes of an HF model: isolated LM eval and linear probes with control tasks.
 
-*Isolated*: every routed-experts output is replaced by zeros inside an nnsight trace, so each
+*Isolated*: every routed-experts output is replaced by zeros by a forward hook, so each
 MoE layer adds only its shared experts (Qwen2-MoE: still scaled by its sigmoid gate); the LM
 loss of that model vs the full one, per text set. Metrics (store ``probe/isolated``):
 ``lm_full``, ``lm_shared_only``, ``lm_delta`` (= shared_only − full) for ``--text``, and the same

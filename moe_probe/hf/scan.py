@@ -6,7 +6,7 @@ way a multimodal batch shares each layer's expert capacity. The run has ``min`` 
 batch counts (capped by ``--max-batches``).
 
 A ``--text`` ending in ``.jsonl`` holds typed segments, ``{"type": "code", "text": "..."}`` per
-line (at most 3 kinds): each token's modality is its segment's type, as given by a token-type
+line (any number of kinds): each token's modality is its segment's type, as given by a token-type
 mask, in one stream of windows. The advisor's "understanding" counts are those of the first
 kind (or of ``--text``).
 
@@ -44,7 +44,6 @@ GRAD_ROWS = 8
 """Gradient-conflict rows per scan (two backward passes each)."""
 PROBE_WINDOWS = 16
 """Windows per text set used by the isolated eval and the probes."""
-ROUTING_2D = ("tokens", "kept", "capacity_rate", "entropy", "maxvio", "dead_frac", "confidence")
 
 
 def layer_routing(layer: MoeLayer) -> LayerRouting:
@@ -121,7 +120,6 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
     n_steps = min(math.ceil(w.shape[0] / B) for w in sets)
     if args.max_batches is not None:
         n_steps = min(n_steps, args.max_batches)
-    M = len(modalities)
     two = len(sets) == 2  # two data sets: gradient conflict between them, probes tell them apart
     has_shared = any(x.n_shared > 0 for x in layers)
     names = [x.name for x in layers]
@@ -138,15 +136,16 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
         coords.pop("grad")
         coords.pop("grad_expert")
     attrs = _attrs(args, model, layers, how, source, modalities, seed)
-    counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor)
+    counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor,
+                             modalities=modalities)
     grad = GradConflict(model, layers) if two else None
     every = max(1, math.ceil(n_steps / GRAD_ROWS))
     load_text = np.zeros((len(layers), E), dtype=np.int64)
 
     run = Run(args.out)
     run.create(store_attrs=attrs, store_coords=coords)
-    # The capture context takes nnsight's controllers off the model again at the end.
-    with RouterCapture(model, layers) as cap, StoreWriter.resume(run.store_path)[0] as writer:
+    cap = RouterCapture(model, layers)
+    with StoreWriter.resume(run.store_path)[0] as writer:
         for step in tqdm(range(n_steps), desc="scan", unit="batch", disable=args.quiet):
             parts = [w[step * B:(step + 1) * B] for w in sets]
             ids = torch.cat(parts)
@@ -159,9 +158,6 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
             for li, rec in enumerate(got.records):
                 counter.add(li, rec)
             row = counter.finish()
-            for k in ROUTING_2D:
-                row[k] = row[k][:, :M]
-            row["load"] = row["load"][:, :M, :E]
             load_text += row["load"][:, 0, :]
             writer.append("routing", step, **row)
             aux, z = _balance_losses(got.records)

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from moe_probe.model.hooks import hooks, layer_hooks
 from moe_probe.model.transformer import MultimodalMoE
 from moe_probe.modalities import VAE
 
@@ -42,22 +43,19 @@ def und_expert_counts(model: MultimodalMoE, batches) -> torch.Tensor:
     """(L, E) top-k picks (before drops) of text and vit tokens over ``batches``."""
     layers = model.moe_layers()
     counts = torch.zeros(len(layers), layers[0][1].n_experts, dtype=torch.long)
-    handles = []
-    for i, (_, ffn) in enumerate(layers):
-        def hook(_m, args, _out, i=i):
-            rec = args[0]
-            ids = rec.topk_ids_TK[rec.modality_T != VAE].flatten().cpu()
-            counts[i] += torch.bincount(ids, minlength=counts.shape[1])
-        handles.append(ffn.hook_router.register_forward_hook(hook))
+
+    def count(li, rec):
+        ids = rec.topk_ids_TK[rec.modality_T != VAE].flatten().cpu()
+        counts[li] += torch.bincount(ids, minlength=counts.shape[1])
+
     was_training = model.training
     model.eval()
     try:
         dev = next(model.parameters()).device
-        for b in batches:
-            model(b.to(dev))
+        with hooks(model, layer_hooks(model, "hook_router", count)):
+            for b in batches:
+                model(b.to(dev))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return counts
 

@@ -11,18 +11,18 @@ One :class:`MoE` serves all three archs as a set of expert groups:
 - ``mot``: the two towers' FFNs; like symbiotic, plus per-group shared experts.
 Routing: softmax over the group's logits (fp32), top-k inside the group (+ balance bias for the
 selection only), gates = the picked probabilities (renormalised by default).
-Capacity: cap_e = ceil(C · K·T_g / E_g). Drop order: all first choices before any second choice,
-then by token position in the flattened batch (GShard priority); a dropped pick contributes nothing.
+Capacity: cap_e = ceil(C · K·T_g / E_g) (``moe_probe.capacity``). Drop order: all first choices
+before any second choice, then by token position in the flattened batch (GShard priority); a
+dropped pick contributes nothing.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_probe.capacity import expert_capacity
 from moe_probe.model.hooks import HookPoint, LayerRouting, RouterRecord
 from moe_probe.modalities import MODALITIES, VAE
 
@@ -70,7 +70,7 @@ class Experts(nn.Module):
         kept_TK = None
         run_E = counts_E
         if capacity_factor is not None:
-            cap = math.ceil(capacity_factor * K * T / E)
+            cap = expert_capacity(capacity_factor, K * T, E)
             offsets_E = torch.cumsum(counts_E, 0) - counts_E
             pos_N = torch.arange(len(ids_N), device=ids_N.device) - offsets_E[ids_N[order_N]]
             keep_N = pos_N < cap

@@ -1,8 +1,8 @@
 """moe_probe.trace — tracers that turn hook-point values into small per-step store rows.
 
 - ``config``   TraceConfig: what is traced and how often.
-- ``routing``  RoutingCounter (model-agnostic: RouterRecord + LayerRouting; reused by ``hf``)
-               and RoutingTracer (forward hooks on every ``hook_router``).
+- ``routing``  RoutingCounter (model-agnostic: RouterRecord + LayerRouting; reused by ``hf``),
+               attached with ``moe_probe.model.hooks.hooks`` on every ``hook_router``.
 - ``grad``     gradient conflict between the und and gen losses per layer × component.
 - ``snapshot`` saturation / co-activation on the fixed probe batch at each eval.
 - ``probes``   linear probes on shared-expert outputs with control tasks;

@@ -6,12 +6,12 @@ is restored, so a snapshot taken between training steps changes nothing in train
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
-from moe_probe.trace.routing import attach_router_hooks
+from moe_probe.model.hooks import hooks, layer_hooks
 
 
 @dataclass
@@ -26,22 +26,6 @@ class Captured:
     """Shared-expert output (T, D) of each layer; None where the layer has no shared experts."""
 
 
-@contextmanager
-def _shared_hooks(model, callback):
-    """Forward hooks on every layer's ``hook_shared`` (layers without one are skipped)."""
-    handles = []
-    try:
-        for li, (_, layer) in enumerate(model.moe_layers()):
-            hook = getattr(layer, "hook_shared", None)
-            if hook is not None:
-                handles.append(hook.register_forward_hook(
-                    lambda _m, args, _out, li=li: callback(li, args[0])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def capture_forward(model, batch, *, router: bool = True, shared: bool = True,
                     mask_routed: bool = False) -> Captured:
     """Run ``model(batch, mask_routed=...)`` under no_grad and return the captured values."""
@@ -54,12 +38,11 @@ def capture_forward(model, batch, *, router: bool = True, shared: bool = True,
     def on_shared(li, h_TD):
         cap.shared[li] = h_TD.detach()
 
+    fns = {**(layer_hooks(model, "hook_router", on_router) if router else {}),
+           **(layer_hooks(model, "hook_shared", on_shared) if shared else {})}
     was_training = model.training
     with ExitStack() as stack:
-        if router:
-            stack.enter_context(attach_router_hooks(model, on_router))
-        if shared:
-            stack.enter_context(_shared_hooks(model, on_shared))
+        stack.enter_context(hooks(model, fns))
         stack.callback(model.train, was_training)
         model.eval()
         with torch.no_grad():

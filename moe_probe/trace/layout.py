@@ -10,8 +10,9 @@ when it has one, so the trainer creates the store in one call:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-from moe_probe.modalities import ISOLATED_METRICS
+from moe_probe.modalities import ISOLATED_METRICS, MODALITIES
 from moe_probe.store.schema import default_coords
 from moe_probe.trace.probes import PROBE_TASKS
 
@@ -39,8 +40,10 @@ def model_attrs(model) -> dict:
 
 def store_layout(model, *, eval_metrics: list[str] | tuple[str, ...],
                  isolated_metrics: tuple[str, ...] = ISOLATED_METRICS,
-                 probe_tasks: tuple[str, ...] = PROBE_TASKS) -> tuple[dict, dict]:
-    """``({"model": ...}, coords)``; the ``probe`` group only when some layer has shared experts."""
+                 probe_tasks: tuple[str, ...] = PROBE_TASKS,
+                 modalities: Sequence[str] = MODALITIES) -> tuple[dict, dict]:
+    """``({"model": ...}, coords)``; the ``probe`` group only when some layer has shared experts.
+    ``modalities`` labels the routing ``modality`` dim (the run's names; the counter's width)."""
     layers = model.moe_layers()
     infos = [m.routing_info() for _, m in layers]
     has_shared = any(i.n_shared > 0 for i in infos)
@@ -51,6 +54,7 @@ def store_layout(model, *, eval_metrics: list[str] | tuple[str, ...],
         isolated_metrics=list(isolated_metrics) if has_shared else None,
         tasks=list(probe_tasks),
     )
+    coords["routing"]["modality"] = list(modalities)
     return {"model": model_attrs(model)}, coords
 
 

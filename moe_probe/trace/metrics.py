@@ -3,8 +3,9 @@
 Used by the routing tracer, the HF adapter, the fixtures and readers. Every function accepts extra
 leading dims (e.g. steps, layers) so whole histories can be computed at once.
 
-Legend: M modalities (MODALITIES order), E routed experts of the layer (all groups), T tokens,
-K top-k. A modality with no tokens (or whose group received nothing) gets NaN, silently.
+Legend: M modalities (the run's modality names; ``MODALITIES`` for moe_probe's models), E routed
+experts of the layer (all groups), T tokens, K top-k. A modality with no tokens (or whose group
+received nothing) gets NaN, silently.
 
 Groups: a layer's experts are partitioned into named groups (``{"und": (...), "gen": (...)}``, or
 one group for a plain MoE); modality m routes into ``modality_group[m]``. Per-modality metrics are
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from moe_probe.capacity import expert_capacity
 from moe_probe.modalities import MODALITIES
 
 __all__ = [
@@ -126,7 +128,7 @@ def nominal_kept(load_ME, groups: Mapping[str, Sequence[int]] | None,
                  modalities: Sequence[str] = MODALITIES) -> np.ndarray:
     """Assignments per modality that capacity factor C would keep, for ONE forward (``(..., M)``).
 
-    cap_e = ceil(C · assignments into e's group / experts in that group); kept_e =
+    cap_e = ``expert_capacity``(C, assignments into e's group, experts in that group); kept_e =
     min(load_e, cap_e), shared among modalities in proportion to their load on e. Capacity is per
     forward, so call this per forward and sum (summing loads first would be wrong)."""
     load = np.asarray(load_ME, dtype=np.float64)
@@ -142,8 +144,7 @@ def nominal_kept(load_ME, groups: Mapping[str, Sequence[int]] | None,
     load_e = load.sum(-2)  # (..., E): all modalities
     into_g = load_e @ onehot_GE.T  # (..., G)
     size_g = onehot_GE.sum(-1)
-    # small tolerance: C·A/E_g computed in float must not round an exact integer up
-    cap_g = np.ceil(capacity_factor * into_g / size_g - 1e-9)
+    cap_g = expert_capacity(capacity_factor, into_g, size_g)
     cap_e = cap_g @ onehot_GE  # (..., E)
     kept_e = np.minimum(load_e, cap_e)
     share = _div(load, load_e[..., None, :])

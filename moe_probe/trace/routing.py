@@ -10,18 +10,17 @@ Legend: T tokens, K top-k, E experts of a layer (all groups), M modalities, G gr
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed
 import torch.nn.functional as F
 
+from moe_probe.capacity import expert_capacity
 from moe_probe.model.hooks import LayerRouting, RouterRecord
 from moe_probe.modalities import MODALITIES
 from moe_probe.trace import metrics
-
-M = len(MODALITIES)
 
 
 def group_of_experts(info: LayerRouting) -> list[int]:
@@ -37,24 +36,6 @@ def group_of_experts(info: LayerRouting) -> list[int]:
     return gid
 
 
-def nominal_kept_torch(load_ME: torch.Tensor, group_of_E: torch.Tensor, group_size_G: torch.Tensor,
-                       capacity: float) -> torch.Tensor:
-    """Assignments per modality that capacity factor C would keep, for ONE forward's loads.
-
-    cap_e = ceil(C · assignments into e's group / experts in that group); kept_e = min(load_e,
-    cap_e), shared among modalities in proportion to their load on e. Float64 because
-    ceil(1.25 · 12 / 5) must not become ceil(3.0000002) in float32.
-    """
-    load_ME = load_ME.to(torch.float64)
-    load_E = load_ME.sum(0)
-    into_G = torch.zeros(group_size_G.shape[0], dtype=torch.float64, device=load_E.device)
-    into_G.index_add_(0, group_of_E, load_E)
-    # Same tolerance as metrics.nominal_kept: an exact integer C·A/E_g must not round up.
-    cap_E = torch.ceil(capacity * into_G[group_of_E] / group_size_G[group_of_E].to(torch.float64) - 1e-9)
-    keep_frac_E = torch.where(load_E > 0, torch.minimum(load_E, cap_E) / load_E.clamp_min(1), 0.0)
-    return (load_ME * keep_frac_E).sum(1)
-
-
 class RoutingCounter:
     """Sums router decisions over the micro-batches of a step, on device; one host copy per step.
 
@@ -68,10 +49,14 @@ class RoutingCounter:
     """Records kept before they are reduced early (bounds memory with many micro-batches)."""
 
     def __init__(self, layers: list[str], infos: list[LayerRouting], nominal_capacity: float = 1.0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", *, modalities: Sequence[str] = MODALITIES):
         if len(layers) != len(infos):
             raise ValueError(f"{len(layers)} layer names for {len(infos)} routing infos")
+        if not modalities:
+            raise ValueError("a routing counter needs at least one modality name")
         self.layers = list(layers)
+        self.modalities = tuple(modalities)
+        """Labels of the ``modality`` dim: a record's ``modality_T`` indexes them."""
         self.infos = list(infos)
         self.nominal_capacity = float(nominal_capacity)
         self.device = torch.device(device)
@@ -91,10 +76,10 @@ class RoutingCounter:
         self._nominal_flag = torch.tensor([0.0, 1.0], dtype=torch.float64, device=self.device)
         self._one = torch.ones(1, dtype=torch.float64, device=self.device)
         # (L, M, E) experts of the group each modality routes into (padding experts in none)
-        self._masks_LME = np.zeros((len(infos), M, E), dtype=bool)
+        self._masks_LME = np.zeros((len(infos), len(self.modalities), E), dtype=bool)
         for li, info in enumerate(infos):
             self._masks_LME[li, :, : info.n_experts] = metrics.group_masks(
-                info.n_experts, info.groups, info.modality_group)
+                info.n_experts, info.groups, info.modality_group, self.modalities)
         self._k_L = np.array([i.top_k for i in infos], dtype=np.float64)
         self._pending: list[tuple[int, RouterRecord]] = []
         self._reset()
@@ -102,7 +87,7 @@ class RoutingCounter:
     # Per layer one float64 accumulator row: [tokens M | load M·E | kept M | conf M | z_sum | z_n],
     # so counts() is a single .cpu().
     def _reset(self) -> None:
-        E = self.n_experts
+        E, M = self.n_experts, len(self.modalities)
         self._acc = torch.zeros(len(self.layers), M * (3 + E) + 2, dtype=torch.float64, device=self.device)
         self._pending = []
 
@@ -125,6 +110,7 @@ class RoutingCounter:
             return
         recs, self._pending = self._pending, []
         E, L, R, dev = self.n_experts, len(self.layers), len(recs), self.device
+        M = len(self.modalities)
         slot_A, slot_T, logits, kept_slot, kept_val, flags = [], [], [], [], [], []
         for r, (li, rec) in enumerate(recs):
             ids_TK = rec.topk_ids_TK.detach().to(dev, torch.int64)
@@ -169,8 +155,8 @@ class RoutingCounter:
         load_RE = load_RME.sum(1)
         into_RG = torch.zeros(R, self._size_LG.shape[1], dtype=torch.float64, device=dev)
         into_RG.scatter_add_(1, gid_RE, load_RE)
-        cap_RE = torch.ceil(self.nominal_capacity * into_RG.gather(1, gid_RE)
-                            / self._size_LG[layer_R].gather(1, gid_RE) - 1e-9)
+        cap_RE = expert_capacity(self.nominal_capacity, into_RG.gather(1, gid_RE),
+                                 self._size_LG[layer_R].gather(1, gid_RE))
         frac_RE = torch.where(load_RE > 0, torch.minimum(load_RE, cap_RE) / load_RE.clamp_min(1), 0.0)
         kept_RM = (load_RME * frac_RE[:, None, :]).sum(-1) * torch.cat(flags)[:, None]
         kept_LM = torch.zeros(L, M, dtype=torch.float64, device=dev).index_add_(0, layer_R, kept_RM)
@@ -183,7 +169,7 @@ class RoutingCounter:
     def counts(self) -> dict[str, np.ndarray]:
         """Raw summed counts on the host (one transfer); does not reset."""
         self._reduce()
-        E, L = self.n_experts, len(self.layers)
+        E, L, M = self.n_experts, len(self.layers), len(self.modalities)
         a = self._acc.cpu().numpy()
         o = 0
         tokens = a[:, o:o + M]; o += M
@@ -224,46 +210,13 @@ class RoutingCounter:
         }
 
 
-@contextmanager
-def attach_router_hooks(model, callback):
-    """Forward hooks on every layer's ``hook_router``: ``callback(layer_index, RouterRecord)``.
-
-    The hooks are removed on exit, also when the body raises.
-    """
-    handles = []
-    try:
-        for li, (_, layer) in enumerate(model.moe_layers()):
-            handles.append(layer.hook_router.register_forward_hook(
-                lambda _m, args, _out, li=li: callback(li, args[0])))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def counter_for(model, nominal_capacity: float = 1.0, device=None) -> RoutingCounter:
-    """A counter sized from ``model.moe_layers()`` (on the model's device unless given)."""
+    """A counter sized from ``model.moe_layers()`` (on the model's device unless given), over
+    moe_probe's ``MODALITIES``. Attach it with
+    ``hooks(model, layer_hooks(model, "hook_router", counter.add))``."""
     layers = model.moe_layers()
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
     return RoutingCounter([n for n, _ in layers], [m.routing_info() for _, m in layers],
                           nominal_capacity, device)
-
-
-class RoutingTracer:
-    """Context manager feeding every ``hook_router`` call of ``model`` into ``counter``."""
-
-    def __init__(self, model, counter: RoutingCounter):
-        self.model = model
-        self.counter = counter
-        self._ctx = None
-
-    def __enter__(self) -> RoutingTracer:
-        self._ctx = attach_router_hooks(self.model, self.counter.add)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        ctx, self._ctx = self._ctx, None
-        return bool(ctx.__exit__(*exc)) if ctx is not None else False

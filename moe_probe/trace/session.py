@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from moe_probe.modalities import ISOLATED_METRICS, LOSS_TERMS
+from moe_probe.model.hooks import hooks, layer_hooks
 from moe_probe.trace.capture import capture_forward
 from moe_probe.trace.config import TraceConfig
 from moe_probe.trace.grad import GradConflictTracer, plain_backward
 from moe_probe.trace.isolated import isolated_metrics
 from moe_probe.trace.layout import writer_labels
 from moe_probe.trace.probes import PROBE_TASKS, probe_row
-from moe_probe.trace.routing import RoutingTracer, counter_for
+from moe_probe.trace.routing import counter_for
 from moe_probe.trace.snapshot import SnapshotTracer
 
 
@@ -69,7 +70,8 @@ class TraceSession:
         self._routing_on = self._counter is not None and _due(step, self.cfg.routing_every)
         if self._routing_on:
             self._counter.reset()  # nothing from an abandoned step leaks into this row
-            self._stack.enter_context(RoutingTracer(self.model, self._counter))
+            self._stack.enter_context(hooks(self.model, layer_hooks(self.model, "hook_router",
+                                                                    self._counter.add)))
         self._grad_on = (self.cfg.enabled and "grad" in self._groups and _due(step, self.cfg.grad_every))
         if self._grad_on:
             if self._grad is None:
