@@ -147,3 +147,19 @@ def test_metrics_module_does_not_import_torch():
             "m.routing_metrics([1,0,0],[[1,0],[0,0],[0,0]],[1,0,0],1); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_load_cv_by_hand_and_over_the_modality_group():
+    # text loads [2,1,1,0]: mean 1, population std sqrt((1+0+0+1)/4) = sqrt(0.5)
+    # vit [0,0,1,1]: mean 0.5, std 0.5 -> cv 1; vae no load -> NaN; even load -> 0
+    load = [[2, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]]
+    r = _quiet(mt.routing_metrics, [2, 1, 0], load, [3, 2, 0], 2)
+    np.testing.assert_allclose(r["load_cv"][:2], [math.sqrt(0.5), 1.0])
+    assert math.isnan(r["load_cv"][2])
+    assert _quiet(mt.routing_metrics, [4], [[2, 2, 2, 2]], [8], 2, modalities=("text",))["load_cv"][0] == 0
+    # Grouped: text routes into experts {0,1} only; its zero load on 2,3 must not count.
+    groups, mg = {"und": (0, 1), "gen": (2, 3)}, {"text": "und", "vit": "und", "vae": "gen"}
+    r = _quiet(mt.routing_metrics, [2, 0, 2], [[3, 1, 0, 0], [0] * 4, [0, 0, 4, 0]], [4, 0, 4], 2,
+               groups, mg)
+    np.testing.assert_allclose(r["load_cv"][[0, 2]], [0.5, 1.0])  # [3,1]: 1/2; [4,0]: 2/2
+    assert np.std([3, 1]) / np.mean([3, 1]) == 0.5  # the same number, by numpy's definition

@@ -84,7 +84,7 @@ def modality_share(root, run_id, layer, step) -> go.Figure:
     return fig
 
 
-BALANCE_VARS = ("entropy", "maxvio", "dead_frac")
+BALANCE_VARS = ("entropy", "maxvio", "dead_frac", "load_cv")
 
 
 @memo

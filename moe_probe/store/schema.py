@@ -66,6 +66,7 @@ GROUPS: dict[str, dict[str, ArraySpec]] = {
         "confidence": ArraySpec(("layer", "modality"), _F),
         "load": ArraySpec(("layer", "modality", "expert"), _I),
         "router_z": ArraySpec(("layer",), _F),
+        "load_cv": ArraySpec(("layer", "modality"), _F, required=False),
     },
     "loss": {"value": ArraySpec(("term",), _F)},
     "grad": {

@@ -22,7 +22,7 @@ from moe_probe.capacity import expert_capacity
 from moe_probe.modalities import MODALITIES
 
 __all__ = [
-    "group_masks", "capacity_rate", "entropy", "maxvio", "dead_frac", "routing_metrics",
+    "group_masks", "capacity_rate", "entropy", "maxvio", "dead_frac", "load_cv", "routing_metrics",
     "routing_metrics_for", "nominal_kept", "saturation", "coactivation", "cosine",
     "cosine_from_sums", "DEAD_SHARE",
 ]
@@ -97,7 +97,17 @@ def dead_frac(load_ME, mask_ME, share: float = DEAD_SHARE) -> np.ndarray:
     return np.where(total > 0, _div(dead.sum(-1), e_g), np.nan)
 
 
-LOAD_METRICS = {"entropy": entropy, "maxvio": maxvio, "dead_frac": dead_frac}
+def load_cv(load_ME, mask_ME) -> np.ndarray:
+    """Coefficient of variation std_e / mean_e of load over each modality's group (population
+    std; 0 = perfectly even). NaN if the group got no load."""
+    load = np.asarray(load_ME, dtype=np.float64)
+    e_g = mask_ME.sum(-1)
+    mean = _div(np.where(mask_ME, load, 0.0).sum(-1), e_g)
+    var = _div(np.where(mask_ME, (load - mean[..., None]) ** 2, 0.0).sum(-1), e_g)
+    return _div(np.sqrt(var), mean)
+
+
+LOAD_METRICS = {"entropy": entropy, "maxvio": maxvio, "dead_frac": dead_frac, "load_cv": load_cv}
 """The ``routing`` metrics of a modality's load over the experts of the group it routes into:
 name -> f(load_ME, mask_ME) -> (..., M). The routing tracer, the HF adapter and the fixtures
 compute every entry; a new one also needs its entry in ``moe_probe.store.schema.GROUPS``."""
