@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch
 
+from moe_probe.model.params import n_params as count_params
 from moe_probe.data import MultimodalData
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.config import TraceConfig
@@ -61,7 +62,7 @@ def main() -> None:
     micro = cfg.train.batch_size // args.micro_batches
     g = torch.Generator().manual_seed(0)
     batches = [data.batch("train", micro, g).to(args.device) for _ in range(args.steps * args.micro_batches)]
-    n_params = sum(p.numel() for p in base.parameters())
+    n_params = count_params(base)
     print(f"model: {cfg.model.arch}, d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, "
           f"{cfg.model.n_experts} experts, {n_params / 1e6:.2f} M params; batch {cfg.train.batch_size} "
           f"x seq {cfg.data.seq_len} in {args.micro_batches} micro-batch(es); "

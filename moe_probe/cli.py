@@ -86,7 +86,7 @@ _COMMANDS = {
     "train": "moe_probe.train.commands:train",
     "info": "moe_probe.train.commands:info",
     "diagnose": "moe_probe.diagnose.commands:diagnose",
-    "probe": "moe_probe.trace.commands:probe",
+    "probe": "moe_probe.train.probe:probe",
     "scan": "moe_probe.hf.commands:scan",
     "dash": "dashboards.app:serve",
     "reproduce": "moe_probe.reproduce.commands:reproduce",
@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import importlib
 
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(module_name.rsplit(".", 1)[0]):
-                raise UsageError(f"`moe-probe {args.command}` is not available in this build") from e
-            raise
+        module = importlib.import_module(module_name)
         rc = getattr(module, func_name)(args)
         return int(rc or 0)
     except (UsageError, ValueError, FileNotFoundError) as e:

@@ -192,9 +192,6 @@ class MultimodalMoE(nn.Module):
             c = None if counts is None else torch.as_tensor(counts[i])
             ffn.update_balance_bias(self.cfg.bias_gamma, c)
 
-    def n_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     # ---- evaluation helpers ----------------------------------------------------------------------
     def sample_images(self, labels_B, tokenizer, n_steps: int = 20, *, generator=None):
         from moe_probe.model.generate import sample_images

@@ -8,7 +8,7 @@
 - ``probes``   linear probes on shared-expert outputs with control tasks;
   ``isolated`` shared-experts-only understanding metrics.
 - ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3);
-  ``layout``   the store coords/attrs of a model; ``commands`` ``moe-probe probe``.
+  ``layout``   the store coords/attrs of a model.
 - ``metrics``  numpy metric math from counts (shared with readers).
 
 Submodules are imported explicitly; this package import stays cheap.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from moe_probe.model.params import n_params
 from moe_probe.modalities import ISOLATED_METRICS, MODALITIES
 from moe_probe.store.schema import default_coords
 from moe_probe.trace.probes import PROBE_TASKS
@@ -31,7 +32,7 @@ def model_attrs(model) -> dict:
         "groups": {str(n): {g: list(ids) for g, ids in i.groups.items()} for (n, _), i in zip(layers, infos)},
         "modality_group": {str(n): dict(i.modality_group) for (n, _), i in zip(layers, infos)},
         "shared_experts": infos[0].n_shared,
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_params": n_params(model),
     }
     if cfg is not None and dataclasses.is_dataclass(cfg):
         out["config"] = dataclasses.asdict(cfg)
@@ -60,16 +61,6 @@ def store_layout(model, *, eval_metrics: list[str] | tuple[str, ...],
 
 def writer_labels(writer, group: str, dim: str) -> list[str] | None:
     """The labels a store was created with for ``group``'s ``dim`` (None if the group is absent)."""
-    if group not in getattr(writer, "groups", ()):
+    if group not in writer.groups:
         return None
-    labels = getattr(writer, "labels", None)
-    if callable(labels):
-        return [str(x) for x in labels(group, dim)]
-    # The writer exposes no label accessor (yet): read the coordinate array it wrote.
-    cache = writer.__dict__.setdefault("_trace_label_cache", {})
-    if (group, dim) not in cache:
-        import zarr
-
-        grp = zarr.open_group(str(writer.path), mode="r")[group]
-        cache[(group, dim)] = [str(x) for x in grp[dim][:]] if dim in grp else None
-    return cache[(group, dim)]
+    return [str(x) for x in writer.labels(group, dim)]

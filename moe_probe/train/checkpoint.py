@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,17 @@ def restore(payload: dict, *, model: torch.nn.Module, optimizer: torch.optim.Opt
     generator.set_state(payload["generator"])
     set_rng_state(payload["rng"])
     return int(payload["step"])
+
+
+def skeleton(payload: dict, model_cfg):
+    """``(model, tokenizer)`` shaped for a checkpoint's state dict: a plain MoE converted with
+    the saved groups (its weights are still an initialisation: load or restore them next). A
+    stage-2 run thus resumes or probes without its base."""
+    from moe_probe.data import Tokenizer
+    from moe_probe.model import MultimodalMoE, convert
+
+    tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
+    model = MultimodalMoE(replace(model_cfg, arch="moe", groups=None), tokenizer.vocab_size)
+    if model_cfg.arch != "moe":
+        model = convert(model, model_cfg.arch, groups=payload["groups"])
+    return model, tokenizer

@@ -152,12 +152,8 @@ def _resumed(cfg: RunConfig, run_dir: Path, world_size: int = 1):
         # Another world size would change the micro-batches (and so the training) mid-run.
         raise ValueError(f"{run_dir} was trained on {saved_world} process(es); resume it with "
                          f"the same number (torchrun --nproc_per_node {saved_world}), not {world_size}")
-    tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
-    model = build_model(replace(cfg, model=replace(cfg.model, arch="moe", groups=None)),
-                        tokenizer.vocab_size)
+    model, tokenizer = checkpoint.skeleton(payload, cfg.model)
     groups = payload["groups"]
-    if cfg.model.arch != "moe":
-        model = convert(model, cfg.model.arch, groups=groups)
     optimizer = build_optimizer(model, cfg.train)
     generator = torch.Generator()
     start = checkpoint.restore(payload, model=model, optimizer=optimizer, generator=generator)

@@ -1,15 +1,14 @@
 """``moe-probe probe RUN_DIR [--step N] [--tasks …]``: the shared-expert probes on a checkpoint.
 
-The one place trace code reads a checkpoint: through the trainer's checkpoint loader
-(:mod:`moe_probe.train.checkpoint`, weights only), never through the training loop. The model
-is rebuilt the way a resumed run rebuilds it (plain MoE, then ``convert`` with the saved groups),
-so the state dict's layout matches whatever stage wrote it.
+Lives beside the trainer because it reads a checkpoint (:mod:`moe_probe.train.checkpoint`,
+weights only); the probes themselves are the tracers' (:mod:`moe_probe.trace.probes`), which never
+import the trainer. The model is rebuilt the way a resumed run rebuilds it (plain MoE, then
+``convert`` with the saved groups), so the state dict's layout matches whatever stage wrote it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 from moe_probe.modalities import ISOLATED_METRICS
@@ -20,8 +19,7 @@ ISOLATED = "isolated"
 
 def load_run_model(run_dir: Path, step: int | None = None):
     """(model, data, cfg, step) of RUN_DIR's checkpoint; one-line ValueError when unusable."""
-    from moe_probe.data import MultimodalData, Tokenizer
-    from moe_probe.model import MultimodalMoE, convert
+    from moe_probe.data import MultimodalData
     from moe_probe.train import checkpoint
     from moe_probe.train.config import run_config_from_json
 
@@ -30,10 +28,7 @@ def load_run_model(run_dir: Path, step: int | None = None):
     if step is not None and step != saved:
         raise ValueError(f"{run_dir} keeps one checkpoint, at step {saved}; --step {step} is not available")
     cfg = run_config_from_json(payload["config"])
-    tokenizer = Tokenizer.from_state_dict(payload["tokenizer"])
-    model = MultimodalMoE(replace(cfg.model, arch="moe", groups=None), tokenizer.vocab_size)
-    if cfg.model.arch != "moe":
-        model = convert(model, cfg.model.arch, groups=payload["groups"])
+    model, tokenizer = checkpoint.skeleton(payload, cfg.model)
     model.load_state_dict(payload["model"])
     model.eval()
     data = MultimodalData(cfg.data, cfg.train.seed, tokenizer)

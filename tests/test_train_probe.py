@@ -13,7 +13,7 @@ from moe_probe.model import MultimodalMoE, convert
 from moe_probe.train import checkpoint
 from moe_probe.train.config import to_json
 from moe_probe.train.recipes import recipe
-from moe_probe.trace.commands import load_run_model
+from moe_probe.train.probe import load_run_model
 
 
 def _save_run(run_dir, arch):
