@@ -118,6 +118,8 @@ class RunInfo:
     shared_experts: int | None = None
     groups: dict[str, dict[str, list[int]]] | None = None
     """Per layer, group name -> expert ids; None for ungrouped runs."""
+    modality_group: dict[str, dict[str, str]] | None = None
+    """Per layer, modality -> the group its tokens route into (where the store says)."""
     modalities: list[str] = field(default_factory=list)
     committed: dict[str, int] = field(default_factory=dict)
     """Committed rows per store group."""
@@ -133,6 +135,48 @@ class RunInfo:
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, *, path="", config: dict | None = None,
+                   summary: dict | None = None, **fields) -> "RunInfo":
+        """Parse a store's root attrs (plus, for training runs, the saved config and summary).
+        The one reading of run metadata: ``Run.info``, diagnosis and the dashboard use it."""
+        cfg, summary = config or {}, summary or {}
+        model, run = _as_dict(attrs.get("model")), _as_dict(attrs.get("run"))
+        mcfg, tcfg = cfg.get("model") or {}, cfg.get("train") or {}
+        cf = model["capacity_factor"] if "capacity_factor" in model else mcfg.get("capacity_factor")
+        mg = model.get("modality_group")
+        return cls(
+            path=str(path), name=str(run.get("name") or Path(str(path)).name),
+            recipe=cfg.get("recipe", run.get("recipe")),
+            seed=tcfg.get("seed", run.get("seed")), stage=tcfg.get("stage", run.get("stage")),
+            arch=mcfg.get("arch", model.get("arch")),
+            n_params=summary.get("n_params", model.get("n_params")),
+            layers=[str(x) for x in model.get("layers") or range(mcfg.get("n_layers", 0))],
+            experts=model.get("experts", mcfg.get("n_experts")),
+            top_k=model.get("top_k", mcfg.get("top_k")), capacity_factor=cf,
+            shared_experts=model.get("shared_experts", mcfg.get("n_shared")),
+            groups=_grouped(model.get("groups")),
+            modality_group={str(k): dict(v) for k, v in mg.items() if isinstance(v, dict)}
+            if isinstance(mg, dict) else None,
+            modalities=list(attrs.get("modalities") or []),
+            steps_planned=tcfg.get("steps"), base=summary.get("base"), eval=summary.get("eval"),
+            wall_s=summary.get("wall_s"),
+            schema_version=str(attrs["schema_version"]) if "schema_version" in attrs else None,
+            **fields)
+
+    def expert_group(self, layer: str, modality: str, n_experts: int) -> list[int]:
+        """Expert ids the modality's tokens can route into at ``layer``: its group where the
+        store names one; else its task's group (TASK_OF_MODALITY) when the layer has it; else all."""
+        from moe_probe.modalities import TASK_OF_MODALITY
+
+        groups = (self.groups or {}).get(str(layer))
+        if groups:
+            mg = (self.modality_group or {}).get(str(layer), {})
+            for key in (mg.get(modality), TASK_OF_MODALITY.get(modality)):
+                if key in groups:
+                    return [int(e) for e in groups[key]]
+        return list(range(n_experts))
 
 
 class Run:
@@ -207,37 +251,18 @@ class Run:
         if not self.exists():
             raise ValueError(f"{self.path} is not a moe-probe run (no {CONFIG} or {STORE})")
         cfg = self.config() if self.has_config() else {}
-        summary = self.summary()
         attrs, committed, last = {}, {}, {}
         if self.has_store():
             store = self.store()
             attrs = store.attrs
             committed = {g: store.committed_steps(g) for g in store.groups}
             last = {g: store.last_step(g) for g in store.groups}
-        model, run = attrs.get("model") or {}, attrs.get("run") or {}
-        mcfg, tcfg = cfg.get("model") or {}, cfg.get("train") or {}
-        groups = _grouped(model.get("groups"))
         if cfg:
             steps_done = self.progress() or 0
         else:
             steps_done = max((s + 1 for s in last.values() if s is not None), default=0)
-        cf = model["capacity_factor"] if "capacity_factor" in model else mcfg.get("capacity_factor")
-        return RunInfo(
-            path=str(self.path), name=str(run.get("name") or self.path.name),
-            recipe=cfg.get("recipe", run.get("recipe")),
-            seed=tcfg.get("seed", run.get("seed")), stage=tcfg.get("stage", run.get("stage")),
-            arch=mcfg.get("arch", model.get("arch")),
-            n_params=summary.get("n_params", model.get("n_params")),
-            layers=[str(x) for x in model.get("layers") or range(mcfg.get("n_layers", 0))],
-            experts=model.get("experts", mcfg.get("n_experts")),
-            top_k=model.get("top_k", mcfg.get("top_k")), capacity_factor=cf,
-            shared_experts=model.get("shared_experts", mcfg.get("n_shared")),
-            groups=groups, modalities=list(attrs.get("modalities") or []),
-            committed=committed, last_step=last, steps_done=steps_done,
-            steps_planned=tcfg.get("steps"), base=summary.get("base"), eval=summary.get("eval"),
-            wall_s=summary.get("wall_s"),
-            schema_version=str(attrs["schema_version"]) if "schema_version" in attrs else None,
-        )
+        return RunInfo.from_attrs(attrs, path=self.path, config=cfg, summary=self.summary(),
+                                  committed=committed, last_step=last, steps_done=steps_done)
 
     # ------------------------------------------------------------------ creation
     def check_writable(self) -> None:
@@ -325,6 +350,16 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _as_dict(v) -> dict:
+    """An attrs entry as a dict (1.0 training runs stored ``run.config`` as a JSON string)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            return {}
+    return dict(v) if isinstance(v, dict) else {}
 
 
 def _grouped(groups) -> dict | None:

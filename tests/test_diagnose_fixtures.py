@@ -32,7 +32,7 @@ def fx(tmp_path_factory):
 def _diag(fx, name, control=None):
     run = load_run(fx / name)
     ctrl = load_run(fx / control) if control else None
-    return run.run_info["fixture_truth"], diagnose_run(run, CFG, ctrl)
+    return run.attrs["run"]["fixture_truth"], diagnose_run(run, CFG, ctrl)
 
 
 def _next_row(fx, name, group, step):

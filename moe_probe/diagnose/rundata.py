@@ -6,12 +6,13 @@ documented dims (ARCHITECTURE.md, "Store") and the same code runs on real stores
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xarray as xr
 
+from moe_probe.run import RunInfo
 from moe_probe.store.schema import CORE_GROUPS
 
 
@@ -30,37 +31,21 @@ class RunData:
             return None
         return ds
 
-    @property
-    def model(self) -> dict:
-        return _as_dict(self.attrs.get("model"))
-
-    @property
-    def run_info(self) -> dict:
-        return _as_dict(self.attrs.get("run"))
+    @functools.cached_property
+    def info(self) -> RunInfo:
+        """The run's metadata, parsed once from ``attrs`` (moe_probe.run.RunInfo.from_attrs)."""
+        return RunInfo.from_attrs(self.attrs, path=self.run_dir)
 
     @property
     def arch(self) -> str | None:
-        return self.model.get("arch")
+        return self.info.arch
 
     @property
     def recipe(self) -> str | None:
-        return self.run_info.get("recipe")
+        return self.info.recipe
 
     def expert_group(self, layer: str, modality: str, n_experts: int) -> list[int]:
-        """Expert ids the modality's tokens can route into at `layer`.
-
-        From the model attrs (`groups` + `modality_group`, per layer) when present; by default a
-        modality routes into its task's group (TASK_OF_MODALITY), and an ungrouped layer — or a
-        store without that metadata — into all experts."""
-        groups = _layer_groups(self.model, layer)
-        if groups:
-            from moe_probe.modalities import TASK_OF_MODALITY
-
-            mg = _layer_groups(self.model, layer, key=("modality_group",), values=str)
-            for key in (mg.get(modality), TASK_OF_MODALITY.get(modality), "all"):
-                if key in groups:
-                    return [int(e) for e in groups[key]]
-        return list(range(n_experts))
+        return self.info.expert_group(layer, modality, n_experts)
 
 
 def layer_load(ds: xr.Dataset, li: int) -> xr.DataArray:
@@ -69,34 +54,6 @@ def layer_load(ds: xr.Dataset, li: int) -> xr.DataArray:
     Select the layer on the stored dims *before* transposing: the reader's lazy arrays turn an
     index on a transposed view into a vectorized indexer, ~1000x slower on a long run."""
     return ds["load"].isel(layer=li).load().transpose("step", "modality", "expert")
-
-
-def _as_dict(v) -> dict:
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            return {}
-    return dict(v) if isinstance(v, dict) else {}
-
-
-def _layer_groups(model: dict, layer: str, key=("groups",),
-                  values=(list, tuple)) -> dict:
-    """A per-layer mapping in whichever shape the writer used: {layer: {...}}, a list indexed by
-    layer, or one {...} for every layer."""
-    g = next((model[k] for k in key if k in model), None)
-    if isinstance(g, str):
-        g = _as_dict(g)
-    if isinstance(g, list):
-        try:
-            g = g[int(layer)]
-        except (ValueError, IndexError):
-            return {}
-    elif isinstance(g, dict) and str(layer) in g:
-        g = g[str(layer)]
-    if isinstance(g, dict) and g and all(isinstance(v, values) for v in g.values()):
-        return g
-    return {}
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -127,5 +84,5 @@ def load_run(run_dir: str | Path) -> RunData:
         msg = str(e).strip().splitlines()
         raise ValueError(f"cannot read {run_dir}: {type(e).__name__}: "
                          f"{msg[0] if msg else ''}") from e
-    name = _as_dict(attrs.get("run")).get("name") or path.name
-    return RunData(name=str(name), run_dir=str(run_dir), attrs=attrs, groups=groups)
+    name = RunInfo.from_attrs(attrs, path=path).name
+    return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups)
