@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from moe_probe.cli import main
+from moe_probe.run import Run
 
 
 def _run(*args, cwd):
@@ -90,3 +91,25 @@ def test_out_where_nothing_can_be_written_exits_2(tmp_path, capsys):
     rc = main(["train", "--recipe", "tiny-moe", "--out", "/proc/moe-probe-run"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot write in /proc" in err, err
+
+
+def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "tiny-base", "--steps", "2", "--quiet", "--out", str(run)]) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    for args, needle in (
+        (["--set", "model.top_k=1", "--set", "data.seq_len=20"],
+         "config differs in data.seq_len, model.top_k (only train.* and trace.* may change"),
+        (["--seed", "3"], "config differs in train.seed (0 saved, 3 given)"),
+    ):
+        assert main(["train", "--recipe", "tiny-base", "--resume", "--out", str(run), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert main(["train", "--recipe", "tiny-moe", "--resume", "--out", str(run)]) == 2
+    assert "config differs in recipe ('tiny-base' saved, 'tiny-moe' given)" in capsys.readouterr().err
+    assert _snapshot(run) == before  # refused: every run file as it was
+    # A schedule change is a resume, not a refusal.
+    assert main(["train", "--recipe", "tiny-base", "--resume", "--out", str(run), "--steps", "3",
+                 "--quiet"]) == 0
+    assert Run(run).progress() == 3
