@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -291,11 +292,10 @@ class Run:
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{_CREATING}", dir=parent))
+        # Not mkdtemp: its 0700 is for secrets; os.mkdir gives a run the umask's usual mode.
+        tmp = parent / f".{self.path.name}{_CREATING}{os.getpid()}-{secrets.token_hex(4)}"
+        os.mkdir(tmp)
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for secrets; a run is not one
             _fill(tmp, store_attrs, store_coords, config, summary, groups)
             if self.path.exists():
                 self.path.rmdir()  # empty (checked above); rename cannot replace it otherwise
@@ -312,14 +312,16 @@ class Run:
         assert not self.has_checkpoint(), "a checkpointed run resumes; it never starts over"
         if not self.has_store():
             raise ValueError(f"{self.path} has a config but no {STORE}; remove it to start over")
+        old = self.store()  # checked read-only first: a refusal leaves every file as it was
+        want = {g: c for g, c in store_coords.items() if c is not None}
+        differs = sorted(set(want) ^ set(old.groups)) + [
+            g for g in want if g in old.groups and any(
+                old.labels(g, d) != [str(x) for x in v] for d, v in want[g].items())]
+        if differs:
+            raise ValueError(f"{self.path}: the stored trace layout differs from this config's "
+                             f"(groups {', '.join(differs)}); remove it to start over")
         writer, _ = StoreWriter.resume(self.store_path, after_step=-1)
         try:
-            differs = [g for g in store_coords if g in writer.groups and any(
-                writer.labels(g, d) != [str(x) for x in v]
-                for d, v in store_coords[g].items() if v is not None)]
-            if differs or set(g for g, c in store_coords.items() if c is not None) != set(writer.groups):
-                raise ValueError(f"{self.path}: the stored trace layout differs from this config's "
-                                 f"(groups {differs or sorted(writer.groups)}); remove it to start over")
             writer.set_attrs(store_attrs)
         finally:
             writer.close()

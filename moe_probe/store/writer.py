@@ -117,13 +117,7 @@ class StoreWriter:
         if unknown:
             raise ValueError(f"unknown store group(s) {sorted(unknown)}; known: {list(GROUPS)}")
         steps = {**CHUNK_STEPS, **(chunk_steps or {})}
-        root_attrs = _jsonable(dict(attrs))
-        root_attrs["schema_version"] = SCHEMA_VERSION
-        root_attrs.setdefault("modalities", list(MODALITIES))
-        root_attrs.setdefault("run", {})
-        if isinstance(root_attrs["run"], dict):
-            root_attrs["run"].setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat())
-            root_attrs["run"].setdefault("package_version", __version__)
+        root_attrs = _root_attrs(attrs)
         layout = {}  # validate everything before anything is written
         for g, labels in coords.items():
             if labels is None:
@@ -188,10 +182,8 @@ class StoreWriter:
         return list(self._groups)
 
     def set_attrs(self, attrs: dict) -> None:
-        """Replace root attrs (a run started over in place); ``schema_version`` is kept."""
-        attrs = _jsonable(dict(attrs))
-        attrs.pop("schema_version", None)
-        self._root.attrs.update(attrs)
+        """Replace root attrs (a run started over in place) as :meth:`create` sets them."""
+        self._root.attrs.update(_root_attrs(attrs))
 
     def labels(self, group: str, dim: str) -> list[str]:
         """Labels the store holds for ``group``'s ``dim`` (e.g. the eval ``metric`` columns)."""
@@ -381,6 +373,18 @@ class StoreWriter:
         arrays["step"][n0:n1] = steps
         self._groups[g].attrs["committed_steps"] = n1  # the commit: strictly after the data
         self._n[g] = n1
+
+
+def _root_attrs(attrs: dict) -> dict:
+    """Root attrs as written: the caller's, plus schema version, modalities and run provenance."""
+    out = _jsonable(dict(attrs))
+    out["schema_version"] = SCHEMA_VERSION
+    out.setdefault("modalities", list(MODALITIES))
+    out.setdefault("run", {})
+    if isinstance(out["run"], dict):
+        out["run"].setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat())
+        out["run"].setdefault("package_version", __version__)
+    return out
 
 
 def _cast(group: str, name: str, a: np.ndarray) -> np.ndarray:
