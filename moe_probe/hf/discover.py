@@ -1,13 +1,19 @@
 """Find the MoE layers of a Hugging Face causal LM: from the family table, else by structure.
 
 Structural discovery (families missing from ``families.FAMILIES``) looks, inside each decoder
-layer, for an *experts* module (a direct 3-D parameter with first dim E, or a ModuleList of E
-identically shaped sub-modules) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
-Modules named ``*shared*`` next to them are shared experts (a 1-output linear among them is the
-shared-expert gate). One probe forward with temporary hooks (``moe_probe.model.hooks.hooks``)
-then checks what each router returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids
-recorded as the model chose them) or bare logits (then picks = top-k of softmax(logits), k from
-the config).
+layer, for an *experts* module — a ModuleList of E identically shaped modules, or direct 3-D
+parameters with leading dim E and a dim of size D (``gate_up_proj [E, 2F, D]``; JetMoE's
+``input_linear``) — and, beside it, the nearest *router* weight [E, D] (or [E + shared, D], a
+router that also scores its shared experts): a direct parameter of a sibling, else of a module
+the sibling wraps (HunYuan's ``gate.wg``, JetMoE's ``router.layer``). Modules named ``*shared*``
+are shared experts (a 1-output linear among them is the shared-expert gate). One probe forward
+with temporary hooks (``moe_probe.model.hooks.hooks``) then checks what the gate returns:
+- a ``(logits, weights, ids, ...)`` tuple (transformers 5.x): ids recorded as the model chose
+  them, so bias-corrected (DeepSeek-V3's ``e_score_correction_bias``), group-limited or hashed
+  selections are exact, and k is read from the ids;
+- bare logits, from the gate or else from the Linear it wraps: picks = softmax top-k, k from
+  the config — refused when a selection-correction bias [E] sits beside the router.
+Anything else is refused with one line naming what was found.
 
 Legend: E experts, D model dim, K top-k.
 """
