@@ -5,9 +5,11 @@ models). The model records its own picks; the adapter must recount them from the
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -18,6 +20,7 @@ from moe_probe.hf.capture import RouterCapture  # noqa: E402
 from moe_probe.hf.discover import find_moe_layers  # noqa: E402
 
 D, E, K, V = 16, 6, 2, 64
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 
 
 class Block(nn.Module):
@@ -76,3 +79,73 @@ def test_unknown_architecture_with_bare_logit_router():
         want = np.bincount(b.picks[-1].reshape(-1).numpy(), minlength=E)
         assert (want > 0).sum() > K
         np.testing.assert_array_equal(np.bincount(rec.topk_ids_TK.reshape(-1).numpy(), minlength=E), want)
+
+
+class UnroutedBlock(Block):
+    """Experts with no router beside them: picks come from elsewhere (here: token position)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.switch
+
+    def forward(self, x_BSD):
+        h = self.norm(x_BSD).reshape(-1, D)
+        ids = torch.arange(h.shape[0]) % E
+        return x_BSD + torch.stack([self.ffns[e](h[t]) for t, e in enumerate(ids.tolist())]).view_as(x_BSD)
+
+
+class BiasedGate(nn.Module):
+    """A gate wrapping a Linear that returns bare logits; the block adds a correction bias
+    before its top-k, so logits alone do not give the picks."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, E, bias=False)
+
+    def forward(self, h):
+        return self.proj(h)
+
+
+class BiasedBlock(Block):
+    def __init__(self):
+        super().__init__()
+        self.switch = BiasedGate()
+        self.e_score_correction_bias = nn.Parameter(torch.randn(E), requires_grad=False)
+
+    def forward(self, x_BSD):
+        h = self.norm(x_BSD).reshape(-1, D)
+        ids = (torch.sigmoid(self.switch(h)) + self.e_score_correction_bias).topk(K, -1).indices
+        out = torch.stack([sum(self.ffns[e](h[t]) for e in ids[t].tolist()) for t in range(h.shape[0])])
+        return x_BSD + out.view_as(x_BSD)
+
+
+def _toy_with(block_cls):
+    model = ToyMoE()
+    model.layers = nn.ModuleList(block_cls() for _ in range(2))
+    return model.eval()
+
+
+def test_expert_list_without_router_is_refused_naming_it():
+    with pytest.raises(ValueError) as e:
+        find_moe_layers(_toy_with(UnroutedBlock))
+    msg = str(e.value)
+    assert msg == f"layer 0: found an expert list ffns of {E} × Sequential but no [{E}, D] router weight beside it"
+
+
+def test_model_without_moe_layer_is_refused_naming_what_it_holds():
+    from moe_probe.hf.loading import load_model
+
+    model, _, _ = load_model(str(FIX / "llama_dense.json"))
+    with pytest.raises(ValueError) as e:
+        find_moe_layers(model)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("LlamaForCausalLM (llama) has no MoE layer")
+    assert "2 decoder layers at model.layers; layer 0 holds self_attn (LlamaAttention), mlp (LlamaMLP)" in msg
+
+
+def test_bare_logits_beside_a_correction_bias_are_refused():
+    """Softmax top-k of the logits would miscount here; the adapter says so instead."""
+    with pytest.raises(ValueError, match=r"layer 0: router layers\.0\.switch returns bare logits but "
+                                         r"a selection bias layers\.0\.e_score_correction_bias \[6\]"):
+        find_moe_layers(_toy_with(BiasedBlock))

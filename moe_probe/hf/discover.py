@@ -1,13 +1,19 @@
 """Find the MoE layers of a Hugging Face causal LM: from the family table, else by structure.
 
 Structural discovery (families missing from ``families.FAMILIES``) looks, inside each decoder
-layer, for an *experts* module (a direct 3-D parameter with first dim E, or a ModuleList of E
-identically shaped sub-modules) and a sibling *router* (a direct 2-D ``weight`` of shape [E, D]).
-Modules named ``*shared*`` next to them are shared experts (a 1-output linear among them is the
-shared-expert gate). One probe forward with temporary hooks (``moe_probe.model.hooks.hooks``)
-then checks what each router returns: the transformers-5 ``(logits, weights, ids)`` tuple (ids
-recorded as the model chose them) or bare logits (then picks = top-k of softmax(logits), k from
-the config).
+layer, for an *experts* module — a ModuleList of E identically shaped modules, or direct 3-D
+parameters with leading dim E and a dim of size D (``gate_up_proj [E, 2F, D]``; JetMoE's
+``input_linear``) — and, beside it, the nearest *router* weight [E, D] (or [E + shared, D], a
+router that also scores its shared experts): a direct parameter of a sibling, else of a module
+the sibling wraps (HunYuan's ``gate.wg``, JetMoE's ``router.layer``). Modules named ``*shared*``
+are shared experts (a 1-output linear among them is the shared-expert gate). One probe forward
+with temporary hooks (``moe_probe.model.hooks.hooks``) then checks what the gate returns:
+- a ``(logits, weights, ids, ...)`` tuple (transformers 5.x): ids recorded as the model chose
+  them, so bias-corrected (DeepSeek-V3's ``e_score_correction_bias``), group-limited or hashed
+  selections are exact, and k is read from the ids;
+- bare logits, from the gate or else from the Linear it wraps: picks = softmax top-k, k from
+  the config — refused when a selection-correction bias [E] sits beside the router.
+Anything else is refused with one line naming what was found.
 
 Legend: E experts, D model dim, K top-k.
 """
@@ -105,7 +111,8 @@ def from_table(model: nn.Module, family: Family) -> list[MoeLayer]:
         out.append(MoeLayer(
             name=str(i), index=i, router=f"{pre}.{family.block}.{family.router}",
             experts=f"{pre}.{family.block}.{family.experts}", n_experts=_n_experts(experts),
-            top_k=int(getattr(router, "top_k", None) or _config_int(model.config, TOP_K_KEYS)),
+            top_k=int(getattr(router, "top_k", None) or getattr(block, "top_k", None)
+                      or _config_int(model.config, TOP_K_KEYS)),
             shared=shared, shared_gate=f"{pre}.{gate}" if gate else None, n_shared=n_shared,
             output=family.output))
     return out
@@ -116,45 +123,100 @@ def _same_shapes(mods: nn.ModuleList) -> bool:
     return bool(sig[0]) and all(x == sig[0] for x in sig)
 
 
-def _router_for(parent: nn.Module, experts_name: str, E: int) -> str | None:
-    for name, child in parent.named_children():
-        if name == experts_name or "shared" in name:
-            continue
-        w = getattr(child, "weight", None)
-        if isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == E:
-            return name
+def _experts_size(mod: nn.Module, D: int | None) -> tuple[int, str]:
+    """``(E, what)`` if ``mod`` looks like routed experts, else ``(0, "")``: a ModuleList of E ≥ 2
+    identically shaped modules, or direct 3-D parameters sharing a leading dim E, each with a dim
+    of size D (a convolution's [C, 1, k] kernel is not an expert bank)."""
+    if isinstance(mod, nn.ModuleList):
+        if len(mod) > 1 and _same_shapes(mod):
+            return len(mod), f"an expert list {{path}} of {len(mod)} × {type(mod[0]).__name__}"
+        return 0, ""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return 0, ""
+    p3 = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.ndim == 3]
+    if not p3 or len({p.shape[0] for _, p in p3}) != 1 or p3[0][1].shape[0] < 2:
+        return 0, ""
+    if D is not None and not all(D in p.shape[1:] for _, p in p3):
+        return 0, ""
+    n, p = p3[0]
+    return int(p.shape[0]), f"a 3-D expert parameter {{path}}.{n} {list(p.shape)}"
+
+
+def _own_weight(mod: nn.Module) -> torch.Tensor | None:
+    w = mod._parameters.get("weight")
+    return w if w is not None and w.ndim == 2 else None
+
+
+def _router_for(parent: nn.Module, experts_name: str, rows: set[int], D: int | None):
+    """``(outer, inner)``: the child of ``parent`` holding a router weight [E, D] (E + shared rows
+    also accepted: a router that scores its shared experts too), and the module owning that
+    weight — the child itself, or a Linear it wraps. Direct children are tried before their
+    descendants, so the nearest [E, D] weight wins."""
+    children = [(n, c) for n, c in parent.named_children() if n != experts_name and "shared" not in n]
+    for depth in (0, 1):
+        for name, child in children:
+            subs = [("", child)] if depth == 0 else list(child.named_modules())[1:]
+            for sub, m in subs:
+                w = _own_weight(m)
+                if w is not None and w.shape[0] in rows and (D is None or w.shape[1] == D):
+                    return name, f"{name}.{sub}" if sub else name
     return None
 
 
-def find_structural(model: nn.Module) -> list[MoeLayer]:
-    """MoE layers found by shape alone (no module names assumed except ``*shared*``)."""
-    path, layers = decoder_layers(model)
-    k_cfg = _config_int(model.config, TOP_K_KEYS)
+def _bias_beside(parent: nn.Module, ename: str, inner: str, E: int) -> list[str]:
+    """[E] tensors named ``*bias*`` in the sparse block outside the experts, shared experts and
+    the router Linear's own bias: a selection-correction bias (DeepSeek-V3's
+    ``e_score_correction_bias``, AFMoE's ``expert_bias``) that bare logits do not show."""
     out = []
+    for name, t in [*parent.named_parameters(), *parent.named_buffers()]:
+        if (t.ndim == 1 and t.shape[0] == E and "bias" in name.rpartition(".")[2]
+                and name != f"{inner}.bias" and not name.startswith(f"{ename}.") and "shared" not in name):
+            out.append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A structurally found layer before its router output is checked."""
+
+    layer: MoeLayer
+    """``router`` is the outer module (the gate wrapper, whose output may carry the picks)."""
+    inner: str
+    """Path of the module owning the [E, D] weight (== ``layer.router`` when the gate is a Linear)."""
+    biases: tuple[str, ...]
+    """Selection-correction biases beside the router (paths from the model root)."""
+
+
+def find_structural(model: nn.Module) -> list[_Candidate]:
+    """MoE layers found by shape alone (no module names assumed except ``*shared*``). ValueError
+    naming what was found when no layer has both experts and a router."""
+    path, layers = decoder_layers(model)
+    cfg = model.config
+    D = _config_int(cfg, ("hidden_size", "d_model"))
+    n_shared_cfg = _config_int(cfg, N_SHARED_KEYS, default=0)
+    k_cfg = _config_int(cfg, TOP_K_KEYS, default=0)
+    out, unrouted = [], []
     for i, layer in enumerate(layers):
         pre = f"{path}.{i}"
         found = None
         for sub, mod in layer.named_modules():
-            if "shared" in sub:
+            if "shared" in sub or sub == "":
                 continue
-            E = 0
-            if isinstance(mod, nn.ModuleList) and len(mod) > 1 and _same_shapes(mod):
-                E = len(mod)  # a list of identical expert MLPs (older / custom-code layouts)
-            elif any(p.ndim == 3 for p in mod.parameters(recurse=False)):
-                E = _n_experts(mod)
-            if E < 2 or sub == "":
+            E, what = _experts_size(mod, D)
+            if E < 2:
                 continue
             parent_path, _, ename = sub.rpartition(".")
             parent = _get(layer, parent_path) if parent_path else layer
-            rname = _router_for(parent, ename, E)
-            if rname is not None:
-                found = (parent_path, parent, ename, rname, E)
+            hit = _router_for(parent, ename, {E, E + n_shared_cfg}, D)
+            if hit is not None:
+                found = (parent_path, parent, ename, *hit, E)
                 break
+            unrouted.append(f"layer {i}: found {what.format(path=sub)} but no "
+                            f"[{E}, {D if D else 'D'}] router weight beside it")
         if found is None:
             continue
-        parent_path, parent, ename, rname, E = found
+        parent_path, parent, ename, rname, inner, E = found
         ppre = f"{pre}.{parent_path}" if parent_path else pre
-        router = getattr(parent, rname)
         shared, gate = [], None
         # Shared experts sit in the sparse block (Qwen2-MoE, DeepSeek) or beside it (Granite).
         for owner, opre in ((parent, ppre), (layer, pre)) if parent is not layer else ((layer, pre),):
@@ -165,41 +227,77 @@ def find_structural(model: nn.Module) -> list[MoeLayer]:
                     gate = f"{opre}.{n}"
                 else:
                     shared.append(f"{opre}.{n}")
-        n_shared = _config_int(model.config, N_SHARED_KEYS, default=len(shared)) if shared else 0
-        top_k = int(getattr(router, "top_k", None) or k_cfg or 0)
-        if top_k <= 0:
-            raise ValueError(f"layer {i}: router found but top-k unknown (config has none of {TOP_K_KEYS})")
-        out.append(MoeLayer(name=str(i), index=i, router=f"{ppre}.{rname}", experts=f"{ppre}.{ename}",
-                            n_experts=E, top_k=top_k, shared=tuple(shared), shared_gate=gate,
-                            n_shared=n_shared))
+        n_shared = _config_int(cfg, N_SHARED_KEYS, default=len(shared)) if shared else 0
+        top_k = int(getattr(getattr(parent, rname), "top_k", None) or k_cfg)
+        out.append(_Candidate(
+            MoeLayer(name=str(i), index=i, router=f"{ppre}.{rname}", experts=f"{ppre}.{ename}",
+                     n_experts=E, top_k=top_k, shared=tuple(shared), shared_gate=gate, n_shared=n_shared),
+            inner=f"{ppre}.{inner}",
+            biases=tuple(f"{ppre}.{b}" for b in _bias_beside(parent, ename, inner, E))))
+    if not out:
+        if unrouted:
+            raise ValueError(unrouted[0])
+        kids = ", ".join(f"{n} ({type(c).__name__})" for n, c in layers[0].named_children())
+        raise ValueError(f"{type(model).__name__} ({getattr(cfg, 'model_type', '?')}) has no MoE layer: "
+                         f"no experts (a list of identical modules or 3-D parameters) in any of "
+                         f"{len(layers)} decoder layers at {path}; layer 0 holds {kids}")
     return out
 
 
-def _check_router_outputs(model: nn.Module, found: list[MoeLayer]) -> list[MoeLayer]:
-    """One tiny forward with temporary hooks: what does each router return? Only two forms are
-    read without a table entry — the (logits, weights, ids) tuple and bare [T, E] logits —
-    anything else is refused rather than guessed at."""
-    seen: dict[str, str] = {}
+def _form(out, E: int) -> tuple[str, int]:
+    """``(form, k)`` of a router output: the (logits, weights, ids, ...) tuple (k from ids), bare
+    [.., E] logits (k unknown: 0), or ``unknown``."""
+    if (isinstance(out, tuple) and len(out) >= 3 and all(torch.is_tensor(t) for t in out[:3])
+            and out[0].shape[-1] == E and out[0].is_floating_point() and not out[2].is_floating_point()):
+        return "ids", int(out[2].shape[-1])
+    if torch.is_tensor(out) and out.is_floating_point() and out.shape[-1] == E:
+        return "logits", 0
+    return "unknown", 0
 
-    def hook(name, E):
-        def fn(out):
-            if (isinstance(out, tuple) and len(out) >= 3 and all(torch.is_tensor(t) for t in out[:3])
-                    and out[0].shape[-1] == E and not out[2].is_floating_point()):
-                seen[name] = "ids"
-            elif torch.is_tensor(out) and out.is_floating_point() and out.shape[-1] == E:
-                seen[name] = "logits"
-            else:
-                seen[name] = "unknown"
-        return fn
 
+def _describe(out) -> str:
+    if torch.is_tensor(out):
+        return f"a {str(out.dtype).removeprefix('torch.')} tensor {list(out.shape)}"
+    if isinstance(out, tuple):
+        return f"a {len(out)}-tuple of " + ", ".join(
+            f"{list(t.shape)}" if torch.is_tensor(t) else type(t).__name__ for t in out)
+    return type(out).__name__
+
+
+def _check_router_outputs(model: nn.Module, found: list[_Candidate]) -> list[MoeLayer]:
+    """One tiny forward with temporary hooks on each gate and the module owning its weight: what
+    do they return? Read without a table entry: the gate's (logits, weights, ids, ...) tuple
+    (picks as the model chose them, bias-corrected or group-limited included), else bare [T, E]
+    logits from the gate or its Linear (picks = softmax top-k) when no selection-correction bias
+    sits beside it. Anything else is refused rather than guessed at."""
+    seen: dict[str, object] = {}
+    paths = {p for c in found for p in (c.layer.router, c.inner)}
+    save = {p: (lambda out, p=p: seen.__setitem__(p, out)) for p in paths}
     vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-    with torch.no_grad(), hooks(model, {m.router: hook(m.router, m.n_experts) for m in found}):
+    with torch.no_grad(), hooks(model, save):
         model(input_ids=torch.arange(4).remainder(vocab)[None].to(_device(model)))
-    bad = [m.router for m in found if seen.get(m.router, "unknown") == "unknown"]
-    if bad:
-        raise ValueError(f"{getattr(model.config, 'model_type', '?')}: router {bad[0]} returns a form "
-                         "the adapter cannot read without a family-table entry")
-    return [MoeLayer(**{**m.__dict__, "output": seen[m.router]}) for m in found]
+    out = []
+    for c in found:
+        m = c.layer
+        if m.router not in seen:
+            raise ValueError(f"layer {m.index}: router {m.router} found but not called by a forward")
+        form, k = _form(seen[m.router], m.n_experts)
+        router = m.router
+        if form == "unknown" and c.inner != m.router and _form(seen.get(c.inner), m.n_experts)[0] == "logits":
+            form, router = "logits", c.inner
+        if form == "unknown":
+            raise ValueError(f"layer {m.index}: router {m.router} returns {_describe(seen[m.router])}, "
+                             "a form the adapter cannot read without a family-table entry")
+        if form == "logits" and c.biases:
+            raise ValueError(f"layer {m.index}: router {router} returns bare logits but a selection "
+                             f"bias {c.biases[0]} [{m.n_experts}] lies beside it: picks cannot be "
+                             "recomputed without a family-table entry")
+        top_k = k or m.top_k
+        if top_k <= 0:
+            raise ValueError(f"layer {m.index}: router {router} returns bare logits and the top-k is "
+                             f"unknown (config has none of {TOP_K_KEYS})")
+        out.append(MoeLayer(**{**m.__dict__, "router": router, "output": form, "top_k": top_k}))
+    return out
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -215,8 +313,4 @@ def find_moe_layers(model: nn.Module, *, use_table: bool = True) -> tuple[str, l
         found = from_table(model, family)
         if found:
             return f"table:{mt}", found
-    found = find_structural(model)
-    if not found:
-        raise ValueError(f"{type(model).__name__} ({mt}) has no MoE layer: no router [E, D] beside an "
-                         f"experts module was found in any decoder layer")
-    return "structural", _check_router_outputs(model, found)
+    return "structural", _check_router_outputs(model, find_structural(model))

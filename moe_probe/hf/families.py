@@ -5,10 +5,11 @@ This file (with ``discover.py``) is the only place in moe_probe that knows HF mo
 A family missing here still works through structural discovery (``discover.find_structural``);
 the table only makes the common cases exact and cheap.
 
-Checked against transformers 5.23 (``models/<family>/modeling_*.py``): every router listed here
-is a module whose forward returns ``(router_logits_TE, topk_weights_TK, topk_ids_TK)``, and the
-experts are one module with fused 3-D parameters whose first dim is E (``gate_up_proj``,
-``down_proj`` and for gpt-oss their biases), so per-expert gradient slices are ``param[e]``.
+Checked against transformers 5.25 (``models/<family>/modeling_*.py``): every router listed here
+but Llama 4's and DBRX's is a module whose forward returns ``(router_logits_TE, topk_weights_TK,
+topk_ids_TK)``, and the experts are one module with fused 3-D parameters whose first dim is E
+(``gate_up_proj``, ``down_proj`` and for gpt-oss their biases), so per-expert gradient slices are
+``param[e]`` (DBRX's [E·F, D] parameters get component-level gradients only).
 
 Paths are relative to one decoder layer (``model.layers[i]``).
 """
@@ -70,4 +71,7 @@ FAMILIES: dict[str, Family] = {
     # Llama 4 text: experts run densely on sigmoid-scaled copies; non-picked scores are exactly 0.
     "llama4_text": Family("feed_forward", "router", shared=("feed_forward.shared_expert",),
                           selection="logit_topk", output="scores_logits"),
+    # DBRX fuses its experts as 2-D [E·F, D] parameters (neither a list nor 3-D, so structure
+    # alone cannot size them) and its router returns bare logits; the block holds top_k.
+    "dbrx": Family("ffn", "router", output="logits"),
 }
