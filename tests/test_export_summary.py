@@ -155,7 +155,8 @@ def test_one_step_summary_equals_the_history_row(fx):
         routing={v: r[v].transpose("layer", "modality").values for v in sm.ROUTING_VARS},
         loss_terms=store.labels("loss", "term"),
         loss=store.dataset("loss").sel(step=step)["value"].values,
-        grad_layers=store.labels("grad", "layer"), grad_components=store.labels("grad", "component"),
+        grad_layers=store.labels("grad", "layer"),
+        grad_components=store.labels("grad", "component"),
         grad_cosine=g["cosine"].transpose("layer", "component").values, findings=findings)
     row = dict(s.rows())[step]
     assert one.keys() == row.keys()

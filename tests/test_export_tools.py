@@ -171,3 +171,18 @@ def test_a_missing_client_names_the_install(run, tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"pip install {package}" in err
     assert "pip install 'moe_probe[export]'" in err
+
+
+def test_export_never_imports_torch(run, tmp_path):
+    code = f"""
+import sys
+from moe_probe.cli import main
+assert main(["export", {str(run)!r}, "--tensorboard", {str(tmp_path / 'tb')!r}, "--wandb",
+             "--quiet"]) == 0
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr

@@ -11,6 +11,8 @@ import numpy as np
 
 from moe_probe import summary as sm
 from moe_probe._version import __version__
+from moe_probe.diagnose.rundata import layer_load, load_run
+from moe_probe.diagnose.runner import diagnose_run
 from moe_probe.run import RunInfo, open_run
 from moe_probe.store.reader import RunStore
 from moe_probe.trace.metrics import load_cv
@@ -95,8 +97,6 @@ def _routing(store: RunStore, ds, info: RunInfo) -> dict[str, np.ndarray]:
 def _load_cv(ds, info: RunInfo) -> np.ndarray:
     """(S, L, M) load CV of a store written before ``load_cv`` was measured, from ``load``: one
     layer in memory at a time (the expert-sized array is the store's big one)."""
-    from moe_probe.diagnose.rundata import layer_load
-
     mods = [str(m) for m in ds["modality"].values]
     out = []
     for li, layer in enumerate(ds["layer"].values):
@@ -124,9 +124,6 @@ def _modalities(store: RunStore) -> list[str]:
 
 
 def _diagnose(run_dir: Path):
-    from moe_probe.diagnose.rundata import load_run
-    from moe_probe.diagnose.runner import diagnose_run
-
     return diagnose_run(load_run(run_dir)).findings
 
 
