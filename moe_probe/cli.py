@@ -72,6 +72,19 @@ def _build_parser() -> argparse.ArgumentParser:
     da.add_argument("--port", type=int, default=8050)
     da.add_argument("--refresh", type=float, default=5.0, help="live refresh interval, seconds")
 
+    e = sub.add_parser("export", help="a run's bounded summary into TensorBoard, W&B or MLflow")
+    e.add_argument("run_dir")
+    e.add_argument("--tensorboard", default=None, metavar="DIR", help="log directory to write")
+    e.add_argument("--wandb", action="store_true",
+                   help="a new W&B run (mode, entity, directory: W&B's own settings)")
+    e.add_argument("--wandb-project", default=None,
+                   help="W&B project (default $WANDB_PROJECT, else moe-probe)")
+    e.add_argument("--mlflow", default=None, metavar="URI", help="MLflow tracking URI")
+    e.add_argument("--experiment", default="moe-probe", help="MLflow experiment name")
+    e.add_argument("--no-findings", action="store_true",
+                   help="skip the diagnosis (the two findings keys)")
+    e.add_argument("--quiet", action="store_true", help="no timings on stderr")
+
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--seeds", type=int, default=None)
@@ -90,6 +103,7 @@ _COMMANDS = {
     "scan": "moe_probe.hf.commands:scan",
     "dash": "dashboards.app:serve",
     "reproduce": "moe_probe.reproduce.commands:reproduce",
+    "export": "moe_probe.export.commands:export",
 }
 
 
