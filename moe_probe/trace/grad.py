@@ -38,11 +38,15 @@ def plain_backward(task_losses: dict[str, torch.Tensor]) -> None:
 class GradConflictTracer:
     """Accumulates per-task gradients over a step's micro-batches and reduces them per cell."""
 
-    def __init__(self, model, *, distributed: bool = False):
+    def __init__(self, model, *, distributed: bool = False,
+                 components: dict[str, tuple[str, str]] | None = None, layers: list[str] | None = None):
+        """``components`` (parameter name -> (layer label or ``io``, component)) and ``layers``
+        (the ``grad`` layer labels, ``all`` last) default to the moe_probe model's
+        ``param_components()`` and :func:`grad_layers`; the Hugging Face adapter passes its own."""
         self.distributed = distributed
         """Under DDP: per-task gradients of the global batch (see ``_backward_ddp``)."""
-        comps = model.param_components()
-        self.layers = grad_layers(model)
+        comps = model.param_components() if components is None else components
+        self.layers = grad_layers(model) if layers is None else list(layers)
         self.components = list(GRAD_COMPONENTS)
         layer_ix = {n: i for i, n in enumerate(self.layers)}
         comp_ix = {c: i for i, c in enumerate(self.components)}
