@@ -19,6 +19,9 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from moe_probe.modalities import LOSS_TERMS
 from moe_probe.run import Run
 from moe_probe.store.schema import default_coords
@@ -38,9 +41,10 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       its DDP wrapper.
     - ``out``: a new run directory (created atomically; an existing run or a non-empty directory
       is refused with nothing touched).
-    - ``w.step(step, losses=...)`` closes optimizer step ``step``: the counts of every
-      training-mode forward since the previous ``step`` (all micro-batches) become one ``routing``
-      row; steps are consecutive from ``start_step`` (sampled steps are decided when a step opens).
+    - ``w.step(step, losses=...)`` closes optimizer step ``step``: the counts of every training
+      forward since the previous ``step`` (all micro-batches) become one ``routing`` row (an
+      evaluation forward — eval mode under no_grad — and a forward recomputed in backward by
+      activation checkpointing are not counted); steps are consecutive from ``start_step`` (sampled steps are decided when a step opens).
       ``losses``: a number (``total``) or ``{term: value}`` over ``lm mmu gen aux z total`` plus
       ``loss_terms``; numbers as given (under DDP pass the global mean).
     - ``every``: a routing row every this many steps (0 = never).
@@ -61,7 +65,7 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
                    kind_names=kind_names, capacity_factor=capacity_factor)
     if not all(isinstance(t, str) and t for t in loss_terms):
         raise ValueError(f"loss_terms must be non-empty strings, got {list(loss_terms)!r}")
-    bare = getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if hasattr(bare, "moe_layers"):
         routers = ModelRouters(bare)
     else:
@@ -97,8 +101,6 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
 
 def _distributed() -> tuple[bool, int]:
     """(counts summed over ranks?, this rank) from an initialised torch.distributed group."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return True, dist.get_rank()
     return False, 0

@@ -53,8 +53,12 @@ def _code_mask(ids_BS):
     return ids_BS % 2 == 0
 
 
-def test_hf_counts_per_step_layer_and_kind_equal_the_models_router_logits(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_hf_counts_per_step_layer_and_kind_equal_the_models_router_logits(tmp_path, checkpointing):
+    """Activation checkpointing recomputes each layer's forward in backward: counted once."""
     model = _mixtral()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     k, E, L = model.config.num_experts_per_tok, model.config.num_local_experts, 2
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     micro = _windows(model.config.vocab_size, STEPS * ACCUM)

@@ -6,9 +6,10 @@ and ``grad`` rows. moe_probe's trainer uses it through :class:`~moe_probe.trace.
 moe_probe's model (:class:`ModelRouters`) or a Hugging Face MoE (``moe_probe.hf.routers``).
 
 A step: ``begin_step(s)`` attaches the router hooks when ``s`` is a routing step (none otherwise,
-so an unsampled step costs nothing); every training-mode forward until ``end_step(s)`` is counted
-(gradient accumulation: the counts of all micro-batches add up; forwards of a model in eval mode
-are not counted); ``backward`` runs the two-pass gradient-conflict tracer at a grad step, else the
+so an unsampled step costs nothing); every training forward until ``end_step(s)`` is counted
+(gradient accumulation: the counts of all micro-batches add up; an evaluation forward — eval mode
+under no_grad — and a forward recomputed in backward by activation checkpointing are not);
+``backward`` runs the two-pass gradient-conflict tracer at a grad step, else the
 plain backward; ``end_step`` removes the hooks, reduces over ranks under torch.distributed and
 hands the rows to the writer. ``step(s)`` = ``end_step(s)`` + ``begin_step(s + 1)``, for loops
 that only close steps.
@@ -36,6 +37,10 @@ from moe_probe.modalities import MODALITIES
 from moe_probe.trace.grad import GradConflictTracer, plain_backward
 from moe_probe.trace.layout import model_attrs, writer_labels
 from moe_probe.trace.routing import RoutingCounter
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+"""Id of the backward pass running on this thread, -1 outside backward."""
 
 
 def due(step: int, every: int) -> bool:
@@ -239,7 +244,7 @@ class Watch:
     def _before_forward(self, args, kwargs) -> None:
         labels, self._pending = self._pending, None
         self._kind_T = self._keep_T = None
-        if not self.model.training:
+        if not self._training_forward():
             return
         if labels is None and self._kinds_fn is not None:
             labels = self._kinds_fn(*args, **kwargs)
@@ -254,8 +259,14 @@ class Watch:
             self._keep_T = (kind_T >= 0).to(dev)
         self._kind_T = kind_T.to(dev)
 
+    def _training_forward(self) -> bool:
+        """A forward of training: the model in train mode or building a graph (a loop that never
+        called ``.train()``), and not one recomputed inside backward (activation checkpointing
+        would count its tokens twice). An evaluation (eval mode under no_grad) is left out."""
+        return (self.model.training or torch.is_grad_enabled()) and _graph_task_id() < 0
+
     def _on_router(self, li: int, out) -> None:
-        if not self.model.training:
+        if not self._training_forward():
             return
         rec = self.routers.record(li, out)
         T = rec.logits_TE.shape[0]
