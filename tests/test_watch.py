@@ -273,3 +273,16 @@ def test_hooks_removed_after_an_exception(tmp_path, data, kind):
             raise RuntimeError("boom")
     assert _n_hooks(model) == before
     assert open_run(tmp_path / "run").committed_steps("routing") == 0
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    """The README's plain-loop quickstart, as written (run from the repository root)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Tracing your own training loop"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fixtures").symlink_to(FIX.parent)
+    exec(compile(code, "README.md", "exec"), {})
+    r = open_run(tmp_path / "runs" / "my-ft").dataset("routing")
+    assert list(r["step"].values) == list(range(10)) and list(r["modality"].values) == ["text", "code"]
+    assert (r["tokens"].values.sum(-1) == 2 * 4 * 64).all()
