@@ -248,6 +248,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         _one_line_value_error(lambda: model(input_ids=ids), "integer kind ids")
         out = model(input_ids=ids, labels=ids)
         _one_line_value_error(lambda: w.step(0, losses={"mystery": 1.0}), "mystery")
+        _one_line_value_error(lambda: w.step(1), "step 0 is open")
     before = _files(tmp_path / "run")
     _one_line_value_error(lambda: moe_probe.watch(model, tmp_path / "run"), "already holds a run")
     assert _files(tmp_path / "run") == before

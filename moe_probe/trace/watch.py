@@ -163,7 +163,8 @@ class Watch:
         self._grad: GradConflictTracer | None = None
         self._stack: ExitStack | None = None
         self._counting = self._grad_on = False
-        self._next = start_step
+        self._step = start_step
+        """The open step (sampling is decided when a step opens)."""
         self._pending = None
         self._kind_T: torch.Tensor | None = None
         self._keep_T: torch.Tensor | None = None
@@ -172,7 +173,7 @@ class Watch:
     def begin_step(self, step: int) -> None:
         """Decide this step's tracers; attach the router hooks at a routing step."""
         self._detach()
-        self._next = step
+        self._step = step
         self._pending = self._kind_T = self._keep_T = None
         self._counting = self._counter is not None and due(step, self.every)
         if self._counting:
@@ -192,13 +193,13 @@ class Watch:
         if self._counting:  # an unsampled step counts nothing, so its labels are not kept either
             self._pending = labels
 
-    def backward(self, losses, step: int | None = None) -> None:
+    def backward(self, losses) -> None:
         """One micro-batch's backward. ``losses``: a loss tensor, or a dict of task losses
         (``{first: l1, second: l2}`` of ``tasks``): at a grad step the two-pass tracer, whose
         update is bit-identical to the plain ``(l1 + l2).backward()`` run otherwise."""
         if isinstance(losses, torch.Tensor):
             if self._grad_on:
-                raise ValueError(f"step {self._next} measures gradient conflict: pass the two task "
+                raise ValueError(f"step {self._step} measures gradient conflict: pass the two task "
                                  f"losses, backward({{{self.tasks[0]!r}: ..., {self.tasks[1]!r}: ...}})")
             losses.backward()
             return
@@ -214,9 +215,10 @@ class Watch:
 
     def end_step(self, step: int, losses=None) -> None:
         """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""
+        loss = None if losses is None or self._loss_terms is None else self._loss_row(losses)
         self._detach()
-        if losses is not None and self._loss_terms is not None:
-            self.writer.append("loss", step, value=self._loss_row(losses))
+        if loss is not None:
+            self.writer.append("loss", step, value=loss)
         if self._counting:
             self._counting = False
             self.writer.append("routing", step, **self._counter.finish())
@@ -226,6 +228,9 @@ class Watch:
 
     def step(self, step: int, losses=None) -> None:
         """Close optimizer step ``step`` (rows written) and open ``step + 1``."""
+        if step != self._step:
+            raise ValueError(f"step {step} closed while step {self._step} is open: steps are "
+                             "consecutive from start_step (watch(..., start_step=N))")
         self.end_step(step, losses)
         self.begin_step(step + 1)
 
