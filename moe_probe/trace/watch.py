@@ -286,7 +286,9 @@ class Watch:
             kind_T = torch.zeros(T, dtype=torch.int64, device=rec.logits_TE.device)
         else:
             kind_T = rec.modality_T
-        self._counter.add(li, dataclasses.replace(rec, modality_T=kind_T))
+        if kind_T is not rec.modality_T:
+            rec = dataclasses.replace(rec, modality_T=kind_T)
+        self._counter.add(li, rec)
 
     def _detach(self) -> None:
         stack, self._stack = self._stack, None
