@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from moe_probe.hf.capture import RouterCapture  # noqa: E402
 from moe_probe.hf.discover import find_moe_layers  # noqa: E402
-from moe_probe.hf.scan import layer_routing  # noqa: E402
+from moe_probe.hf.capture import layer_routing  # noqa: E402
 from moe_probe.trace.routing import RoutingCounter  # noqa: E402
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"

@@ -119,7 +119,7 @@ def test_counts_match_model_router(family, use_table):
 
 
 def _info(layer):
-    from moe_probe.hf.scan import layer_routing
+    from moe_probe.hf.capture import layer_routing
 
     return layer_routing(layer)
 

@@ -2,9 +2,10 @@
 
 - ``families.py`` — the table (family -> router / experts / shared-expert paths, selection rule).
 - ``discover.py`` — MoE layers from the table, else by structure (``find_moe_layers``).
-- ``capture.py``  — ``RouterCapture``: router outputs -> ``RouterRecord`` in one forward
-  (hooks from ``moe_probe.model.hooks``, attached for that forward only);
-  shared-expert outputs; logits with routed experts masked.
+- ``routers.py``  — ``HFRouters``: the model's routers for ``moe_probe.watch`` (any training loop).
+- ``capture.py``  — ``router_record``: a router's output as a ``RouterRecord``; ``RouterCapture``:
+  the records of every layer in one forward (hooks from ``moe_probe.model.hooks``, attached for
+  that forward only); shared-expert outputs; logits with routed experts masked.
 - ``loading.py``  — offline model loading (directory or config JSON) and text windows.
 - ``grad.py``, ``probes.py``, ``advise.py`` — gradient conflict, shared-expert probes, the
   Symbiotic-MoE partition proposal.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_probe.hf.discover import MoeLayer
-from moe_probe.model.hooks import HookFn, RouterRecord, hooks
+from moe_probe.model.hooks import HookFn, LayerRouting, RouterRecord, hooks
 
 
 def picks_from_logits(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,6 +23,30 @@ def picks_from_logits(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     probs = torch.softmax(logits_TE.float(), dim=-1)
     w, ids = probs.topk(k, dim=-1)
     return w / w.sum(-1, keepdim=True), ids
+
+
+def layer_routing(layer: MoeLayer) -> LayerRouting:
+    """HF MoE layers are ungrouped and dropless: one group of all experts, no capacity."""
+    return LayerRouting(n_experts=layer.n_experts, top_k=layer.top_k, capacity_factor=None,
+                        groups={"all": tuple(range(layer.n_experts))}, n_shared=layer.n_shared)
+
+
+def router_record(layer: MoeLayer, out, modality_T: torch.Tensor) -> RouterRecord:
+    """The :class:`RouterRecord` of one router call from the router module's output (the forms of
+    ``MoeLayer.output``); tensors are the model's own (not detached: the counter detaches)."""
+    if layer.output == "ids":
+        logits_TE, w_TK, ids_TK = out[0], out[1], out[2]
+    elif layer.output == "scores_logits":  # Llama 4: picks = top-k logits, sigmoid weights
+        logits_TE = out[1]
+        top, ids_TK = logits_TE.float().topk(layer.top_k, dim=-1)
+        w_TK = torch.sigmoid(top)
+    else:
+        logits_TE = out
+        w_TK, ids_TK = picks_from_logits(logits_TE, layer.top_k)
+    logits_TE = logits_TE.reshape(-1, logits_TE.shape[-1])
+    T = logits_TE.shape[0]
+    return RouterRecord(logits_TE=logits_TE, topk_ids_TK=ids_TK.reshape(T, -1).long(),
+                        topk_weights_TK=w_TK.reshape(T, -1), kept_TK=None, modality_T=modality_T)
 
 
 @dataclass
@@ -49,22 +73,7 @@ class RouterCapture:
         saved: list = [None] * len(self.layers)
         model_out = self._forward(input_ids_BS, {layer.router: lambda o, li=li: saved.__setitem__(li, o)
                                                  for li, layer in enumerate(self.layers)})
-        records = []
-        for layer, out in zip(self.layers, saved):
-            if layer.output == "ids":
-                logits_TE, w_TK, ids_TK = out[0], out[1], out[2]
-            elif layer.output == "scores_logits":  # Llama 4: picks = top-k logits, sigmoid weights
-                logits_TE = out[1]
-                top, ids_TK = logits_TE.float().topk(layer.top_k, dim=-1)
-                w_TK = torch.sigmoid(top)
-            else:
-                logits_TE = out
-                w_TK, ids_TK = picks_from_logits(logits_TE, layer.top_k)
-            logits_TE = logits_TE.reshape(-1, logits_TE.shape[-1])
-            records.append(RouterRecord(
-                logits_TE=logits_TE, topk_ids_TK=ids_TK.reshape(logits_TE.shape[0], -1).long(),
-                topk_weights_TK=w_TK.reshape(logits_TE.shape[0], -1), kept_TK=None,
-                modality_T=modality_T))
+        records = [router_record(layer, out, modality_T) for layer, out in zip(self.layers, saved)]
         return Capture(records, model_out.logits if want_logits else None)
 
     def shared_outputs(self, input_ids_BS: torch.Tensor) -> list[torch.Tensor]:

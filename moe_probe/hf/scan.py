@@ -33,23 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe_probe.hf.capture import RouterCapture, lm_loss
-from moe_probe.hf.discover import MoeLayer, decoder_layers, find_moe_layers
+from moe_probe.hf.capture import RouterCapture, layer_routing, lm_loss
+from moe_probe.hf.discover import find_moe_layers
 from moe_probe.hf.loading import load_model, read_typed_windows, read_windows
-from moe_probe.model.hooks import LayerRouting
-from moe_probe.model.params import n_params
+from moe_probe.hf.routers import model_attrs as hf_model_attrs
 from moe_probe.run import Run
 
 GRAD_ROWS = 8
 """Gradient-conflict rows per scan (two backward passes each)."""
 PROBE_WINDOWS = 16
 """Windows per text set used by the isolated eval and the probes."""
-
-
-def layer_routing(layer: MoeLayer) -> LayerRouting:
-    """HF MoE layers are ungrouped and dropless: one group of all experts, no capacity."""
-    return LayerRouting(n_experts=layer.n_experts, top_k=layer.top_k, capacity_factor=None,
-                        groups={"all": tuple(range(layer.n_experts))}, n_shared=layer.n_shared)
 
 
 def _validate(args) -> None:
@@ -184,27 +177,8 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
 
 
 def _attrs(args, model, layers, how, source, modalities, seed) -> dict:
-    cfg = model.config
-    _, dec = decoder_layers(model)
-    model_attrs = {
-        "arch": cfg.model_type,
-        "hf_class": type(model).__name__,
-        "source": source,
-        "discovery": how,
-        "layers": [x.name for x in layers],
-        "n_decoder_layers": len(dec),
-        "experts": max(x.n_experts for x in layers),
-        "top_k": layers[0].top_k,
-        "capacity_factor": None,
-        "nominal_capacity": args.capacity_factor,
-        "groups": {x.name: {"all": list(range(x.n_experts))} for x in layers},
-        "modality_group": {x.name: {} for x in layers},
-        "shared_experts": layers[0].n_shared,
-        "shared_gate": any(x.shared_gate for x in layers),
-        "routers": {x.name: x.router for x in layers},
-        "n_params": n_params(model),
-        "hf_config": cfg.to_json_string(use_diff=True),
-    }
+    model_attrs = {**hf_model_attrs(model, layers, how), "source": source,
+                   "nominal_capacity": args.capacity_factor}
     run_cfg = {k: getattr(args, k, None) for k in ("model", "text", "text_b", "capacity_factor",
                                                    "batch_size", "seq_len", "max_batches")}
     return {"run": {"name": Path(args.out).name, "recipe": "hf-scan", "seed": seed,

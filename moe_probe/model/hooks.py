@@ -8,7 +8,8 @@ value through :func:`hooks`. The model knows nothing of tracers.
 for the router / expert modules of a Hugging Face model alike (there the hook names are the
 discovered module paths). Everything that reads activations (routing counter, captures, the
 Hugging Face adapter, the base-routing count choosing Symbiotic groups) goes through it, so
-removal is written once.
+removal is written once. :func:`before_forward` is its one counterpart for a forward's inputs
+(``moe_probe.watch`` reads the token kinds of a batch there).
 
 Legend: T tokens (= B·S, flattened), E experts of the layer (all groups), K top-k, D model dim.
 """
@@ -98,6 +99,17 @@ def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[dict[str, nn.
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def before_forward(module: nn.Module, fn: Callable[[tuple, dict], None]) -> Iterator[None]:
+    """``fn(args, kwargs)`` before every forward of ``module`` (it reads the inputs, e.g. a batch's
+    token kinds; it cannot change them); removed on exit, also when the body raises."""
+    handle = module.register_forward_pre_hook(lambda _m, args, kwargs: fn(args, kwargs), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def layer_hooks(model: nn.Module, point: str, fn: Callable[[int, object], object]) -> dict[str, HookFn]:

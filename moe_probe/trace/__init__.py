@@ -7,7 +7,8 @@
 - ``snapshot`` saturation / co-activation on the fixed probe batch at each eval.
 - ``probes``   linear probes on shared-expert outputs with control tasks;
   ``isolated`` shared-experts-only understanding metrics.
-- ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3);
+- ``watch``    Watch: a training step's routing / loss / grad rows in any loop (``moe_probe.watch``);
+- ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3), built on Watch;
   ``layout``   the store coords/attrs of a model.
 - ``metrics``  numpy metric math from counts (shared with readers).
 

@@ -38,11 +38,15 @@ def plain_backward(task_losses: dict[str, torch.Tensor]) -> None:
 class GradConflictTracer:
     """Accumulates per-task gradients over a step's micro-batches and reduces them per cell."""
 
-    def __init__(self, model, *, distributed: bool = False):
+    def __init__(self, model, *, distributed: bool = False,
+                 components: dict[str, tuple[str, str]] | None = None, layers: list[str] | None = None):
+        """``components`` (parameter name -> (layer label or ``io``, component)) and ``layers``
+        (the ``grad`` layer labels, ``all`` last) default to the moe_probe model's
+        ``param_components()`` and :func:`grad_layers`; the Hugging Face adapter passes its own."""
         self.distributed = distributed
         """Under DDP: per-task gradients of the global batch (see ``_backward_ddp``)."""
-        comps = model.param_components()
-        self.layers = grad_layers(model)
+        comps = model.param_components() if components is None else components
+        self.layers = grad_layers(model) if layers is None else list(layers)
         self.components = list(GRAD_COMPONENTS)
         layer_ix = {n: i for i, n in enumerate(self.layers)}
         comp_ix = {c: i for i, c in enumerate(self.components)}
@@ -80,6 +84,7 @@ class GradConflictTracer:
     def start(self) -> None:
         """Forget the previous step's per-task gradients."""
         self._und = self._gen = None
+        self._total: list[torch.Tensor | None] | None = None
 
     def _accumulate(self, name: str, grads: list[torch.Tensor]) -> None:
         acc = getattr(self, name)
@@ -125,17 +130,19 @@ class GradConflictTracer:
         """Under DDP the second pass is DDP's own backward (reduced on the rank's last micro-batch,
         into the accumulated ``.grad``), so ``.grad`` is left alone here: only the und gradient is
         kept, local — ``autograd.grad`` bypasses DDP's hooks — and averaged in ``finish``, where
-        gen = DDP's averaged total − averaged und."""
+        gen = DDP's averaged total − averaged und. The total is copied after each backward (the
+        last copy is DDP's average), so a loop may clip or zero ``.grad`` before ``finish``."""
         und = task_losses.get("und")
         if isinstance(und, torch.Tensor) and und.requires_grad:
             g = torch.autograd.grad(und, self.params, retain_graph=True, allow_unused=True)
             self._accumulate("_und", [x if x is not None else torch.zeros_like(p)
                                       for x, p in zip(g, self.params)])
         plain_backward(task_losses)
+        self._total = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
 
     def _reduce_ddp(self) -> None:
         """Global per-task gradients: one collective (every rank joins, with zeros if it had no
-        und loss); ``.grad`` holds DDP's average of the total by now (end of the step)."""
+        und loss); the last backward's ``.grad`` copy is DDP's average of the total."""
         import torch.distributed as dist
 
         und = self._und or [torch.zeros_like(p) for p in self.params]
@@ -146,8 +153,9 @@ class GradConflictTracer:
         dist.all_reduce(flat)
         self._und = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in self.params]),
                                                     self.params)]
-        self._gen = [(p.grad if p.grad is not None else torch.zeros_like(p)) - u
-                     for p, u in zip(self.params, self._und)]
+        total = self._total or [None] * len(self.params)
+        self._gen = [(t if t is not None else torch.zeros_like(p)) - u
+                     for p, t, u in zip(self.params, total, self._und)]
 
     def finish(self) -> dict[str, np.ndarray]:
         """The ``grad`` row: cosine, norm_und, norm_gen (layer, component); then reset."""

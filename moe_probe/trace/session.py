@@ -3,7 +3,8 @@
 The trainer calls ``begin_step / backward / end_step / on_eval / flush / close`` and never
 learns what is traced; the session decides from :class:`TraceConfig` which tracers run at a
 step, hands small numpy rows to the store writer and guarantees every hook it added is gone
-after ``end_step`` / ``close`` / ``with`` — also when the step raised.
+after ``end_step`` / ``close`` / ``with`` — also when the step raised. The per-step part is
+:class:`~moe_probe.trace.watch.Watch`, the same that ``moe_probe.watch`` runs in any loop.
 
 Rows whose group the store lacks (e.g. ``probe`` for a model without shared experts) are
 skipped, so the store layout (see :func:`store_layout`) decides what is recorded.
@@ -12,25 +13,18 @@ skipped, so the store layout (see :func:`store_layout`) decides what is recorded
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
 
 import numpy as np
 import torch
 
-from moe_probe.modalities import ISOLATED_METRICS, LOSS_TERMS
-from moe_probe.model.hooks import hooks, layer_hooks
+from moe_probe.modalities import ISOLATED_METRICS, TASKS
 from moe_probe.trace.capture import capture_forward
 from moe_probe.trace.config import TraceConfig
-from moe_probe.trace.grad import GradConflictTracer, plain_backward
 from moe_probe.trace.isolated import isolated_metrics
 from moe_probe.trace.layout import writer_labels
 from moe_probe.trace.probes import PROBE_TASKS, probe_row
-from moe_probe.trace.routing import counter_for
 from moe_probe.trace.snapshot import SnapshotTracer
-
-
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
+from moe_probe.trace.watch import ModelRouters, Watch
 
 
 class TraceSession:
@@ -42,19 +36,15 @@ class TraceSession:
         reduced over ranks (every rank must call begin_step / backward / end_step; only rank 0's
         writer writes). ``model`` is the bare module, not the DDP wrapper."""
         self.model, self.cfg, self.writer = model, cfg, writer
-        self.distributed = distributed
         self.probe_batch_fn = probe_batch_fn
         self._groups = set(getattr(writer, "groups", ()) or ())
-        self._stack: ExitStack | None = None
-        self._grad_on = False
-        self._routing_on = False
-        self._counter = counter_for(model, cfg.nominal_capacity) \
-            if cfg.enabled and cfg.routing_every > 0 and "routing" in self._groups else None
-        if self._counter is not None:
-            self._counter.distributed = distributed
-        self._grad: GradConflictTracer | None = None
-        self._snapshot = SnapshotTracer(self._counter.n_experts if self._counter else
-                                        max(m.routing_info().n_experts for _, m in model.moe_layers()))
+        # The per-step rows (routing, loss, grad) are the one tracing path that moe_probe.watch
+        # gives any loop; this session adds the eval-time rows.
+        self._watch = Watch(model, ModelRouters(model), writer, tasks=TASKS,
+                            every=cfg.routing_every if cfg.enabled else 0,
+                            grad_every=cfg.grad_every if cfg.enabled else 0,
+                            capacity_factor=cfg.nominal_capacity, distributed=distributed)
+        self._snapshot = SnapshotTracer(max(m.routing_info().n_experts for _, m in model.moe_layers()))
         # A resumed store already holds probe rows: keep their cadence rather than probing again
         # at the resume step (a resumed run must write the rows an uninterrupted one would).
         last_step = getattr(writer, "last_step", None)
@@ -65,38 +55,15 @@ class TraceSession:
     # ------------------------------------------------------------------ per step
     def begin_step(self, step: int) -> None:
         """Decide this step's tracers and attach the routing hooks (removed in ``end_step``)."""
-        self._detach()
-        self._stack = ExitStack()
-        self._routing_on = self._counter is not None and _due(step, self.cfg.routing_every)
-        if self._routing_on:
-            self._counter.reset()  # nothing from an abandoned step leaks into this row
-            self._stack.enter_context(hooks(self.model, layer_hooks(self.model, "hook_router",
-                                                                    self._counter.add)))
-        self._grad_on = (self.cfg.enabled and "grad" in self._groups and _due(step, self.cfg.grad_every))
-        if self._grad_on:
-            if self._grad is None:
-                self._grad = GradConflictTracer(self.model, distributed=self.distributed)
-            self._grad.start()
+        self._watch.begin_step(step)
 
     def backward(self, task_losses: dict[str, torch.Tensor], step: int | None = None) -> None:
         """One micro-batch's backward: two traced passes at a grad step, else the plain sum."""
-        if self._grad_on:
-            self._grad.backward(task_losses)
-        else:
-            plain_backward(task_losses)
+        self._watch.backward(task_losses)
 
     def end_step(self, step: int, losses: dict[str, float]) -> None:
         """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""
-        self._detach()
-        if "loss" in self._groups:
-            self.writer.append("loss", step, value=np.array(
-                [float(losses.get(t, math.nan)) for t in LOSS_TERMS]))
-        if self._routing_on:
-            self._routing_on = False
-            self.writer.append("routing", step, **self._counter.finish())
-        if self._grad_on:
-            self._grad_on = False
-            self.writer.append("grad", step, **self._grad.finish())
+        self._watch.end_step(step, losses)
 
     # ------------------------------------------------------------------ eval
     def on_eval(self, step: int, metrics: dict[str, float], model=None, *, final: bool = False) -> None:
@@ -143,11 +110,6 @@ class TraceSession:
         return self._probe_batch.to(p.device) if p is not None else self._probe_batch
 
     # ------------------------------------------------------------------ lifetime
-    def _detach(self) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            stack.close()
-
     def snapshot_state(self) -> dict:
         """The saturation reference, for a checkpoint (see ``restore_snapshot``)."""
         return self._snapshot.state()
@@ -157,26 +119,15 @@ class TraceSession:
         self._snapshot.load_state(state, resume_step)
 
     def flush(self) -> None:
-        self.writer.flush()
+        self._watch.flush()
 
     def close(self) -> None:
         """Remove any hook still attached (a step that raised), then close the writer (the
         session owns it: rows still queued are written)."""
-        self._detach()
-        self._routing_on = self._grad_on = False
-        self.writer.close()
+        self._watch.close()
 
     def __enter__(self) -> TraceSession:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            # Never mask the caller's error with a writer error; hooks still go.
-            self._detach()
-            try:
-                self.writer.close()
-            except Exception:  # noqa: BLE001
-                pass
-        return False
+        return self._watch.__exit__(exc_type, exc, tb)

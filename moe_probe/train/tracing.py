@@ -9,32 +9,9 @@ from moe_probe.run import Run
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.layout import store_layout
 from moe_probe.trace.session import TraceSession
+from moe_probe.trace.watch import NullWriter
 from moe_probe.train.config import RunConfig
 from moe_probe.train.distributed import SINGLE, Dist
-
-
-class NullWriter:
-    """The writer of ranks other than 0: rank 0's groups and labels (so the session runs the same
-    tracers and joins the same collectives), and nothing written."""
-
-    def __init__(self, coords: dict):
-        self._coords = {g: c for g, c in coords.items() if c is not None}
-
-    @property
-    def groups(self) -> list[str]:
-        return list(self._coords)
-
-    def labels(self, group: str, dim: str) -> list[str]:
-        return list(self._coords[group][dim])
-
-    def append(self, group: str, step: int, **arrays) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,

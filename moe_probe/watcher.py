@@ -1,0 +1,107 @@
+"""``moe_probe.watch``: trace any training loop into a run's store (``OUT/traces.zarr``).
+
+    with moe_probe.watch(model, "runs/ft", kind_names=["text", "code"],
+                         kinds=lambda input_ids, **kw: kw["token_type_ids"]) as w:
+        for step in range(steps):
+            for micro in micro_batches:
+                out = model(**micro)
+                w.backward(out.loss / len(micro_batches))
+            optimizer.step(); optimizer.zero_grad()
+            w.step(step, losses=out.loss)
+
+The same :class:`~moe_probe.trace.watch.Watch` moe_probe's own trainer runs (one tracing path);
+this module only picks the model's adapter and creates the run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_probe.modalities import LOSS_TERMS
+from moe_probe.run import Run
+from moe_probe.store.schema import default_coords
+from moe_probe.store.writer import StoreWriter
+from moe_probe.trace.watch import ModelRouters, NullWriter, Watch, check_settings
+
+
+def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str] | None = None,
+          every: int = 1, grad_every: int | None = None, tasks: Sequence[str] | None = None,
+          capacity_factor: float = 1.0, loss_terms: Sequence[str] = (), start_step: int = 0,
+          use_table: bool = True) -> Watch:
+    """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
+    are removed on exit, also on an exception; queued rows are written).
+
+    - ``model``: moe_probe's ``MultimodalMoE`` or a Hugging Face MoE (routers from the family
+      table, else found by structure; ``use_table=False`` forces structure) — the bare module or
+      its DDP wrapper.
+    - ``out``: a new run directory (created atomically; an existing run or a non-empty directory
+      is refused with nothing touched).
+    - ``w.step(step, losses=...)`` closes optimizer step ``step``: the counts of every training
+      forward since the previous ``step`` (all micro-batches) become one ``routing`` row (an
+      evaluation forward — eval mode under no_grad — and a forward recomputed in backward by
+      activation checkpointing are not counted). Steps are consecutive from ``start_step`` (a
+      step's sampling is decided when it opens; another number is refused).
+      ``losses``: a number (``total``) or ``{term: value}`` over ``lm mmu gen aux z total`` plus
+      ``loss_terms``; numbers as given (under DDP pass the global mean).
+    - ``every``: a routing row every this many steps (0 = never).
+    - ``kinds``: a callable getting the forward's own arguments, returning kind ids per token
+      ``(B, S)`` or per sample ``(B,)`` (a bool mask = kinds 0/1; -1 = not counted, e.g. padding);
+      ``w.kinds(labels)`` labels the next forward instead. ``kind_names``: the kinds (default
+      ``["text"]``; moe_probe's model: its own text / vit / vae).
+    - ``grad_every``: gradient conflict between ``tasks=(first, second)`` every this many steps;
+      the loop then calls ``w.backward({first: l1, second: l2})`` (two passes at a sampled step,
+      the update bit-identical to ``(l1 + l2).backward()``, which it runs otherwise).
+    - ``capacity_factor``: C of the nominal ``kept`` / capacity rate of dropless routers.
+
+    Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
+    are summed over ranks; rank 0 alone writes.
+    """
+    grad_every = 0 if grad_every is None else grad_every
+    check_settings(every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
+                   kind_names=kind_names, capacity_factor=capacity_factor)
+    if not all(isinstance(t, str) and t for t in loss_terms):
+        raise ValueError(f"loss_terms must be non-empty strings, got {list(loss_terms)!r}")
+    bare = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if hasattr(bare, "moe_layers"):
+        routers = ModelRouters(bare)
+    else:
+        from moe_probe.hf.routers import HFRouters
+
+        routers = HFRouters(bare, use_table=use_table)
+    names = list(kind_names or routers.kind_names or ("text",))
+    coords = default_coords(layers=routers.layers, n_experts=max(i.n_experts for i in routers.infos),
+                            groups=("routing", "loss", "grad") if grad_every else ("routing", "loss"))
+    coords["routing"]["modality"] = names
+    coords["loss"]["term"] = list(dict.fromkeys([*LOSS_TERMS, *loss_terms]))
+    settings = {"every": every, "grad_every": grad_every, "tasks": list(tasks or []),
+                "capacity_factor": capacity_factor, "kinds": names, "start_step": start_step}
+    attrs = {"run": {"name": Path(out).name, "recipe": "watch", "config": json.dumps(settings)},
+             "model": {**routers.attrs(), "nominal_capacity": capacity_factor},
+             "modalities": names}
+    distributed, rank = _distributed()
+    if rank == 0:
+        run = Run(out)
+        run.check_writable()
+        if run.exists():
+            raise ValueError(f"{out} already holds a run; watch writes a new run (choose another out)")
+        run.create(store_attrs=attrs, store_coords=coords)
+        writer = StoreWriter.resume(run.store_path)[0]
+    else:
+        writer = NullWriter(coords)
+    w = Watch(bare, routers, writer, every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
+              kind_names=kind_names, capacity_factor=capacity_factor, distributed=distributed,
+              start_step=start_step)
+    w.begin_step(start_step)
+    return w
+
+
+def _distributed() -> tuple[bool, int]:
+    """(counts summed over ranks?, this rank) from an initialised torch.distributed group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return True, dist.get_rank()
+    return False, 0
