@@ -49,12 +49,18 @@ def first_screen(path: str, sel) -> tuple[dict, list]:
     page = PAGES[path]
     first = [v for v in page.views if v.first_screen]
     root = root_of()
+    figs = {}
     try:
         values = page.values(root, sel)
-        figs = {v.id: v.figure(root, values) for v in first}
     except Exception as e:  # noqa: BLE001 - as figures_or_message: the page shows it
-        msg = _message(e, f"{page.name} first screen")
-        figs = {v.id: message_figure(msg, v.title) for v in first}
+        values = e
+    for v in first:
+        try:
+            if isinstance(values, Exception):
+                raise values
+            figs[v.id] = v.figure(root, values)
+        except Exception as e:  # noqa: BLE001 - one view's error hides no other view
+            figs[v.id] = message_figure(_message(e, v.id), v.title)
     stores = [dcc.Store(id=_gate(path) + "-graphs", data=[v.id for v in first]),
               dcc.Store(id=_gate(path), data=None)]
     return {i: graph(i, f) for i, f in figs.items()}, stores
