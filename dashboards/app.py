@@ -71,8 +71,11 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         start-up, or a server started moments ago, has nothing cached). The page's callbacks
         then find them built or being built (a view asked for twice at once is built once)."""
         if flask.request.path in warm_on_open:
-            threading.Thread(target=_prewarm, args=(root_p, [flask.request.path], True),
-                             name="moe-probe-warm-on-open", daemon=True).start()
+            try:
+                threading.Thread(target=_prewarm, args=(root_p, [flask.request.path], True),
+                                 name="moe-probe-warm-on-open", daemon=True).start()
+            except RuntimeError:  # no thread to be had: the callbacks read the views themselves
+                pass
 
     _app = app
     return app
