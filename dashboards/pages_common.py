@@ -32,6 +32,9 @@ def register_page(module: str, *, path: str, name: str, order: int, values, view
     add_page(Page(path=path, name=name, values=values, views=tuple(views)))
     clientside_callback(ClientsideFunction("moe_probe", "drawn"), Output(_gate(path), "data"),
                         Input(_gate(path) + "-graphs", "data"))
+    clientside_callback(ClientsideFunction("moe_probe", "stale"),
+                        Output(_gate(path) + "-stale", "data"),
+                        Input(_gate(path) + "-built", "data"), State("sel", "data"))
 
 
 def _gate(path: str) -> str:
@@ -43,9 +46,10 @@ def first_screen(path: str, sel) -> tuple[dict, list]:
     the pages router passes to a layout function, see app.py): ({view id: its dcc.Graph}, the
     gate's stores). Its figures are built here, so they arrive with the page itself: no callback
     round trip and no placeholder drawn first; their callbacks (prevent_initial_call, and
-    `opened_with_page`) only answer later changes. Views below the fold take
-    `after_first_screen(path)` as an Input: on a first visit their requests, server work and
-    drawing would otherwise compete with the first screen for the CPU."""
+    `opened_with_page`) only answer later changes, `first_screen_stale(path)` among them.
+    Views below the fold take `after_first_screen(path)` as an Input: on a first visit their
+    requests, server work and drawing would otherwise compete with the first screen for the
+    CPU."""
     page = PAGES[path]
     first = [v for v in page.views if v.first_screen]
     root = root_of()
@@ -62,8 +66,16 @@ def first_screen(path: str, sel) -> tuple[dict, list]:
         except Exception as e:  # noqa: BLE001 - one view's error hides no other view
             figs[v.id] = message_figure(_message(e, v.id), v.title)
     stores = [dcc.Store(id=_gate(path) + "-graphs", data=[v.id for v in first]),
-              dcc.Store(id=_gate(path), data=None)]
+              dcc.Store(id=_gate(path), data=None),
+              dcc.Store(id=_gate(path) + "-built", data=sel),
+              dcc.Store(id=_gate(path) + "-stale", data=None)]
     return {i: graph(i, f) for i, f in figs.items()}, stores
+
+
+def first_screen_stale(path: str) -> Input:
+    """An Input of the callbacks of the first screen of the page at `path`: written when the
+    selection changed while the page was on its way (assets/clientside.js, `stale`)."""
+    return Input(_gate(path) + "-stale", "data")
 
 
 def after_first_screen(path: str) -> Input:

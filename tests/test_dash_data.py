@@ -156,7 +156,8 @@ def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
                 "inputs": [{"id": "sel", "property": "data",
                             "value": {"focus": "../outside/x", "layer": "0", "modality": "vae"}},
                            {"id": "versions", "property": "data", "value": {}},
-                           {"id": "routing-zoom-load", "property": "data", "value": None}],
+                           {"id": "routing-zoom-load", "property": "data", "value": None},
+                           {"id": "routing-fold-stale", "property": "data", "value": None}],
                 "changedPropIds": ["sel.data"], "state": []}
         req = urllib.request.Request(srv.url + "/_dash-update-component",
                                      data=json.dumps(body).encode(),

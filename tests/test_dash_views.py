@@ -114,10 +114,11 @@ def test_opening_a_page_warms_what_its_callbacks_then_ask_for(app):
     versions = {"collapse": {}}
     titles = _callback(client, ["routing-cap-lines", "routing-cap-heat"],
                        [("sel", "data", sel), ("versions", "data", versions),
-                        ("routing-zoom-cap", "data", None)])
+                        ("routing-zoom-cap", "data", None), ("routing-fold-stale", "data", None)])
     titles += _callback(client, ["routing-load-heat"],
                         [("sel", "data", sel), ("versions", "data", versions),
-                         ("routing-zoom-load", "data", None)])
+                         ("routing-zoom-load", "data", None),
+                         ("routing-fold-stale", "data", None)])
     titles += _callback(client, ["routing-balance"],
                         [("sel", "data", sel), ("versions", "data", versions),
                          ("routing-zoom-bal", "data", None), ("routing-fold", "data", True)])

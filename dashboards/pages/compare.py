@@ -8,8 +8,8 @@ from dash import Input, Output, State, callback, dcc, html
 from dashboards.components import labelled, row, section
 from dashboards.figures import compare as CMP
 from dashboards.pages_common import (
-    figures_or_message, first_screen, opened_with_page, register_page, root_of, zoom_callback,
-    zoom_range, zoom_store,
+    figures_or_message, first_screen, first_screen_stale, opened_with_page, register_page, root_of,
+    zoom_callback, zoom_range, zoom_store,
 )
 from dashboards.views import View
 
@@ -72,9 +72,9 @@ zoom_callback("compare-zoom-loss", LOSS.id)
 
 
 @callback(Output("compare-metric", "options"), Output("compare-metric", "value"),
-          Output("compare-runs", "children"), Input("sel", "data"),
+          Output("compare-runs", "children"), Input("sel", "data"), first_screen_stale(PATH),
           State("compare-metric", "value"), prevent_initial_call=True)
-def _choose_metric(sel, current):
+def _choose_metric(sel, _stale, current):
     return *_metrics(root_of(), sel, current), _runs_msg(sel)
 
 
@@ -82,8 +82,8 @@ def _choose_metric(sel, current):
           Output(ISOLATED.id, "figure"), Input("sel", "data"),
           Input("compare-term", "value"), Input("compare-metric", "value"),
           Input("versions", "data"), Input("compare-zoom-cap", "data"),
-          Input("compare-zoom-loss", "data"), prevent_initial_call=True)
-def _view(sel, term, metric, _v, cap_zoom, loss_zoom):
+          Input("compare-zoom-loss", "data"), first_screen_stale(PATH), prevent_initial_call=True)
+def _view(sel, term, metric, _v, cap_zoom, loss_zoom, _stale):
     """Each of the two time-series views keeps its own zoom (re-read and re-bucketed)."""
     if opened_with_page({"compare-zoom-cap": cap_zoom, "compare-zoom-loss": loss_zoom}):
         return (dash.no_update,) * 3

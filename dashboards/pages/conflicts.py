@@ -10,8 +10,8 @@ from dashboards import data
 from dashboards.components import labelled, section
 from dashboards.figures import conflicts as C
 from dashboards.pages_common import (
-    figures_or_message, first_screen, need, opened_with_page, register_page, root_of,
-    zoom_callback, zoom_range, zoom_store,
+    figures_or_message, first_screen, first_screen_stale, need, opened_with_page, register_page,
+    root_of, zoom_callback, zoom_range, zoom_store,
 )
 from dashboards.views import View
 
@@ -69,8 +69,9 @@ zoom_callback("conflicts-zoom", COSINE.id, RATIO.id)
 
 
 @callback(Output("conflicts-component", "options"), Output("conflicts-component", "value"),
-          Input("sel", "data"), State("conflicts-component", "value"), prevent_initial_call=True)
-def _choose_component(sel, current):
+          Input("sel", "data"), first_screen_stale(PATH), State("conflicts-component", "value"),
+          prevent_initial_call=True)
+def _choose_component(sel, _stale, current):
     try:
         return _components(root_of(), need((sel or {}).get("focus"), "run"), current)
     except data.DataError:
@@ -83,8 +84,8 @@ def _run(sel):
 
 @callback(Output(COSINE.id, "figure"), Output(RATIO.id, "figure"),
           Input("sel", "data"), Input("conflicts-component", "value"), Input("versions", "data"),
-          Input("conflicts-zoom", "data"), prevent_initial_call=True)
-def _view(sel, component, _v, zoom):
+          Input("conflicts-zoom", "data"), first_screen_stale(PATH), prevent_initial_call=True)
+def _view(sel, component, _v, zoom, _stale):
     """The heat map and the ratio share one visible step range (zoom either: both follow,
     re-read and re-bucketed), per run."""
     if opened_with_page({"conflicts-zoom": zoom}):

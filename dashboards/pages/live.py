@@ -12,7 +12,7 @@ from dashboards import data
 from dashboards.components import section
 from dashboards.figures import compare as CMP
 from dashboards.pages_common import (
-    figures_or_message, first_screen, need, register_page, root_of,
+    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
 )
 from dashboards.views import View
 
@@ -74,7 +74,7 @@ def _table(n, old):
 
 
 @callback(Output(LOSS.id, "figure"), Input("sel", "data"), Input("versions", "data"),
-          prevent_initial_call=True)
+          first_screen_stale(PATH), prevent_initial_call=True)
 @figures_or_message(1, (LOSS.title,))
-def _loss(sel, _v):
+def _loss(sel, _v, _stale):
     return LOSS.figure(root_of(), _values(root_of(), sel))

@@ -9,7 +9,7 @@ from dashboards import data
 from dashboards.components import labelled, section
 from dashboards.figures import probes as P
 from dashboards.pages_common import (
-    figures_or_message, first_screen, need, register_page, root_of,
+    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
 )
 from dashboards.views import View
 
@@ -73,9 +73,9 @@ def layout(sel=None, **_query):
 
 @callback(Output("probes-task", "options"), Output("probes-task", "value"),
           Output("probes-control", "options"), Output("probes-control", "value"),
-          Input("sel", "data"), State("probes-task", "value"), State("probes-control", "value"),
-          prevent_initial_call=True)
-def _choose(sel, task, control):
+          Input("sel", "data"), first_screen_stale(PATH), State("probes-task", "value"),
+          State("probes-control", "value"), prevent_initial_call=True)
+def _choose(sel, _stale, task, control):
     try:
         c = _choices(root_of(), sel, task, control)
     except data.DataError:
@@ -85,9 +85,9 @@ def _choose(sel, task, control):
 
 @callback(Output(LINES.id, "figure"), Output(ISOLATED.id, "figure"),
           Input("sel", "data"), Input("probes-task", "value"), Input("probes-control", "value"),
-          Input("versions", "data"), prevent_initial_call=True)
+          Input("versions", "data"), first_screen_stale(PATH), prevent_initial_call=True)
 @figures_or_message(2, (LINES.title, ISOLATED.title))
-def _view(sel, task, control, _v):
+def _view(sel, task, control, _v, _stale):
     run_id = need((sel or {}).get("focus"), "run")
     v = {"run_id": run_id, "task": need(task, "task (no probe rows yet?)"), "control_id": control}
     try:

@@ -10,8 +10,8 @@ from dashboards import data
 from dashboards.components import graph, labelled, row, section
 from dashboards.figures import routing as R
 from dashboards.pages_common import (
-    after_first_screen, figures_or_message, first_screen, need, opened_with_page, register_page,
-    root_of, zoom_callback, zoom_range, zoom_store,
+    after_first_screen, figures_or_message, first_screen, first_screen_stale, need,
+    opened_with_page, register_page, root_of, zoom_callback, zoom_range, zoom_store,
 )
 from dashboards.views import View
 
@@ -87,8 +87,8 @@ def _zoomed(sel, zoom) -> dict:
 # store, written in the browser on a real zoom only): a zoom is one round trip.
 @callback(Output(CAP_LINES.id, "figure"), Output(CAP_HEAT.id, "figure"),
           Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"),
-          prevent_initial_call=True)
-def _capacity_changed(sel, _v, zoom):
+          first_screen_stale(PATH), prevent_initial_call=True)
+def _capacity_changed(sel, _v, zoom, _stale):
     if opened_with_page({"routing-zoom-cap": zoom}):
         return dash.no_update, dash.no_update
     return _capacity(sel, zoom)
@@ -101,8 +101,8 @@ def _capacity(sel, zoom):
 
 
 @callback(Output(LOAD.id, "figure"), Input("sel", "data"), Input("versions", "data"),
-          Input("routing-zoom-load", "data"), prevent_initial_call=True)
-def _load_changed(sel, _v, zoom):
+          Input("routing-zoom-load", "data"), first_screen_stale(PATH), prevent_initial_call=True)
+def _load_changed(sel, _v, zoom, _stale):
     if opened_with_page({"routing-zoom-load": zoom}):
         return dash.no_update
     return _load(sel, zoom)
