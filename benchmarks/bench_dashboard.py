@@ -32,16 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import plotly.io as pio  # noqa: E402
 
-from dashboards import data, figures  # noqa: E402
-from dashboards.figures import compare as CMP, conflicts as C, routing as R  # noqa: E402
+from dashboards import cache, data, views  # noqa: E402
 
 
 def _cold():
-    """Forget every cached dataset/slice, as a freshly started server has none."""
-    data._cache = data._LRU(128, 256 << 20)
-    data._ds_cache = data._LRU(32)
-    data._block_cache = data._LRU(32, 384 << 20)
-    figures._figs = data._LRU(64, 1 << 60)
+    """Forget every cached dataset/slice/figure, as a freshly started server has none."""
+    cache.clear_all()
+
+
+def _view(view_id, root, **values):
+    """A view built as the page's callbacks build it: through the registry (and its cache)."""
+    return lambda: views.VIEWS[view_id].figure(root, values)
 
 
 def _time(label, fn, results):
@@ -64,15 +65,16 @@ def _report(title, results, total_wall):
 
 def _routing_callbacks(root, rid, layer):
     """What the Routing page's callbacks compute on open (no zoom, slider at the newest step)."""
+    at = dict(run_id=rid, layer=layer, modality="vae", xrange=None, step=None)
     return [
         ("run meta (layers, steps)", lambda: data.run_meta(root, rid)),
-        ("capacity lines (layer, 3 mod.)", lambda: R.capacity_lines(root, rid, layer)),
-        ("capacity heat map (layer×step)", lambda: R.capacity_heatmap(root, rid, "vae")),
-        ("expert load heat map", lambda: R.load_heatmap(root, rid, layer, "vae")),
-        ("modality share at step", lambda: R.modality_share(root, rid, layer, None)),
-        ("co-activation at step", lambda: R.coactivation_heatmap(root, rid, layer, None)),
-        ("balance (3 metrics × 3 mod.)", lambda: R.balance_lines(root, rid, layer)),
-        ("saturation", lambda: R.saturation_line(root, rid, layer)),
+        ("capacity lines (layer, 3 mod.)", _view("routing-cap-lines", root, **at)),
+        ("capacity heat map (layer×step)", _view("routing-cap-heat", root, **at)),
+        ("expert load heat map", _view("routing-load-heat", root, **at)),
+        ("modality share at step", _view("routing-share", root, **at)),
+        ("co-activation at step", _view("routing-coact", root, **at)),
+        ("balance (3 metrics × 3 mod.)", _view("routing-balance", root, **at)),
+        ("saturation", _view("routing-saturation", root, **at)),
     ]
 
 
@@ -105,9 +107,17 @@ def routing_first_paint(root, rid, layer, verbose=True):
 
 
 def bench_server_side(root, rid, layer="5", repeat=1):
-    from dashboards.app import _warm_up
-    _warm_up()  # a running server has paid plotly's lazy imports already
-    data.tune_reads()  # and reads with the server's zarr settings
+    from dashboards.app import create_app
+    # The app registers the pages' views, pays plotly's lazy imports (as a running server has)
+    # and sets the server's zarr read settings; its start-up warming is off (timed cold here).
+    old = os.environ.get("MOE_PROBE_DASH_PREWARM")
+    os.environ["MOE_PROBE_DASH_PREWARM"] = "0"
+    try:
+        root = create_app(root).server.config["MOE_PROBE_ROOT"]
+    finally:
+        os.environ.pop("MOE_PROBE_DASH_PREWARM")
+        if old is not None:
+            os.environ["MOE_PROBE_DASH_PREWARM"] = old
     meta = data.run_meta(root, rid)
     print(f"store {root}/{rid}: {meta['committed']} committed rows, {len(meta['layers'])} layers")
     # Timings on a shared machine mean little without its load; OS file cache is warm here
@@ -122,30 +132,34 @@ def bench_server_side(root, rid, layer="5", repeat=1):
     res = []
     t = time.perf_counter()
     step = last // 3
-    _time(f"modality share at step {step}", lambda: R.modality_share(root, rid, layer, step), res)
-    _time(f"co-activation near step {step}", lambda: R.coactivation_heatmap(root, rid, layer, step), res)
+    at = dict(run_id=rid, layer=layer, modality="vae", xrange=None, step=step)
+    _time(f"modality share at step {step}", _view("routing-share", root, **at), res)
+    _time(f"co-activation near step {step}", _view("routing-coact", root, **at), res)
     _report("Routing page, slider answer", res, time.perf_counter() - t)
 
     res = []
     t = time.perf_counter()
     win = (last // 2, last // 2 + 5000)
-    _time(f"capacity lines zoom {win}", lambda: R.capacity_lines(root, rid, layer, win), res)
-    _time(f"load heat map zoom {win}", lambda: R.load_heatmap(root, rid, layer, "vae", win), res)
+    at = dict(run_id=rid, layer=layer, modality="vae", xrange=win)
+    _time(f"capacity lines zoom {win}", _view("routing-cap-lines", root, **at), res)
+    _time(f"load heat map zoom {win}", _view("routing-load-heat", root, **at), res)
     _report("Routing page, zoom answer (5k-step window, re-bucketed)", res, time.perf_counter() - t)
 
     _cold()
     res = []
     t = time.perf_counter()
-    _time("cosine heat map (attn)", lambda: C.cosine_heatmap(root, rid, "attn"), res)
-    _time("norm ratio (layer + all)", lambda: C.norm_ratio(root, rid, "attn", [layer, "all"]), res)
+    at = dict(run_id=rid, component="attn", layers=[layer, "all"], xrange=None)
+    _time("cosine heat map (attn)", _view("conflicts-cosine", root, **at), res)
+    _time("norm ratio (layer + all)", _view("conflicts-ratio", root, **at), res)
     _report("Conflicts page, first paint (cold caches)", res, time.perf_counter() - t)
 
     _cold()
     res = []
     t = time.perf_counter()
-    _time("Fig. 5a capacity per modality", lambda: CMP.capacity_by_modality(root, [rid]), res)
-    _time("Fig. 5b gen loss", lambda: CMP.loss_term(root, [rid]), res)
-    _time("Fig. 6 isolated probe", lambda: CMP.isolated_metric(root, [rid], "digit_acc"), res)
+    at = dict(run_ids=[rid], term="gen", metric="digit_acc", xrange=None)
+    _time("Fig. 5a capacity per modality", _view("compare-capacity", root, **at), res)
+    _time("Fig. 5b gen loss", _view("compare-loss", root, **at), res)
+    _time("Fig. 6 isolated probe", _view("compare-isolated", root, **at), res)
     _report("Compare page (one large run), first paint (cold caches)", res, time.perf_counter() - t)
 
 

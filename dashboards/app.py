@@ -12,14 +12,13 @@ import functools
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 import dash
 import flask
 from dash import Input, Output, Patch, State, callback, dcc, html
 
-from dashboards import data
+from dashboards import data, views
 from moe_probe.modalities import MODALITIES
 from dashboards.pages_common import root_of
 
@@ -61,42 +60,25 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
     app.layout = functools.partial(_layout, root_p, refresh_s)
     _warm_up()
     if os.environ.get("MOE_PROBE_DASH_PREWARM", "1") != "0":
-        threading.Thread(target=_prewarm, args=(root_p,), name="moe-probe-prewarm",
-                         daemon=True).start()
-    routing_path = next(p["relative_path"] for p in dash.page_registry.values()
-                        if p["module"].endswith(".routing"))
+        threading.Thread(target=_prewarm, args=(root_p, views.warm_paths()),
+                         name="moe-probe-prewarm", daemon=True).start()
+    warm_on_open = set(views.warm_paths())
 
     @app.server.before_request
     def _warm_on_open():
-        """A browser asking for the Routing page spends ~0.3-0.6 s booting Dash before it asks
-        for the page's figures: read them meanwhile (a run written since start-up, or a
-        server started moments ago, has nothing cached). The page's callbacks then find them
-        built or being built (`dashboards.figures.memo` builds a figure once)."""
-        if flask.request.path == routing_path:
-            _warm_async(root_p)
+        """A browser asking for a page with views to warm (Routing) spends ~0.3-0.6 s booting
+        Dash before it asks for the page's figures: read them meanwhile (a run written since
+        start-up, or a server started moments ago, has nothing cached). The page's callbacks
+        then find them built or being built (a view asked for twice at once is built once)."""
+        if flask.request.path in warm_on_open:
+            try:
+                threading.Thread(target=_prewarm, args=(root_p, [flask.request.path], True),
+                                 name="moe-probe-warm-on-open", daemon=True).start()
+            except RuntimeError:  # no thread to be had: the callbacks read the views themselves
+                pass
 
     _app = app
     return app
-
-
-_warming = threading.Lock()
-
-
-def _warm_async(root_p: Path) -> None:
-    """`_prewarm` in a background thread, unless one is running already."""
-    if not _warming.acquire(blocking=False):
-        return
-
-    def run():
-        try:
-            _prewarm(root_p, quiet=True)
-        finally:
-            _warming.release()
-
-    try:
-        threading.Thread(target=run, name="moe-probe-warm-on-open", daemon=True).start()
-    except RuntimeError:  # no thread to be had: the page's callbacks read the views themselves
-        _warming.release()
 
 
 def _without_core_js(app: dash.Dash) -> None:
@@ -146,35 +128,26 @@ def _warm_up() -> None:
     pio.to_json(sub)
 
 
-def _prewarm(root_p: Path, quiet: bool = False) -> None:
-    """Build the Routing page's default figures (first run, first layer, vae) in the background
-    at start-up (and when a browser asks for the page, `quiet`). On a long run they cost ~1 s of
-    zarr decoding; the figure memo and slice caches are keyed on committed rows, so what this
-    computes is exactly what the first visitor's callbacks would (a later commit simply misses
-    the cache). Best effort: any error is left for the page to report.
+def _prewarm(root_p: Path, paths, quiet: bool = False) -> None:
+    """Build the `warm` views of the pages at `paths` (the view registry) for the first run and
+    layer, in the background: at start-up, and when a browser asks for such a page (`quiet`).
+    On a long run they cost ~1 s of zarr decoding; the caches are versioned by committed rows,
+    so what this computes is exactly what the first visitor's callbacks would (a later commit
+    simply misses the cache). Best effort: any error is left for the page to report.
     MOE_PROBE_DASH_PREWARM=0 turns off the start-up warming only (the benchmark times both); a
     request for the page still warms."""
-    t0 = time.perf_counter()
     try:
-        from dashboards.figures import routing as R
-        runs, focus, _layers, layer, _msg = _initial_selection(root_p)
-        if focus is None or layer is None:
-            return
-        # Same arguments, in the same positional form, as the page's callbacks pass (the memo
-        # key is built from them): root as the config string, no zoom. The first screen first.
-        root = str(root_p)
-        R.load_heatmap(root, focus, layer, "vae", None)
-        R.capacity_lines(root, focus, layer, None)
-        R.capacity_heatmap(root, focus, "vae", None)
-        R.balance_lines(root, focus, layer, None)
+        _runs, focus, _layers, layer, _msg = _initial_selection(root_p)
+        sel = _first_sel(focus, layer)
+        done = [views.warm(root_p, path, sel) for path in paths]
     except Exception as e:  # noqa: BLE001 - a cache warmer must never take the server down
         if not quiet:
             print(f"prewarm skipped: {e}", flush=True)
         return
     if not quiet:
         # The benchmark waits for this line before timing a "server warmed at start" page open.
-        print(f"prewarmed routing views of {focus} in {time.perf_counter() - t0:.2f} s",
-              flush=True)
+        for what, seconds in filter(None, done):
+            print(f"prewarmed {what} in {seconds:.2f} s", flush=True)
 
 
 def _initial_selection(root_p: Path) -> tuple[list, str | None, list, str | None, str]:
@@ -194,17 +167,21 @@ def _initial_selection(root_p: Path) -> tuple[list, str | None, list, str | None
     return runs, runs[0], layers, (layers[0] if layers else None), ""
 
 
+def _first_sel(focus, layer) -> dict:
+    """The shell's selection when a browser opens the dashboard (and what warming warms)."""
+    return {"focus": focus, "runs": [], "layer": layer, "modality": "vae"}
+
+
 def _layout(root_p: Path, refresh_s: float):
     runs, focus, layers, layer, msg = _initial_selection(root_p)
     nav = [dcc.Link(p["name"], href=p["relative_path"], className="nav-link",
-                    id=f"nav-{p['module'].split('.')[-1]}")
+                    id=f"nav-{p['name'].lower()}")
            for p in dash.page_registry.values()]
     return html.Div([
         dcc.Location(id="url"),
         # Shared selection of every page. Root is for display only; the server uses its own.
         dcc.Store(id="sel", storage_type="memory",
-                  data={"root": str(root_p), "focus": focus, "runs": [], "layer": layer,
-                        "modality": "vae"}),
+                  data={"root": str(root_p), **_first_sel(focus, layer)}),
         dcc.Interval(id="tick", interval=int(refresh_s * 1000), n_intervals=0),
         # Committed rows per group of the runs in view; changes only when a writer committed, so
         # graphs re-render on new data instead of on every tick.

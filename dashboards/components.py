@@ -6,14 +6,13 @@ data path without a browser; pages only glue them to callbacks.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 from dash import dcc, html
 
 from dashboards.bucketing import TARGET_BUCKETS, mean_columns, minmax_line
+from dashboards.cache import Cache
 
 MODALITY_COLORS = {"text": "#1f77b4", "vit": "#2ca02c", "vae": "#ff7f0e"}
 RUN_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
@@ -44,17 +43,22 @@ SUBPLOTS_LEGEND_BELOW = dict(LEGEND_BELOW, margin=dict(l=45, r=20, t=75, b=100))
 _BASE = dict(template=TEMPLATE, margin=dict(l=55, r=20, t=45, b=45), height=330)
 
 
-@functools.lru_cache(maxsize=256)
+_messages = Cache("messages", entries=256)
+
+
 def message_figure(text: str, title: str = "") -> go.Figure:
     """An empty plot carrying a message: errors and 'nothing yet' stay on the page, not in logs.
 
     Cached (callers never modify it): validating the template costs ~25 ms a figure, and a page
     layout holds several placeholders."""
-    fig = go.Figure()
-    fig.update_layout(**_BASE, title=title, xaxis_visible=False, yaxis_visible=False,
-                      annotations=[dict(text=text, showarrow=False, xref="paper", yref="paper",
-                                        x=0.5, y=0.5, font=dict(size=14, color="#a33"))])
-    return fig
+    def build():
+        fig = go.Figure()
+        fig.update_layout(**_BASE, title=title, xaxis_visible=False, yaxis_visible=False,
+                          annotations=[dict(text=text, showarrow=False, xref="paper",
+                                            yref="paper", x=0.5, y=0.5,
+                                            font=dict(size=14, color="#a33"))])
+        return fig
+    return _messages.get((text, title), None, build)
 
 
 def label_axis(labels) -> tuple[list | np.ndarray, dict]:

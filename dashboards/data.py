@@ -9,8 +9,6 @@ touches only the zarr chunks that hold it.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -20,6 +18,7 @@ import numpy as np
 import pandas  # noqa: F401
 import xarray  # noqa: F401
 
+from dashboards.cache import Cache
 from moe_probe.modalities import MODALITIES
 from moe_probe.run import Run, find_runs, open_run
 from moe_probe.store import NotMeasured
@@ -162,21 +161,20 @@ def _dataset(store, group: str):
     n = _committed(store, group)
     if n == 0:
         return None
-    created = (store.attrs.get("run") or {}).get("created") if isinstance(store.attrs.get("run"), dict) else None
-    key = ("ds", str(store.store_path), group, n, created)
-    ds = _ds_cache.get(key)
-    if ds is not None:
-        return ds
+    run = store.attrs.get("run")
+    created = run.get("created") if isinstance(run, dict) else None
+    return _datasets.get((str(store.store_path), group), (n, created),
+                         lambda: _open_dataset(store, group))
+
+
+def _open_dataset(store, group: str):
     try:
         ds = store.dataset(group)
     except (KeyError, FileNotFoundError):
         return None
     except (ValueError, OSError) as e:
         raise DataError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-    if ds.sizes.get("step", 0) == 0:
-        return None
-    _ds_cache.put(key, ds)
-    return ds
+    return None if ds.sizes.get("step", 0) == 0 else ds
 
 
 def group_dataset(root, run_id: str, group: str):
@@ -184,36 +182,12 @@ def group_dataset(root, run_id: str, group: str):
     return _dataset(open_store(root, run_id), group)
 
 
-# ------------------------------------------------------------------------------- slicing cache
-class _LRU:
-    """Small thread-safe LRU with an entry and a byte budget. Keys include the group's committed
-    row count, so a hit is only possible while nothing new landed (refresh ticks re-fire
-    callbacks with unchanged inputs all the time)."""
-
-    def __init__(self, size: int = 64, max_bytes: int = 256 << 20):
-        self.size, self.max_bytes = size, max_bytes
-        self._d, self._lock, self._bytes = OrderedDict(), threading.Lock(), 0
-
-    def get(self, key):
-        with self._lock:
-            if key in self._d:
-                self._d.move_to_end(key)
-                return self._d[key][0]
-        return None
-
-    def put(self, key, value, nbytes: int = 0):
-        with self._lock:
-            if key in self._d:
-                self._bytes -= self._d.pop(key)[1]
-            self._d[key] = (value, nbytes)
-            self._bytes += nbytes
-            while self._d and (len(self._d) > self.size or self._bytes > self.max_bytes):
-                self._bytes -= self._d.popitem(last=False)[1][1]
-
-
-_cache = _LRU(128, 256 << 20)
-_ds_cache = _LRU(32)
-_block_cache = _LRU(32, 384 << 20)
+# ------------------------------------------------------------------------------- slicing
+# Keys name what is read, versions are the group's committed rows: refresh ticks re-fire
+# callbacks with unchanged inputs all the time, and only a commit makes a new read necessary.
+_datasets = Cache("datasets", entries=32)
+_slices = Cache("slices", entries=128, max_bytes=256 << 20)
+_blocks = Cache("blocks", entries=32, max_bytes=384 << 20)
 
 # Arrays with these dims are chunked one layer at a time (store schema), so slicing them lazily
 # reads 1/L of the bytes. Every other array's chunk spans all its labels: one label costs the
@@ -240,12 +214,14 @@ def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **se
     """
     store = open_store(root, run_id)
     committed = _committed(store, group)
-    path = str(store.store_path)
-    key = (path, group, var, committed, tuple(sorted(sel.items())),
-           tuple(step_range) if step_range else None)
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
+    rng = tuple(step_range) if step_range else None
+    key = (str(store.store_path), group, var, tuple(sorted(sel.items())), rng)
+    return _slices.get(key, committed,
+                       lambda: _read(store, run_id, group, var, rng, sel, committed),
+                       size=lambda s: 0 if s is None else s.values.nbytes)
+
+
+def _read(store, run_id, group, var, step_range, sel, committed) -> Slice | None:
     ds = _dataset(store, group)
     if ds is None:
         return None
@@ -272,17 +248,13 @@ def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **se
     if set(da.dims) & _PER_LAYER_DIMS:
         values = np.asarray(da.isel({**idx, "step": slice(a, b)}).values)
     else:
-        bkey = (path, group, var, committed, a, b)
-        block = _block_cache.get(bkey)
-        if block is None:
-            block = np.asarray(da.isel(step=slice(a, b)).values)
-            _block_cache.put(bkey, block, block.nbytes)
+        block = _blocks.get((str(store.store_path), group, var, step_range), committed,
+                            lambda: np.asarray(da.isel(step=slice(a, b)).values),
+                            size=lambda v: v.nbytes)
         values = block[tuple(idx.get(d, slice(None)) for d in da.dims)]
     dims = tuple(d for d in da.dims if d not in idx)
     coords = {d: [str(v) for v in ds[d].values] for d in dims if d != "step" and d in ds.coords}
-    out = Slice(steps=steps, values=values, dims=dims, coords=coords)
-    _cache.put(key, out, values.nbytes)
-    return out
+    return Slice(steps=steps, values=values, dims=dims, coords=coords)
 
 
 def step_bounds(root, run_id: str, group: str) -> tuple[int, int] | None:

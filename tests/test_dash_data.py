@@ -156,7 +156,8 @@ def test_callbacks_refuse_run_ids_escaping_root(root, tmp_path):
                 "inputs": [{"id": "sel", "property": "data",
                             "value": {"focus": "../outside/x", "layer": "0", "modality": "vae"}},
                            {"id": "versions", "property": "data", "value": {}},
-                           {"id": "routing-zoom-load", "property": "data", "value": None}],
+                           {"id": "routing-zoom-load", "property": "data", "value": None},
+                           {"id": "routing-fold-stale", "property": "data", "value": None}],
                 "changedPropIds": ["sel.data"], "state": []}
         req = urllib.request.Request(srv.url + "/_dash-update-component",
                                      data=json.dumps(body).encode(),
@@ -263,61 +264,3 @@ def test_heatmap_axes_number_consecutive_ids_and_keep_other_labels_in_order():
     for labels in (["3", "1", "2"], ["0", "2", "4"], ["attn", "mlp", "shared"]):
         fig = heatmap(z, [0, 1, 2, 3], labels, title="t")  # gaps, order or names: categories
         assert fig.layout.yaxis.type == "category" and list(fig.data[0].y) == labels
-
-
-def test_a_view_asked_for_twice_at_once_is_built_once(root, monkeypatch):
-    """A page's callback asking for a view while the server warms the same view (app.py) waits
-    for that build instead of reading the store a second time; a build that fails is not
-    shared: the waiter then builds, and reports, for itself."""
-    import threading
-    from concurrent.futures import Future
-
-    from dashboards import figures
-    from dashboards.figures import memo
-
-    calls, started, release, waiting = [], threading.Event(), threading.Event(), threading.Event()
-
-    class _Watched(Future):
-        def result(self, timeout=None):
-            waiting.set()  # a second caller is waiting on the first one's build
-            return super().result(timeout)
-
-    monkeypatch.setattr(figures, "Future", _Watched, raising=False)
-
-    @memo
-    def view(root_, run_id, what):
-        calls.append(what)
-        started.set()
-        release.wait(10)
-        if what == "broken":
-            raise data.DataError("cannot build")
-        return {"built": what}
-
-    for what in ("ok", "broken"):
-        for ev in (started, release, waiting):
-            ev.clear()
-        calls.clear()
-        out = []
-
-        def ask():
-            try:
-                out.append(view(str(root), "healthy", what))
-            except data.DataError as e:
-                out.append(e)
-
-        first = threading.Thread(target=ask)
-        first.start()
-        assert started.wait(10)
-        second = threading.Thread(target=ask)
-        second.start()
-        assert waiting.wait(10), "the second caller built instead of waiting"
-        release.set()
-        for t in (first, second):
-            t.join(10)
-        assert len(out) == 2
-        if what == "ok":
-            assert calls == ["ok"] and out[0] is out[1]
-            assert view(str(root), "healthy", "ok") is out[0]  # and kept
-        else:
-            assert calls == ["broken", "broken"]
-            assert all(isinstance(e, data.DataError) for e in out)

@@ -18,6 +18,15 @@ window.dash_clientside = Object.assign({}, window.dash_clientside, {
       return {range: range, sel: sel};
     },
 
+    // stale: a page's first screen is built with the selection the browser had when it asked
+    // for the page (pages_common.first_screen); a change of it while the page was on its way
+    // (a run ticked just before a click on Compare) reached no view of the page yet. Then this
+    // writes the page's stale store, which the first screen's callbacks take as an Input.
+    stale: function (built, sel) {
+      const key = o => JSON.stringify(o || {}, Object.keys(o || {}).sort());
+      return key(built) === key(sel) ? window.dash_clientside.no_update : Date.now();
+    },
+
     // drawn: resolves (true) once plotly has plotted each graph in `ids` (it sets _fullLayout
     // when it starts plotting one; this polls from its own tasks, and plotting these traces
     // takes a single task), or after DRAWN_WAIT_MS whatever happened: a graph that never draws

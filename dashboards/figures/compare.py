@@ -10,7 +10,6 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards import data
-from dashboards.figures import memo
 from dashboards.components import (
     SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_line, line_figure, message_figure,
 )
@@ -23,7 +22,6 @@ def _color(i):
     return _RUN_COLORS[i % len(_RUN_COLORS)]
 
 
-@memo
 def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
     """Fig. 5a: capacity rate averaged over layers, one panel per modality, one line per run."""
     if not run_ids:
@@ -54,7 +52,6 @@ def capacity_by_modality(root, run_ids, xrange=None) -> go.Figure:
     return fig
 
 
-@memo
 def loss_term(root, run_ids, term="gen", xrange=None, title=None) -> go.Figure:
     """Fig. 5b: a loss term (default the flow-matching generation loss) per run."""
     if not run_ids:

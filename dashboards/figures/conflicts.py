@@ -6,7 +6,6 @@ import numpy as np
 import plotly.graph_objects as go
 
 from dashboards import data
-from dashboards.figures import memo
 from dashboards.components import add_line, line_figure, message_figure, step_heatmap
 
 
@@ -25,7 +24,6 @@ def components(root, run_id) -> list[str]:
     return out or comps
 
 
-@memo
 def cosine_heatmap(root, run_id, component, xrange=None) -> go.Figure:
     """cos(∇_c L_und, ∇_c L_gen), layer × step: red = the tasks pull the component apart."""
     s = data.read_slice(root, run_id, "grad", "cosine", component=component, step_range=xrange)
@@ -37,7 +35,6 @@ def cosine_heatmap(root, run_id, component, xrange=None) -> go.Figure:
                         uirevision=f"{run_id}/cos")
 
 
-@memo
 def norm_ratio(root, run_id, component, layers, xrange=None) -> go.Figure:
     """‖∇ L_gen‖ / ‖∇ L_und‖ of a component at the given layers (log axis: >1 = gen dominates)."""
     fig = line_figure(f"{run_id} · gradient norm ratio gen/und — {component}", ylabel="‖∇gen‖ / ‖∇und‖",

@@ -10,14 +10,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards import data
-from dashboards.figures import memo
 from dashboards.components import (
     HALF_BUCKETS, LEGEND_BELOW, MODALITY_COLORS, SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS,
     TEMPLATE, add_line, heatmap, label_axis, line_figure, message_figure, step_heatmap,
 )
 
 
-@memo
 def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
     """Capacity rate of each modality at one layer over steps (min/max per bucket)."""
     fig = line_figure(f"{run_id} · capacity rate per modality — layer {layer}", ylabel="capacity rate",
@@ -33,7 +31,6 @@ def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
     return fig
 
 
-@memo
 def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
     """Capacity rate, layer × step, for one modality: where in depth the collapse starts."""
     s = data.read_slice(root, run_id, "routing", "capacity_rate", modality=modality,
@@ -46,7 +43,6 @@ def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
                         target=HALF_BUCKETS)  # half-width graph (next to the capacity lines)
 
 
-@memo
 def load_heatmap(root, run_id, layer, modality, xrange=None) -> go.Figure:
     """Share of the modality's assignments going to each expert, expert × step.
 
@@ -87,7 +83,6 @@ def modality_share(root, run_id, layer, step) -> go.Figure:
 BALANCE_VARS = ("entropy", "maxvio", "dead_frac", "load_cv")
 
 
-@memo
 def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
     """Each BALANCE_VARS metric per modality at one layer; "not measured" where a run (e.g. one
     written before the metric existed) lacks it."""

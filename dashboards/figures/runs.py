@@ -9,15 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 
 from dashboards import data
+from dashboards.cache import Cache
 
 log = logging.getLogger("moe_probe.dashboards")
-_diag_cache: dict = {}
-_jobs: dict = {}  # (root, run) -> Future of the diagnosis under way (one per run at most)
-_lock = threading.Lock()
-_one_at_a_time = threading.Lock()
+_diagnoses = Cache("diagnoses", entries=256)
+_one_at_a_time = threading.Lock()  # each diagnosis is CPU-bound: never two at once
 
 
 DIAGNOSE_EVERY_S = 30.0
@@ -27,65 +25,45 @@ seconds; the Runs page refreshes every few)."""
 
 def diagnosis(root, run_id, wait_s: float | None = None) -> dict:
     """{"checks": {kind: status}, "findings": [...], "final_capacity_rate": {m: x}, "as_of":
-    committed routing rows} or {"error": ...}. Cached per run and committed rows.
+    committed routing rows} or {"error": ...}. Cached per run, versioned by committed rows.
 
     Computed in a background thread, one run at a time: a 50k-step run takes ~30 s, and the
     Runs page must not hang on it. Waits up to `wait_s` seconds (None: until done) for a result
     not cached yet; then returns the run's previous result, or {"pending": ...} if it has none
     (the page shows the verdict on a later refresh)."""
-    committed = data.committed(root, run_id)
+    version = tuple(sorted(data.committed(root, run_id).items()))
     key = (str(root), run_id)
-    version = tuple(sorted(committed.items()))
-    with _lock:
-        hit = _diag_cache.get(key)
-        if hit and (hit[0] == version or time.monotonic() - hit[1] < DIAGNOSE_EVERY_S):
-            return hit[2]
-        job = _jobs.get(key)
-        if job is None:
-            job = _jobs[key] = _start(root, run_id, version, key)
+    old = _diagnoses.peek(key)
+    if old and (old.version == version or old.age_s() < DIAGNOSE_EVERY_S):
+        return old.value
+    # One diagnosis per run at a time: a live run's newer rows wait for the one under way.
+    job = _diagnoses.in_flight(key) or _diagnoses.submit(key, version,
+                                                          lambda: _diagnose(root, run_id))
     try:
         return job.result(timeout=wait_s)
     except concurrent.futures.TimeoutError:
-        return hit[2] if hit else {"pending": "diagnosing…"}
+        return old.value if old else {"pending": "diagnosing…"}
 
 
-def _start(root, run_id, version, key) -> concurrent.futures.Future:
-    """Diagnose in a daemon thread (a server stopped with Ctrl-C must not wait ~30 s for it),
-    one run at a time (each is CPU-bound)."""
-    fut = concurrent.futures.Future()
-
-    def work():
-        with _one_at_a_time:
-            fut.set_result(_diagnose(root, run_id, version, key))
-
-    threading.Thread(target=work, name="moe-probe-diagnose", daemon=True).start()
-    return fut
-
-
-def _diagnose(root, run_id, version, key) -> dict:
+def _diagnose(root, run_id) -> dict:
     try:
         from moe_probe.diagnose.rundata import load_run
         from moe_probe.diagnose.runner import diagnose_run
-        d = diagnose_run(load_run(data.resolve_run(root, run_id)))
-        out = {"checks": dict(d.checks),
-               "findings": list(dict.fromkeys(  # one line per kind/modality/onset, not per layer
-                   f"{f.severity}: {f.kind}"
-                   + (f" ({f.modality})" if f.modality else "")
-                   + (f" from step {f.onset_step}" if f.onset_step is not None else "")
-                   for f in d.findings)),
-               "final_capacity_rate": dict(d.final_capacity_rate),
-               "as_of": d.last_step}
+        with _one_at_a_time:
+            d = diagnose_run(load_run(data.resolve_run(root, run_id)))
+        return {"checks": dict(d.checks),
+                "findings": list(dict.fromkeys(  # one line per kind/modality/onset, not per layer
+                    f"{f.severity}: {f.kind}"
+                    + (f" ({f.modality})" if f.modality else "")
+                    + (f" from step {f.onset_step}" if f.onset_step is not None else "")
+                    for f in d.findings)),
+                "final_capacity_rate": dict(d.final_capacity_rate),
+                "as_of": d.last_step}
     except ImportError as e:
-        out = {"error": f"diagnosis unavailable ({e})"}
+        return {"error": f"diagnosis unavailable ({e})"}
     except Exception as e:  # noqa: BLE001 - a half-written run must not break the table
         log.warning("diagnose %s: %s", run_id, e)
-        out = {"error": f"diagnosis failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
-    with _lock:
-        _diag_cache[key] = (version, time.monotonic(), out)
-        while len(_diag_cache) > 256:
-            _diag_cache.pop(next(iter(_diag_cache)))
-        _jobs.pop(key, None)
-    return out
+        return {"error": f"diagnosis failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"}
 
 
 def last_capacity(root, run_id) -> dict:

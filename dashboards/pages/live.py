@@ -9,21 +9,38 @@ import dash
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboards import data
-from dashboards.components import graph, section
+from dashboards.components import section
 from dashboards.figures import compare as CMP
-from dashboards.pages_common import figures_or_message, need, root_of
+from dashboards.pages_common import (
+    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
+)
+from dashboards.views import View
 
-dash.register_page(__name__, path="/live", name="Live", order=5)
-
+PATH = "/live"
 _GROUPS = ("routing", "loss", "grad", "probe", "eval", "snapshot")
 
-layout = html.Div([
-    section("Committed rows", html.Div(id="live-msg", className="page-msg"),
-            html.Div(id="live-tick", className="live-tick"),
-            html.Div(id="live-table")),
-    section("Focused run: total loss", graph("live-loss")),
-    dcc.Store(id="live-rows", data=None),
-])
+
+def _values(root, sel) -> dict:
+    run_id = need((sel or {}).get("focus"), "run")
+    return {"run_ids": [run_id], "term": "total", "xrange": None,
+            "title": f"{run_id} · total loss"}
+
+
+LOSS = View(id="live-loss", build=CMP.loss_term, title="total loss",
+            args=("run_ids", "term", "xrange", "title"), first_screen=True)
+register_page(__name__, path=PATH, name="Live", order=5, values=_values, views=(LOSS,))
+
+
+def layout(sel=None, **_query):
+    first, gate = first_screen(PATH, sel)
+    return html.Div([
+        section("Committed rows", html.Div(id="live-msg", className="page-msg"),
+                html.Div(id="live-tick", className="live-tick"),
+                html.Div(id="live-table")),
+        section("Focused run: total loss", first[LOSS.id]),
+        dcc.Store(id="live-rows", data=None),
+        *gate,
+    ])
 
 
 @callback(Output("live-table", "children"), Output("live-msg", "children"),
@@ -56,8 +73,8 @@ def _table(n, old):
     return html.Table(rows, className="runs", id="live-tbl"), msg, tick, metas
 
 
-@callback(Output("live-loss", "figure"), Input("sel", "data"), Input("versions", "data"))
-@figures_or_message(1, ("total loss",))
-def _loss(sel, _v):
-    run_id = need((sel or {}).get("focus"), "run")
-    return CMP.loss_term(root_of(), [run_id], "total", title=f"{run_id} · total loss")
+@callback(Output(LOSS.id, "figure"), Input("sel", "data"), Input("versions", "data"),
+          first_screen_stale(PATH), prevent_initial_call=True)
+@figures_or_message(1, (LOSS.title,))
+def _loss(sel, _v, _stale):
+    return LOSS.figure(root_of(), _values(root_of(), sel))

@@ -3,26 +3,17 @@ shared-expert eval of the focused run with a control run (understanding-only) ov
 
 from __future__ import annotations
 
-import dash
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboards import data
-from dashboards.components import graph, labelled, section
+from dashboards.components import labelled, section
 from dashboards.figures import probes as P
-from dashboards.pages_common import figures_or_message, need, root_of
+from dashboards.pages_common import (
+    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
+)
+from dashboards.views import View
 
-dash.register_page(__name__, path="/probes", name="Probes", order=3)
-
-layout = html.Div([
-    section("Linear probes on shared-expert outputs",
-            labelled("task", dcc.Dropdown(id="probes-task", clearable=False,
-                                          style={"width": "200px"})),
-            graph("probes-lines")),
-    section("Isolated shared experts (routed experts masked)",
-            labelled("control run", dcc.Dropdown(id="probes-control", clearable=True,
-                                                 placeholder="none", style={"width": "320px"})),
-            graph("probes-isolated")),
-])
+PATH = "/probes"
 
 
 def _guess_control(ids):
@@ -34,29 +25,73 @@ def _guess_control(ids):
     return None
 
 
+def _choices(root, sel, task=None, control=None) -> dict:
+    """Tasks and control runs to offer, and the ones to show (the given ones if offered)."""
+    focus = need((sel or {}).get("focus"), "run")
+    tasks = P.labels(root, focus, "task")
+    others = [r for r in data.list_runs(root) if r != focus]
+    return {"tasks": tasks, "task": task if task in tasks else (tasks[0] if tasks else None),
+            "others": others, "control": control if control in others else _guess_control(others)}
+
+
+def _values(root, sel, task=None, control=None) -> dict:
+    c = _choices(root, sel, task, control)
+    return {"run_id": sel["focus"], "task": need(c["task"], "task (no probe rows yet?)"),
+            "control_id": c["control"]}
+
+
+LINES = View(id="probes-lines", build=P.probe_lines, title="probes", args=("run_id", "task"),
+             first_screen=True)
+ISOLATED = View(id="probes-isolated", build=P.isolated_lines,
+                title="isolated shared-expert eval", args=("run_id", "control_id"),
+                first_screen=True)
+register_page(__name__, path=PATH, name="Probes", order=3, values=_values,
+              views=(LINES, ISOLATED))
+
+
+def layout(sel=None, **_query):
+    try:
+        c = _choices(root_of(), sel)
+    except (data.DataError, OSError, ValueError):
+        c = {"tasks": [], "task": None, "others": [], "control": None}
+    first, gate = first_screen(PATH, sel)
+    return html.Div([
+        section("Linear probes on shared-expert outputs",
+                labelled("task", dcc.Dropdown(id="probes-task", clearable=False,
+                                              options=c["tasks"], value=c["task"],
+                                              style={"width": "200px"})),
+                first[LINES.id]),
+        section("Isolated shared experts (routed experts masked)",
+                labelled("control run", dcc.Dropdown(id="probes-control", clearable=True,
+                                                     options=c["others"], value=c["control"],
+                                                     placeholder="none",
+                                                     style={"width": "320px"})),
+                first[ISOLATED.id]),
+        *gate,
+    ])
+
+
 @callback(Output("probes-task", "options"), Output("probes-task", "value"),
           Output("probes-control", "options"), Output("probes-control", "value"),
-          Input("sel", "data"), State("probes-task", "value"), State("probes-control", "value"))
-def _choices(sel, task, control):
-    sel = sel or {}
+          Input("sel", "data"), first_screen_stale(PATH), State("probes-task", "value"),
+          State("probes-control", "value"), prevent_initial_call=True)
+def _choose(sel, _stale, task, control):
     try:
-        ids = data.list_runs(root_of())
-        tasks = P.labels(root_of(), need(sel.get("focus"), "run"), "task")
+        c = _choices(root_of(), sel, task, control)
     except data.DataError:
         return [], None, [], None
-    others = [r for r in ids if r != sel.get("focus")]
-    control = control if control in others else _guess_control(others)
-    return tasks, task if task in tasks else (tasks[0] if tasks else None), others, control
+    return c["tasks"], c["task"], c["others"], c["control"]
 
 
-@callback(Output("probes-lines", "figure"), Output("probes-isolated", "figure"),
+@callback(Output(LINES.id, "figure"), Output(ISOLATED.id, "figure"),
           Input("sel", "data"), Input("probes-task", "value"), Input("probes-control", "value"),
-          Input("versions", "data"))
-@figures_or_message(2, ("probes", "isolated shared-expert eval"))
-def _figures(sel, task, control, _v):
+          Input("versions", "data"), first_screen_stale(PATH), prevent_initial_call=True)
+@figures_or_message(2, (LINES.title, ISOLATED.title))
+def _view(sel, task, control, _v, _stale):
     run_id = need((sel or {}).get("focus"), "run")
+    v = {"run_id": run_id, "task": need(task, "task (no probe rows yet?)"), "control_id": control}
     try:
-        iso = P.isolated_lines(root_of(), run_id, control)
+        iso = ISOLATED.figure(root_of(), v)
     except data.DataError:  # a control run that vanished must not hide the focused run
-        iso = P.isolated_lines(root_of(), run_id, None)
-    return P.probe_lines(root_of(), run_id, need(task, "task (no probe rows yet?)")), iso
+        iso = ISOLATED.figure(root_of(), {**v, "control_id": None})
+    return LINES.figure(root_of(), v), iso

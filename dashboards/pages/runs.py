@@ -11,20 +11,27 @@ from dash import Input, Output, Patch, State, callback, dcc, html
 from dashboards import data
 from dashboards.components import section
 from dashboards.figures.runs import run_row
-from dashboards.pages_common import root_of
+from dashboards.pages_common import first_screen, register_page, root_of
 
-dash.register_page(__name__, path="/", name="Runs", order=0)
+PATH = "/"
+register_page(__name__, path=PATH, name="Runs", order=0, values=lambda root, sel: {})
 
 DIAGNOSIS_WAIT_S = 1.0
 """How long one refresh of the table waits for diagnoses not cached yet (all runs together)."""
 
-layout = html.Div([
-    section("Runs", html.Div(id="runs-msg", className="page-msg"),
-            html.Div(id="runs-table")),
-    section("Compare", html.P("Tick the runs to overlay on the Compare page."),
-            dcc.Checklist(id="runs-pick", options=[], value=[], inline=True)),
-    dcc.Store(id="runs-rows", data=None),
-])
+
+
+def layout(sel=None, **_query):
+    """No figures: its first screen is the table, which the refresh tick fills at once."""
+    _first, gate = first_screen(PATH, sel)
+    return html.Div([
+        section("Runs", html.Div(id="runs-msg", className="page-msg"),
+                html.Div(id="runs-table")),
+        section("Compare", html.P("Tick the runs to overlay on the Compare page."),
+                dcc.Checklist(id="runs-pick", options=[], value=[], inline=True)),
+        dcc.Store(id="runs-rows", data=None),
+        *gate,
+    ])
 
 
 def _fmt(x):
