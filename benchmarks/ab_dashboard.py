@@ -77,7 +77,7 @@ def _main_thread_cpu_ms(events, until_ms: float) -> float:
 
 
 def _server(tree: Path, store, cold: bool) -> T.Server:
-    """`python -m dashboards.app` of a revision's checkout, with or without start-up warming."""
+    """`python -m moe_probe dash` of a revision's checkout, with or without start-up warming."""
     return T.Server(store, refresh=60.0, timeout=180, repo=tree,
                     env={"MOE_PROBE_DASH_PREWARM": "0" if cold else "1"})
 

@@ -297,14 +297,3 @@ def serve(args) -> int:
           f"on http://{args.host}:{args.port}/", flush=True)
     app.run(host=args.host, port=int(args.port), debug=False)
     return 0
-
-
-def main(argv=None) -> int:
-    """`python -m dashboards.app ROOT …` (same arguments as `moe-probe dash`)."""
-    from moe_probe.cli import _build_parser
-    args = _build_parser().parse_args(["dash", *(argv or __import__("sys").argv[1:])])
-    return serve(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ import xarray  # noqa: F401
 
 from dashboards.cache import Cache
 from moe_probe.modalities import MODALITIES
-from moe_probe.run import Run, find_runs, open_run
+from moe_probe.run import Run, RunInfo, find_runs, open_run
 from moe_probe.store import NotMeasured
 
 
@@ -112,32 +112,20 @@ def committed(root, run_id: str) -> dict:
 
 
 def run_meta(root, run_id: str) -> dict:
-    """Small JSON-able summary: arch, layers, experts, modalities and committed rows per group."""
+    """Small JSON-able summary: arch, layers, experts, modalities and committed rows per group
+    (moe_probe.run.RunInfo, from the store's attrs)."""
     store = open_store(root, run_id)
-    attrs = dict(store.attrs)
-    model = attrs.get("model") or {}
-    run = attrs.get("run") or {}
-    groups = list(store.groups)
-    meta = {
-        "id": run_id,
-        "name": run.get("name", run_id) if isinstance(run, dict) else run_id,
-        "recipe": run.get("recipe") if isinstance(run, dict) else None,
-        "arch": model.get("arch", "?"),
-        "top_k": model.get("top_k"),
-        "experts": model.get("experts"),
-        "modalities": list(attrs.get("modalities") or MODALITIES),
-        "committed": {g: _committed(store, g) for g in groups},
-        "layers": [],
-        "last_step": None,
-    }
-    if "routing" in groups and meta["committed"]["routing"]:
+    info = RunInfo.from_attrs(store.attrs, path=store.path)
+    committed = {g: _committed(store, g) for g in store.groups}
+    last = None
+    if committed.get("routing"):
         ds = _dataset(store, "routing")
-        if ds is not None:
-            meta["layers"] = [str(v) for v in ds["layer"].values]
-            meta["modalities"] = [str(v) for v in ds["modality"].values]
-            if ds.sizes.get("step", 0):
-                meta["last_step"] = int(ds["step"].values[-1])
-    return meta
+        if ds is not None and ds.sizes.get("step", 0):
+            last = int(ds["step"].values[-1])
+    return {"id": run_id, "name": info.name, "recipe": info.recipe, "arch": info.arch or "?",
+            "top_k": info.top_k, "experts": info.experts,
+            "modalities": info.modalities or list(MODALITIES), "committed": committed,
+            "layers": info.layers, "last_step": last}
 
 
 def tune_reads() -> None:

@@ -1,6 +1,6 @@
 """Real-browser helpers for the dashboard's tests, screenshots and benchmark.
 
-The server runs in a subprocess (`python -m dashboards.app`) because Dash hands page callbacks to
+The server runs in a subprocess (`python -m moe_probe dash`) because Dash hands page callbacks to
 the first app of a process only; the browser is Debian's chromium driven through the system
 chromedriver — nothing is ever downloaded (selenium gets an explicit Service path).
 """
@@ -59,7 +59,7 @@ class Server:
         env["PYTHONPATH"] = str(self.repo) + os.pathsep + env.get("PYTHONPATH", "")
         # cwd: `python -m` puts the working directory first on sys.path
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboards.app", self.root, "--port", str(self.port),
+            [sys.executable, "-m", "moe_probe", "dash", self.root, "--port", str(self.port),
              "--refresh", str(self.refresh)], stdout=self.log, stderr=subprocess.STDOUT, env=env,
             cwd=self.repo)
         deadline = time.time() + self.timeout

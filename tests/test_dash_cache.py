@@ -109,6 +109,7 @@ def test_submit_builds_in_the_background_once():
 def test_store_reads_follow_a_live_runs_commits(tmp_path):
     """A slice read, then rows committed by the writer: the next read is a miss and holds them
     (the commit marker is the version); rows past the marker are never read."""
+    from moe_probe.run import store_path
     from moe_probe.store import StoreWriter
 
     shutil.copytree(FIXTURES / "live", tmp_path / "live")
@@ -118,7 +119,7 @@ def test_store_reads_follow_a_live_runs_commits(tmp_path):
     assert np.nanmax(before.values) < 2  # no garbage past the marker
     shape = data.group_dataset(tmp_path, "live", "routing").sizes
     L, M, E = shape["layer"], shape["modality"], shape["expert"]
-    writer, _ = StoreWriter.resume(tmp_path / "live")
+    writer, _ = StoreWriter.resume(store_path(tmp_path / "live"))
     try:
         writer.append("routing", last + 1, tokens=np.full((L, M), 40, np.int32),
                       kept=np.full((L, M), 80.0, np.float32),

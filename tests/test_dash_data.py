@@ -264,3 +264,19 @@ def test_heatmap_axes_number_consecutive_ids_and_keep_other_labels_in_order():
     for labels in (["3", "1", "2"], ["0", "2", "4"], ["attn", "mlp", "shared"]):
         fig = heatmap(z, [0, 1, 2, 3], labels, title="t")  # gaps, order or names: categories
         assert fig.layout.yaxis.type == "category" and list(fig.data[0].y) == labels
+
+
+def test_balance_view_says_not_measured_for_a_store_older_than_the_metric(tmp_path):
+    """load_cv (schema 1.1) in a 1.0 store: its panel says "not measured"; the other three draw."""
+    from dashboards.figures.routing import BALANCE_VARS, balance_lines
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    shutil.copytree(fixtures / "frozen" / "v1.0-healthy", tmp_path / "old")
+    shutil.copytree(fixtures / "stores" / "healthy", tmp_path / "new")
+    for rid, missing in (("old", True), ("new", False)):
+        fig = balance_lines(tmp_path, rid, "0")
+        notes = [a.text for a in fig.layout.annotations if a.text == "not measured"]
+        drawn = {t.xaxis for t in fig.data}
+        assert notes == (["not measured"] if missing else [])
+        assert drawn == ({"x", "x2", "x3"} if missing else {"x", "x2", "x3", "x4"})
+    assert BALANCE_VARS[-1] == "load_cv"

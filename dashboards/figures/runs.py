@@ -68,17 +68,9 @@ def _diagnose(root, run_id) -> dict:
 
 def last_capacity(root, run_id) -> dict:
     """Mean over layers of the last committed capacity rate per modality."""
-    import numpy as np
-    ds = data.group_dataset(root, run_id, "routing")
-    if ds is None:
-        return {}
-    last = np.asarray(ds["capacity_rate"].isel(step=-1).transpose("layer", "modality").values,
-                      dtype=float)
-    out = {}
-    for j, m in enumerate(ds["modality"].values):
-        col = last[:, j]
-        out[str(m)] = float(np.nanmean(col)) if np.isfinite(col).any() else None
-    return out
+    from moe_probe.diagnose.runner import final_capacity_rate
+
+    return final_capacity_rate(data.group_dataset(root, run_id, "routing"))
 
 
 def run_row(root, run_id, with_diagnosis: bool = True, wait_s: float | None = None) -> dict:

@@ -18,10 +18,10 @@ DETECTORS = (detect_collapse, detect_dead_experts, detect_dominance, detect_imba
              detect_domination, detect_conflict)
 
 
-def final_capacity_rate(run: RunData) -> dict:
-    """Mean over layers of the last routed row, per modality (None where the modality is absent)."""
-    ds = run.get("routing")
-    if ds is None or "capacity_rate" not in ds:
+def final_capacity_rate(ds) -> dict:
+    """Mean over layers of the last routed row of a ``routing`` Dataset, per modality (None where
+    the modality is absent). The one definition: reports and the dashboard's Runs page use it."""
+    if ds is None or "capacity_rate" not in ds or ds.sizes.get("step", 0) == 0:
         return {}
     last = ds["capacity_rate"].isel(step=-1).transpose("layer", "modality").values.astype(float)
     out = {}
@@ -41,7 +41,7 @@ def diagnose_run(run: RunData, cfg: DiagnoseConfig | None = None,
         run_dir=run.run_dir, name=run.name, recipe=run.recipe, arch=run.arch,
         steps={g: int(ds.sizes["step"]) for g in run.groups if (ds := run.get(g)) is not None},
         last_step=max(last) if last else None,
-        final_capacity_rate=final_capacity_rate(run),
+        final_capacity_rate=final_capacity_rate(run.get("routing")),
         checks={r.kind: r.status for r in results},
         findings=tuple(replace(f, remedy=remedy_for(f.kind, run.arch))
                        for r in results for f in r.findings))

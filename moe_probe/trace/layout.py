@@ -4,7 +4,7 @@ Built from the hook contract only (``moe_layers``, ``routing_info``) plus the mo
 when it has one, so the trainer creates the store in one call:
 
     attrs, coords = store_layout(model, eval_metrics=Evaluator.metric_names)
-    writer = StoreWriter.create(run_dir, attrs={"run": {...}, **attrs}, coords=coords)
+    Run(run_dir).create(store_attrs={"run": {...}, **attrs}, store_coords=coords)
 """
 
 from __future__ import annotations
