@@ -7,7 +7,10 @@ router LR is the healthy control. Both are checked by the offline ``diagnose`` o
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -58,6 +61,12 @@ def test_fail_on_collapse_stops_a_real_collapse_at_detection_and_resumes(tmp_pat
     offline = diagnose_run(load_run(run))
     f = next(f for f in offline.findings if f.kind == kind and f.severity == "critical")
     assert (f.onset_step, ", ".join(f.layers), f.modality) == (int(onset), layers, modality)
+    # Resumed with --fail-on, the diagnosis starts from the committed rows: it stops again at
+    # the next check, on the same finding.
+    assert _train(run, 60, COLLAPSE, resume=True) == 1
+    again = capsys.readouterr().err
+    assert f"{kind} in layer(s) {layers}" in again and "stopped after step 49" in again
+    assert Run(run).info().steps_done == 50
     # A later --resume (without --fail-on) trains on from the checkpoint: no row lost or doubled.
     assert _train(run, 60, COLLAPSE, resume=True, fail_on=None) == 0
     steps = moe_probe.open_run(run).dataset("routing")["step"].values
@@ -151,3 +160,21 @@ def test_bad_on_finding_settings_are_one_line(tmp_path):
         with pytest.raises(ValueError, match=msg):
             moe_probe.watch(model, tmp_path / "run", **kw)
         assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_every_rank_stops_at_rank_0s_check(tmp_path):
+    """Rank 0 diagnoses, every rank learns its decision: no rank trains on (or hangs) alone."""
+    run = tmp_path / "run"
+    argv = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moe_probe",
+            "train", "--recipe", "tiny-moe", "--steps", "60", "--out", str(run), "--quiet",
+            "--fail-on", "collapse", *[a for s in [*SETTINGS, *COLLAPSE] for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MOE_PROBE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("moe-probe train: --fail-on")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    stop = int(re.search(r"stopped after step (\d+)", lines[0]).group(1))
+    assert (stop + 1) % 10 == 0
+    assert Run(run).info().steps_done == stop + 1
+    assert moe_probe.open_run(run).last_step("routing") == stop
