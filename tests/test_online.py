@@ -178,3 +178,11 @@ def test_under_torchrun_every_rank_stops_at_rank_0s_check(tmp_path):
     assert (stop + 1) % 10 == 0
     assert Run(run).info().steps_done == stop + 1
     assert moe_probe.open_run(run).last_step("routing") == stop
+
+
+def test_fail_on_without_routing_rows_is_refused_before_anything_is_written(tmp_path, capsys):
+    argv = ["train", "--recipe", "tiny-moe", "--out", str(tmp_path / "r"), "--fail-on", "any",
+            "--set", "trace.enabled=false"]
+    assert main(argv) == 2
+    assert "--fail-on diagnoses the routing rows" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -88,6 +88,9 @@ def train(args) -> int:
     from moe_probe.trace.online import StopTraining
 
     fail_on = getattr(args, "fail_on", None)
+    if fail_on and not (cfg.trace.enabled and cfg.trace.routing_every > 0):
+        raise ValueError("--fail-on diagnoses the routing rows: it needs trace.enabled=true and "
+                         "trace.routing_every > 0")
     with process_group() as dist:
         log = (lambda *a, **k: None) if args.quiet or not dist.is_main else print
         try:
