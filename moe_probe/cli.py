@@ -28,6 +28,9 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--fail-on", choices=["collapse", "conflict", "any"], default=None,
+                   help="diagnose online every 10 steps; at the first critical finding of this "
+                        "kind checkpoint, stop and exit 1")
 
     i = sub.add_parser("info", help="what a run holds")
     i.add_argument("run_dir")

@@ -26,13 +26,15 @@ from moe_probe.modalities import LOSS_TERMS
 from moe_probe.run import Run
 from moe_probe.store.schema import default_coords
 from moe_probe.store.writer import StoreWriter
+from moe_probe.trace.online import FindingMonitor, check_on_finding, monitored
 from moe_probe.trace.watch import ModelRouters, NullWriter, Watch, check_settings
 
 
 def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str] | None = None,
           every: int = 1, grad_every: int | None = None, tasks: Sequence[str] | None = None,
           capacity_factor: float = 1.0, loss_terms: Sequence[str] = (), start_step: int = 0,
-          use_table: bool = True) -> Watch:
+          use_table: bool = True, on_finding=None, diagnose_every: int = 10,
+          fail_on: str = "collapse") -> Watch:
     """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
     are removed on exit, also on an exception; queued rows are written).
 
@@ -57,11 +59,20 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       the loop then calls ``w.backward({first: l1, second: l2})`` (two passes at a sampled step,
       the update bit-identical to ``(l1 + l2).backward()``, which it runs otherwise).
     - ``capacity_factor``: C of the nominal ``kept`` / capacity rate of dropless routers.
+    - ``on_finding``: online findings — every ``diagnose_every`` steps the ``moe-probe diagnose``
+      detectors run on the rows written so far (kept in memory, not read back). ``"warn"``: a
+      warning per new finding; ``"stop"``: at the first *critical* finding of ``fail_on``
+      (``collapse`` | ``conflict`` | ``any``) the store is flushed, hooks stay off, and
+      ``w.should_stop`` turns true (``w.stopped``: the exception naming the finding, raised by
+      the next ``w.step`` if the loop goes on); a callable gets each new finding and stops
+      training by returning true.
 
     Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
     are summed over ranks; rank 0 alone writes.
     """
     grad_every = 0 if grad_every is None else grad_every
+    if on_finding is not None:
+        check_on_finding(on_finding, diagnose_every, fail_on)
     check_settings(every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
                    kind_names=kind_names, capacity_factor=capacity_factor)
     if not all(isinstance(t, str) and t for t in loss_terms):
@@ -93,9 +104,13 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
         writer = StoreWriter.resume(run.store_path)[0]
     else:
         writer = NullWriter(coords)
+    monitor = None
+    if on_finding is not None:
+        writer, monitor = monitored(writer, out if rank == 0 else None, on_finding=on_finding,
+                                    every=diagnose_every, fail_on=fail_on, distributed=distributed)
     w = Watch(bare, routers, writer, every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
               kind_names=kind_names, capacity_factor=capacity_factor, distributed=distributed,
-              start_step=start_step)
+              start_step=start_step, monitor=monitor)
     w.begin_step(start_step)
     return w
 

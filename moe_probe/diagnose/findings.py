@@ -42,6 +42,16 @@ COLLAPSE_KINDS = frozenset({"routing_collapse", "dead_experts", "modality_domina
                             "load_imbalance"})
 CONFLICT_KINDS = frozenset({"gradient_domination", "gradient_conflict"})
 SEVERITIES = ("info", "warning", "critical")
+FAIL_ON = ("collapse", "conflict", "any")
+"""The categories of ``--fail-on`` (diagnose and train)."""
+
+
+def fails_on(finding: "Finding", fail_on: str | None) -> bool:
+    """Whether ``--fail-on fail_on`` counts ``finding`` (its kind is in the category)."""
+    if fail_on is None:
+        return False
+    kinds = {"collapse": COLLAPSE_KINDS, "conflict": CONFLICT_KINDS}.get(fail_on)
+    return kinds is None or finding.kind in kinds
 
 REMEDIES: dict[str, str] = {
     "routing_collapse": (
@@ -207,10 +217,7 @@ class Report:
 
     def matching(self, fail_on: str | None) -> list[Finding]:
         """Findings that `--fail-on fail_on` counts."""
-        if fail_on is None:
-            return []
-        kinds = {"collapse": COLLAPSE_KINDS, "conflict": CONFLICT_KINDS}.get(fail_on)
-        return [f for f in self.findings if kinds is None or f.kind in kinds]
+        return [f for f in self.findings if fails_on(f, fail_on)]
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "config": _clean(self.config), "control": self.control,

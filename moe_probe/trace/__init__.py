@@ -8,6 +8,7 @@
 - ``probes``   linear probes on shared-expert outputs with control tasks;
   ``isolated`` shared-experts-only understanding metrics.
 - ``watch``    Watch: a training step's routing / loss / grad rows in any loop (``moe_probe.watch``);
+- ``online``   online findings: the diagnose detectors every N steps, warn / stop (``on_finding``);
 - ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3), built on Watch;
   ``layout``   the store coords/attrs of a model.
 - ``metrics``  numpy metric math from counts (shared with readers).

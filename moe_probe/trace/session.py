@@ -31,10 +31,11 @@ class TraceSession:
     """Per-step tracing for one run; use as a context manager (or call ``close``)."""
 
     def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None, *,
-                 distributed: bool = False):
+                 distributed: bool = False, monitor=None):
         """``distributed``: under torch.distributed (DDP) every rank runs a session and the rows are
         reduced over ranks (every rank must call begin_step / backward / end_step; only rank 0's
-        writer writes). ``model`` is the bare module, not the DDP wrapper."""
+        writer writes). ``model`` is the bare module, not the DDP wrapper. ``monitor``: online
+        findings (``trace.online.FindingMonitor``; ``writer`` then feeds its diagnosis)."""
         self.model, self.cfg, self.writer = model, cfg, writer
         self.probe_batch_fn = probe_batch_fn
         self._groups = set(getattr(writer, "groups", ()) or ())
@@ -43,7 +44,8 @@ class TraceSession:
         self._watch = Watch(model, ModelRouters(model), writer, tasks=TASKS,
                             every=cfg.routing_every if cfg.enabled else 0,
                             grad_every=cfg.grad_every if cfg.enabled else 0,
-                            capacity_factor=cfg.nominal_capacity, distributed=distributed)
+                            capacity_factor=cfg.nominal_capacity, distributed=distributed,
+                            monitor=monitor)
         self._snapshot = SnapshotTracer(max(m.routing_info().n_experts for _, m in model.moe_layers()))
         # A resumed store already holds probe rows: keep their cadence rather than probing again
         # at the resume step (a resumed run must write the rows an uninterrupted one would).
@@ -64,6 +66,16 @@ class TraceSession:
     def end_step(self, step: int, losses: dict[str, float]) -> None:
         """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""
         self._watch.end_step(step, losses)
+
+    @property
+    def should_stop(self) -> bool:
+        """A finding stopped training (``Watch.should_stop``): the trainer checkpoints and ends."""
+        return self._watch.should_stop
+
+    @property
+    def stopped(self):
+        """The ``StopTraining`` naming that finding, or None."""
+        return self._watch.stopped
 
     # ------------------------------------------------------------------ eval
     def on_eval(self, step: int, metrics: dict[str, float], model=None, *, final: bool = False) -> None:

@@ -137,11 +137,12 @@ class Watch:
     def __init__(self, model, routers, writer, *, every: int = 1, grad_every: int = 0,
                  tasks: Sequence[str] | None = None, kinds: Callable | None = None,
                  kind_names: Sequence[str] | None = None, capacity_factor: float = 1.0,
-                 distributed: bool = False, start_step: int = 0):
+                 distributed: bool = False, start_step: int = 0, monitor=None):
         """``model`` is the bare module (not a DDP wrapper); ``routers`` its adapter
         (:class:`ModelRouters` or ``moe_probe.hf.routers.HFRouters``). ``tasks``: the names of the
         two task losses ``backward`` gets at grad steps (stored as und / gen, in this order);
-        None = no gradient conflict. See :func:`moe_probe.watch` for the rest."""
+        None = no gradient conflict. ``monitor``: a :class:`~moe_probe.trace.online.FindingMonitor`
+        run after each closed step (online findings). See :func:`moe_probe.watch` for the rest."""
         check_settings(every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
                        kind_names=kind_names, capacity_factor=capacity_factor)
         self.model, self.routers, self.writer = model, routers, writer
@@ -168,10 +169,24 @@ class Watch:
         self._pending = None
         self._kind_T: torch.Tensor | None = None
         self._keep_T: torch.Tensor | None = None
+        self.monitor = monitor
+
+    @property
+    def should_stop(self) -> bool:
+        """A finding stopped training (``on_finding="stop"``): the loop should end here; the
+        store holds every row up to the stopping step (flushed). ``stopped`` says why."""
+        return self.monitor is not None and self.monitor.should_stop
+
+    @property
+    def stopped(self):
+        """The :class:`~moe_probe.trace.online.StopTraining` that stopped training, or None."""
+        return None if self.monitor is None else self.monitor.stopped
 
     # ------------------------------------------------------------------ a step
     def begin_step(self, step: int) -> None:
         """Decide this step's tracers; attach the router hooks at a routing step."""
+        if self.should_stop:
+            raise self.stopped
         self._detach()
         self._step = step
         self._pending = self._kind_T = self._keep_T = None
@@ -225,14 +240,19 @@ class Watch:
         if self._grad_on:
             self._grad_on = False
             self.writer.append("grad", step, **self._grad.finish())
+        if self.monitor is not None and self.monitor.after_step(step):
+            self.writer.flush()  # the loop stops here: every row up to this step is committed
 
     def step(self, step: int, losses=None) -> None:
         """Close optimizer step ``step`` (rows written) and open ``step + 1``."""
+        if self.should_stop:
+            raise self.stopped  # the loop went on after w.should_stop
         if step != self._step:
             raise ValueError(f"step {step} closed while step {self._step} is open: steps are "
                              "consecutive from start_step (watch(..., start_step=N))")
         self.end_step(step, losses)
-        self.begin_step(step + 1)
+        if not self.should_stop:
+            self.begin_step(step + 1)
 
     def _loss_row(self, losses) -> np.ndarray:
         """Values in the store's ``term`` order (NaN for a term not given); a bare number is

@@ -6,6 +6,7 @@ User errors raise ValueError with one line (the CLI prints it and exits 2).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -84,9 +85,22 @@ def train(args) -> int:
 
     _check_world(cfg, env_world_size())
 
+    from moe_probe.trace.online import StopTraining
+
+    fail_on = getattr(args, "fail_on", None)
+    if fail_on and not (cfg.trace.enabled and cfg.trace.routing_every > 0):
+        raise ValueError("--fail-on diagnoses the routing rows: it needs trace.enabled=true and "
+                         "trace.routing_every > 0")
     with process_group() as dist:
         log = (lambda *a, **k: None) if args.quiet or not dist.is_main else print
-        summary = train_run(cfg, run_dir, how=how, quiet=args.quiet, log=log, dist=dist)
+        try:
+            summary = train_run(cfg, run_dir, how=how, quiet=args.quiet, log=log, dist=dist,
+                                fail_on=fail_on)
+        except StopTraining as e:
+            if dist.is_main:  # the store is flushed and the checkpoint written at the stop
+                print(f"moe-probe train: --fail-on {fail_on}: {e} (checkpoint at step "
+                      f"{e.step + 1}; continue with --resume)", file=sys.stderr)
+            return 1
     if not dist.is_main:
         return 0
     ev = summary.get("eval", {})

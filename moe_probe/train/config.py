@@ -38,6 +38,9 @@ class TrainConfig:
     """LR of what stage 2 adds: gen experts, gen router, gen io (vae in/out, timestep embedding)."""
     lr_backbone: float | None = None
     """LR of attention, norms and text io; None = ``lr_base`` (the follow-up paper's choice)."""
+    lr_router: float | None = None
+    """LR of the routers (tags ``und_router``, ``gen_router``); None = the LR their tag gets
+    otherwise. A router far faster than the rest, without a balance loss, collapses routing."""
     differential_lr: bool = True
     """Off = every parameter at ``lr_new`` (the single-LR joint training of the baselines)."""
     weight_decay: float = 0.0
@@ -145,8 +148,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         for lr_name in ("lr_base", "lr_new"):
             if getattr(tc, lr_name) <= 0:
                 raise ValueError(f"{name}.{lr_name} must be positive")
-        if tc.lr_backbone is not None and tc.lr_backbone < 0:
-            raise ValueError(f"{name}.lr_backbone must be >= 0")
+        for lr_name in ("lr_backbone", "lr_router"):
+            if getattr(tc, lr_name) is not None and getattr(tc, lr_name) < 0:
+                raise ValueError(f"{name}.{lr_name} must be >= 0")
         for k in ("warmup", "shield_steps", "eval_every", "checkpoint_every", "eval_batches",
                   "eval_images", "gen_per_class", "group_batches"):
             if getattr(tc, k) < 0:

@@ -75,6 +75,8 @@ def base_key(base_cfg: RunConfig, world_size: int = 1) -> str:
     keyed = {k: v for k, v in to_dict(base_cfg).items() if k in ("model", "data", "train")}
     for k in NOT_IN_WEIGHTS:
         keyed["train"].pop(k)
+    if keyed["train"].get("lr_router", 0) is None:  # unset: the keys of bases cached before it
+        keyed["train"].pop("lr_router")
     if world_size > 1:
         keyed["world_size"] = world_size
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
@@ -180,13 +182,15 @@ def _converted(cfg: RunConfig, base_dir: Path):
 
 
 def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
-              log=print, dist: Dist = SINGLE) -> dict:
+              log=print, dist: Dist = SINGLE, fail_on: str | None = None) -> dict:
     """Train one stage into ``run_dir``; returns the run's summary dict (also in its summary file:
     recipe, arch, n_params, groups, base, last eval).
 
     ``how``: ``"new"`` (the run directory appears complete, atomically, once the model is built),
     ``"start_over"`` (a run that died before its first checkpoint: same config, its store
-    truncated to 0 rows) or ``"resume"`` (from the last checkpoint)."""
+    truncated to 0 rows) or ``"resume"`` (from the last checkpoint). ``fail_on``: online findings
+    (``tracing.open_session``); a stop raises the session's ``StopTraining`` once the checkpoint
+    and the summary are written."""
     assert how in ("new", "start_over", "resume"), how
     run = Run(run_dir)
     optimizer = generator = None
@@ -225,7 +229,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
                                                              "groups": groups})
             run.create(**files) if how == "new" else run.start_over(**files)
     session = open_session(cfg, run, model, data, evaluator.metric_names, resume_step=start,
-                           dist=dist)
+                           dist=dist, fail_on=fail_on)
     session.restore_snapshot(extra.get("snapshot"), start)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
@@ -234,11 +238,15 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
     finally:
         session.close()
     if not dist.is_main:
+        if session.stopped is not None:
+            raise session.stopped
         return summary
     # Wall-clock of this stage's training + evaluation (summed over resumes), base excluded.
     wall = summary.get("wall_s", 0.0) + time.perf_counter() - t0
     summary.update(eval=metrics, steps=run.progress(), wall_s=round(wall, 1))
     run.write_summary(summary)
+    if session.stopped is not None:
+        raise session.stopped
     return summary
 
 
@@ -256,6 +264,7 @@ def _plain(groups):
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False, log=print,
-              dist: Dist = SINGLE) -> dict:
-    """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one."""
-    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist)
+              dist: Dist = SINGLE, fail_on: str | None = None) -> dict:
+    """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one
+    (``fail_on`` watches this run, not its base)."""
+    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist, fail_on=fail_on)

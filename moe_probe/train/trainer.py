@@ -28,10 +28,14 @@ LR_TAGS = ("gen_experts", "gen_router", "gen_io", "gen_backbone", "und_experts",
            "shared", "backbone")
 NEW_TAGS = frozenset({"gen_experts", "gen_router", "gen_io", "gen_backbone"})
 """What stage 2 adds: trained at ``lr_new`` (paper: 1e-4 vs 1e-6 for what the base knows)."""
+ROUTER_TAGS = frozenset({"und_router", "gen_router"})
+"""Trained at ``lr_router`` when it is set."""
 
 
 def tag_lr(tag: str, tc: TrainConfig) -> float:
     """LR of a model param-group tag under ``tc`` (see TrainConfig.lr_* docs)."""
+    if tc.lr_router is not None and tag in ROUTER_TAGS:
+        return tc.lr_router
     if not tc.differential_lr:
         return tc.lr_new
     if tag in NEW_TAGS:
@@ -174,7 +178,10 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
             metrics = evaluate(done)
             if show:
                 bar.write(f"step {done}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        if _due(done, tc.checkpoint_every, tc.steps):
+        stop = session.should_stop  # a finding stopped training (--fail-on): checkpoint here
+        if stop or _due(done, tc.checkpoint_every, tc.steps):
             save(done)
+        if stop:
+            break
     bar.close()
     return metrics
