@@ -3,23 +3,14 @@ process with gradient accumulation 2 over the same global batches; rank 0 alone 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from test_watch_dist import _run
 
 from moe_probe import open_run
 
 SCRIPT = Path(__file__).with_name("_hf_trainer_ddp.py")
-
-
-def _run(*cmd) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), str(SCRIPT.parent)])}
-    proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def test_two_ranks_count_like_one_process_with_accumulation(tmp_path):
