@@ -312,11 +312,7 @@ class Run:
         assert not self.has_checkpoint(), "a checkpointed run resumes; it never starts over"
         if not self.has_store():
             raise ValueError(f"{self.path} has a config but no {STORE}; remove it to start over")
-        old = self.store()  # checked read-only first: a refusal leaves every file as it was
-        want = {g: c for g, c in store_coords.items() if c is not None}
-        differs = sorted(set(want) ^ set(old.groups)) + [
-            g for g in want if g in old.groups and any(
-                old.labels(g, d) != [str(x) for x in v] for d, v in want[g].items())]
+        differs = self.layout_differences(store_coords)
         if differs:
             raise ValueError(f"{self.path}: the stored trace layout differs from this config's "
                              f"(groups {', '.join(differs)}); remove it to start over")
@@ -326,6 +322,15 @@ class Run:
         finally:
             writer.close()
         _write_files(self.path, config, summary, groups)
+
+    def layout_differences(self, store_coords: dict) -> list[str]:
+        """Groups whose stored labels differ from ``store_coords`` (or that only one side has);
+        read-only, so a refusal leaves every file as it was."""
+        old = self.store()
+        want = {g: c for g, c in store_coords.items() if c is not None}
+        return sorted(set(want) ^ set(old.groups)) + [
+            g for g in want if g in old.groups and any(
+                old.labels(g, d) != [str(x) for x in v] for d, v in want[g].items())]
 
     def _remove_leftovers(self) -> None:
         """Hidden directories of creations a SIGKILL interrupted."""

@@ -26,15 +26,15 @@ from moe_probe.modalities import LOSS_TERMS
 from moe_probe.run import Run
 from moe_probe.store.schema import default_coords
 from moe_probe.store.writer import StoreWriter
-from moe_probe.trace.online import FindingMonitor, check_on_finding, monitored
+from moe_probe.trace.online import check_on_finding, monitored
 from moe_probe.trace.watch import ModelRouters, NullWriter, Watch, check_settings
 
 
 def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str] | None = None,
           every: int = 1, grad_every: int | None = None, tasks: Sequence[str] | None = None,
           capacity_factor: float = 1.0, loss_terms: Sequence[str] = (), start_step: int = 0,
-          use_table: bool = True, on_finding=None, diagnose_every: int = 10,
-          fail_on: str = "collapse") -> Watch:
+          use_table: bool = True, resume_after: int | None = None, on_finding=None,
+          diagnose_every: int = 10, fail_on: str = "collapse") -> Watch:
     """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
     are removed on exit, also on an exception; queued rows are written).
 
@@ -66,6 +66,10 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       ``w.should_stop`` turns true (``w.stopped``: the exception naming the finding, raised by
       the next ``w.step`` if the loop goes on); a callable gets each new finding and stops
       training by returning true.
+    - ``resume_after``: training resumed from a checkpoint taken after this step: the watch run
+      already at ``out`` (same model layout and kinds; another run is refused, nothing touched)
+      continues, its rows of later steps dropped, from ``start_step`` (> ``resume_after``); no
+      run at ``out`` = a new one.
 
     Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
     are summed over ranks; rank 0 alone writes.
@@ -73,6 +77,8 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
     grad_every = 0 if grad_every is None else grad_every
     if on_finding is not None:
         check_on_finding(on_finding, diagnose_every, fail_on)
+    if resume_after is not None and not (isinstance(resume_after, int) and 0 <= resume_after < start_step):
+        raise ValueError(f"resume_after={resume_after!r}: a step >= 0 before start_step={start_step}")
     check_settings(every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
                    kind_names=kind_names, capacity_factor=capacity_factor)
     if not all(isinstance(t, str) and t for t in loss_terms):
@@ -98,10 +104,13 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
     if rank == 0:
         run = Run(out)
         run.check_writable()
-        if run.exists():
-            raise ValueError(f"{out} already holds a run; watch writes a new run (choose another out)")
-        run.create(store_attrs=attrs, store_coords=coords)
-        writer = StoreWriter.resume(run.store_path)[0]
+        if resume_after is not None and run.exists():
+            writer = _reopen(run, attrs, coords, resume_after)
+        else:
+            if run.exists():
+                raise ValueError(f"{out} already holds a run; watch writes a new run (choose another out)")
+            run.create(store_attrs=attrs, store_coords=coords)
+            writer = StoreWriter.resume(run.store_path)[0]
     else:
         writer = NullWriter(coords)
     monitor = None
@@ -113,6 +122,24 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
               start_step=start_step, monitor=monitor)
     w.begin_step(start_step)
     return w
+
+
+def _reopen(run: Run, attrs: dict, coords: dict, after_step: int) -> StoreWriter:
+    """The watch run at ``run`` reopened after ``after_step``; ValueError (nothing touched) when it
+    is another run: not a watch run, another model, or other layers / kinds / groups."""
+    if not run.has_store():
+        raise ValueError(f"{run.path} holds another run (no trace store); choose another out")
+    old = run.store().attrs
+    model_keys = ("arch", "hf_class")
+    differs = run.layout_differences(coords)
+    why = ("it was not written by watch" if old.get("run", {}).get("recipe") != "watch"
+           else "another model" if any(old.get("model", {}).get(k) != attrs["model"].get(k)
+                                       for k in model_keys)
+           else f"its {', '.join(differs)} labels differ" if differs else "")
+    if why:
+        raise ValueError(f"{run.path} holds another run ({why}); resume into the run this training "
+                         "wrote, or choose another out")
+    return StoreWriter.resume(run.store_path, after_step=after_step)[0]
 
 
 def _distributed() -> tuple[bool, int]:

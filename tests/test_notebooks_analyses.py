@@ -92,3 +92,17 @@ def test_default_generates_fixtures(tmp_path):
            "TMPDIR": str(tmp_path)}  # the notebook's temp fixture dir is cleaned with tmp_path
     text = _run("gradient_conflicts.py", env, ANALYSES)
     assert "grad_conflict attn=" in text
+
+
+def test_hf_trainer_finetune(tmp_path):
+    """Fine-tunes a tiny HF MoE under the real Trainer with TraceCallback, then reads the store."""
+    env = {"MOE_PROBE_OUT": str(tmp_path / "run"), "MOE_PROBE_STEPS": "4", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    text = _run("hf_trainer_finetune.py", env, ANALYSES)
+    r = open_run(tmp_path / "run").dataset("routing")
+    assert "steps [1, 2, 3, 4] tokens/step [256]" in text
+    share = r["load"] / r["load"].sum("expert")
+    last = share.isel(step=-1).sel(layer=r["layer"].values[0])
+    for kind in ("word", "punct"):
+        assert f"{kind}: top expert {int(last.sel(modality=kind).argmax())} " \
+               f"share={float(last.sel(modality=kind).max()):.4f}" in text

@@ -254,6 +254,18 @@ class Watch:
         if not self.should_stop:
             self.begin_step(step + 1)
 
+    @property
+    def grad_step(self) -> bool:
+        """Whether the open step measures gradient conflict (``backward`` then needs the task
+        losses)."""
+        return self._grad_on
+
+    def log_losses(self, step: int, losses) -> None:
+        """A loss row for ``step`` when the loop learns its losses after closing the step (the
+        HF Trainer logs them after its step callbacks); same values as ``end_step``'s."""
+        if self._loss_terms is not None:
+            self.writer.append("loss", step, value=self._loss_row(losses))
+
     def _loss_row(self, losses) -> np.ndarray:
         """Values in the store's ``term`` order (NaN for a term not given); a bare number is
         ``total``; a name the run does not have is refused (its terms are fixed at creation)."""
