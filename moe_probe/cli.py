@@ -28,6 +28,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--report-to", default=None, metavar="TOOLS",
+                   help="send each step's bounded summary live: tensorboard,wandb,mlflow")
+    t.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                   help="TensorBoard log directory (default RUN_DIR/tb)")
+    t.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    t.add_argument("--wandb-project", default=None,
+                   help="W&B project (default $WANDB_PROJECT, else moe-probe)")
 
     i = sub.add_parser("info", help="what a run holds")
     i.add_argument("run_dir")

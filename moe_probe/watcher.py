@@ -32,7 +32,8 @@ from moe_probe.trace.watch import ModelRouters, NullWriter, Watch, check_setting
 def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str] | None = None,
           every: int = 1, grad_every: int | None = None, tasks: Sequence[str] | None = None,
           capacity_factor: float = 1.0, loss_terms: Sequence[str] = (), start_step: int = 0,
-          use_table: bool = True) -> Watch:
+          use_table: bool = True, report_to: str | Sequence[str] = (), report_dir=None,
+          mlflow_uri: str | None = None) -> Watch:
     """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
     are removed on exit, also on an exception; queued rows are written).
 
@@ -57,6 +58,11 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       the loop then calls ``w.backward({first: l1, second: l2})`` (two passes at a sampled step,
       the update bit-identical to ``(l1 + l2).backward()``, which it runs otherwise).
     - ``capacity_factor``: C of the nominal ``kept`` / capacity rate of dropless routers.
+    - ``report_to``: tools that get each step's bounded summary live, any of ``"tensorboard"``,
+      ``"wandb"``, ``"mlflow"`` (``moe_probe.export.live``): TensorBoard logs in ``report_dir``
+      (default ``out/tb``), MLflow at ``mlflow_uri`` (default ``MLFLOW_TRACKING_URI``), W&B by
+      its own settings (``WANDB_PROJECT``, ``WANDB_MODE``, ...). A missing client is refused
+      before anything is created.
 
     Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
     are summed over ranks; rank 0 alone writes.
@@ -84,6 +90,7 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
              "model": {**routers.attrs(), "nominal_capacity": capacity_factor},
              "modalities": names}
     distributed, rank = _distributed()
+    report = _report(report_to, report_dir, mlflow_uri)  # every rank: all refuse together
     if rank == 0:
         run = Run(out)
         run.check_writable()
@@ -91,6 +98,8 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
             raise ValueError(f"{out} already holds a run; watch writes a new run (choose another out)")
         run.create(store_attrs=attrs, store_coords=coords)
         writer = StoreWriter.resume(run.store_path)[0]
+        if report is not None:
+            writer = report.open(writer, run.path)
     else:
         writer = NullWriter(coords)
     w = Watch(bare, routers, writer, every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
@@ -98,6 +107,15 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
               start_step=start_step)
     w.begin_step(start_step)
     return w
+
+
+def _report(report_to, report_dir, mlflow_uri):
+    """The checked live-export settings, None without ``report_to``."""
+    if not report_to:
+        return None
+    from moe_probe.export.live import Report
+
+    return Report.parse(report_to, tensorboard_dir=report_dir, mlflow_uri=mlflow_uri).check()
 
 
 def _distributed() -> tuple[bool, int]:

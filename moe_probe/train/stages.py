@@ -180,13 +180,14 @@ def _converted(cfg: RunConfig, base_dir: Path):
 
 
 def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
-              log=print, dist: Dist = SINGLE) -> dict:
+              log=print, dist: Dist = SINGLE, report=None) -> dict:
     """Train one stage into ``run_dir``; returns the run's summary dict (also in its summary file:
     recipe, arch, n_params, groups, base, last eval).
 
     ``how``: ``"new"`` (the run directory appears complete, atomically, once the model is built),
     ``"start_over"`` (a run that died before its first checkpoint: same config, its store
-    truncated to 0 rows) or ``"resume"`` (from the last checkpoint)."""
+    truncated to 0 rows) or ``"resume"`` (from the last checkpoint). ``report``: live export of
+    this stage's summary (``moe_probe.export.live.Report``; a base stage is not reported)."""
     assert how in ("new", "start_over", "resume"), how
     run = Run(run_dir)
     optimizer = generator = None
@@ -225,7 +226,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
                                                              "groups": groups})
             run.create(**files) if how == "new" else run.start_over(**files)
     session = open_session(cfg, run, model, data, evaluator.metric_names, resume_step=start,
-                           dist=dist)
+                           dist=dist, report=report)
     session.restore_snapshot(extra.get("snapshot"), start)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
@@ -256,6 +257,6 @@ def _plain(groups):
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False, log=print,
-              dist: Dist = SINGLE) -> dict:
+              dist: Dist = SINGLE, report=None) -> dict:
     """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one."""
-    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist)
+    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist, report=report)

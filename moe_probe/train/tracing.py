@@ -15,16 +15,21 @@ from moe_probe.train.distributed import SINGLE, Dist
 
 
 def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
-                 resume_step: int = 0, dist: Dist = SINGLE) -> TraceSession:
+                 resume_step: int = 0, dist: Dist = SINGLE, report=None) -> TraceSession:
     """A session appending to the run's store (on rank 0; other ranks trace into a NullWriter).
 
     The store already exists (``Run.create`` lays it out with the run). It keeps only rows of
     steps before ``resume_step``: rows a crashed run wrote past its last checkpoint are dropped,
     and the eval row at the checkpoint step is written again by the trainer's first evaluation
     (identical: evaluation is deterministic).
+
+    ``report`` (``moe_probe.export.live.Report``, checked): rank 0 also sends each step's summary
+    to those tools.
     """
     if not dist.is_main:
         _, coords = store_layout(model, eval_metrics=list(metric_names))
         return TraceSession(model, cfg.trace, NullWriter(coords), data.probe_batch, distributed=True)
     writer, _ = StoreWriter.resume(run.store_path, after_step=resume_step - 1)
+    if report is not None and report.to:
+        writer = report.open(writer, run.path)
     return TraceSession(model, cfg.trace, writer, data.probe_batch, distributed=dist.enabled)
