@@ -175,12 +175,11 @@ def findings_summary(findings: Iterable, steps_S, last_step: int | None = None
 def step_summary(*, step: int, modalities: Sequence[str] = (), routing: dict | None = None,
                  loss_terms: Sequence[str] = (), loss=None, grad_layers: Sequence[str] = (),
                  grad_components: Sequence[str] = (), grad_cosine=None,
-                 findings: Iterable | None = ()) -> dict[str, float]:
+                 findings: Iterable = ()) -> dict[str, float]:
     """One step's summary, from that step's rows as the tracers hand them to the store writer
     (no step dim): ``routing`` maps :data:`ROUTING_VARS` to (L, M) arrays, ``loss`` is (T,),
     ``grad_cosine`` (L', C). Groups not sampled at this step are None and give no keys; findings
-    are those known so far (their ``onset_step`` compared with ``step``); None leaves the two
-    findings keys out. Only finite values."""
+    are those known so far (their ``onset_step`` compared with ``step``). Only finite values."""
     out: dict[str, np.ndarray] = {}
     if routing is not None:
         out.update(routing_summary(modalities, **{v: np.asarray(routing[v])[None]
@@ -189,6 +188,5 @@ def step_summary(*, step: int, modalities: Sequence[str] = (), routing: dict | N
         out.update(loss_summary(loss_terms, np.asarray(loss)[None]))
     if grad_cosine is not None:
         out.update(grad_summary(grad_layers, grad_components, np.asarray(grad_cosine)[None]))
-    if findings is not None:
-        out.update(findings_summary(findings, [step], last_step=step))
+    out.update(findings_summary(findings, [step], last_step=step))
     return {k: float(v[0]) for k, v in out.items() if np.isfinite(v[0])}

@@ -128,6 +128,18 @@ def test_watch_hf_loop_tensorboard_live_equals_the_export(tmp_path):
     _assert_tensorboard_equals_export(tmp_path / "run", tmp_path / "run" / "tb", tmp_path)
 
 
+def test_under_ddp_only_rank_0_reports(tmp_path):
+    """Two ranks under torchrun: one event file, holding what the export writes from the store."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(Path(__file__).with_name("_watch_ddp.py")),
+                        str(tmp_path / "run"), "tensorboard"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(list((tmp_path / "run" / "tb").iterdir())) == 1
+    _assert_tensorboard_equals_export(tmp_path / "run", tmp_path / "run" / "tb", tmp_path)
+
+
 @pytest.mark.parametrize("tool, module, package", [
     ("tensorboard", "tensorboard", "tensorboard"),
     ("wandb", "wandb", "wandb"),

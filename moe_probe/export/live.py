@@ -4,13 +4,14 @@
 :class:`LiveExport` stands between the tracers and the store writer: every row goes to the store
 unchanged, and a copy of each summarised row (``routing``, ``loss``, ``grad``), cast to the
 store's dtypes so the values are the store's, goes to a background thread. That thread summarises
-each step (``moe_probe.summary.step_summary``, the same keys and values ``moe-probe export
---no-findings`` writes from the store) and sends it through the same sinks as the export. The
+the steps with ``moe_probe.summary``'s functions, as ``moe-probe export --no-findings`` does on
+the store's arrays (the same keys and values), and sends them through the export's sinks. The
 training thread only copies a few (layer, kind) arrays per step.
 
-* A step is sent once its rows are complete: when the next step's first row arrives, or at close
-  (so the tools trail the store by one step). The tools' buffers are flushed every ``flush_secs``
-  and at ``flush`` / close.
+* Every ``flush_secs`` (and at ``flush`` / close) the thread takes the rows handed over since,
+  summarises each group once for all their steps (numpy's per-call cost, not per step), sends
+  each complete step and flushes the tools. A step is complete once the next step's first row
+  has arrived, or at close: the tools trail the store by one step and up to ``flush_secs``.
 * The two findings keys are not sent live: findings come from a diagnosis of the whole run (see
   ``moe_probe.summary``); ``moe-probe export`` adds them afterwards.
 * A tool that fails mid-run is reported in one line on stderr and dropped; training and the store
@@ -24,6 +25,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -134,7 +136,10 @@ class LiveExport:
         self._terms = _labels(writer, "loss", "term")
         self._grad_layers = _labels(writer, "grad", "layer")
         self._grad_components = _labels(writer, "grad", "component")
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._rows: deque = deque()
+        """(group, step, wall time, arrays) handed over by the training thread, drained by the
+        export thread."""
+        self._ctl: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="moe-probe-live-export",
                                         daemon=True)
@@ -157,7 +162,7 @@ class LiveExport:
         if names is not None:
             # A copy in the store's dtype: the values the store holds; the caller may reuse its
             # buffers.
-            self._q.put(("row", group, int(step), {
+            self._rows.append((group, int(step), time.time(), {
                 n: np.array(arrays[n], dtype=GROUPS[group][n].dtype)
                 for n in names if n in arrays}))
 
@@ -180,47 +185,70 @@ class LiveExport:
         if not self._thread.is_alive():
             return
         done = threading.Event()
-        self._q.put((what, done))
+        self._ctl.put((what, done))
         while not done.wait(0.1) and self._thread.is_alive():
             pass
 
     # ------------------------------------------------------------ the export thread
     def _run(self) -> None:
-        step, rows = None, {}
-        last_flush = time.monotonic()
+        open_step, open_rows, open_wall = None, {}, 0.0
         while True:
             try:
-                item = self._q.get(timeout=self.flush_secs)
+                what, done = self._ctl.get(timeout=self.flush_secs)
             except queue.Empty:
-                item = ("tick",)
-            if item[0] == "row":
-                _, group, s, arrays = item
-                if step is not None and s != step:
-                    self._send(step, rows)
-                    rows = {}
-                step, rows[group] = s, arrays
-            elif item[0] == "stop":
-                if step is not None:
-                    self._send(step, rows)
+                what, done = "tick", None
+            steps: list[tuple[int, float, dict]] = []
+            while self._rows:
+                group, step, wall, arrays = self._rows.popleft()
+                if step != open_step:
+                    if open_step is not None:
+                        steps.append((open_step, open_wall, open_rows))
+                    open_step, open_rows, open_wall = step, {}, wall
+                open_rows[group] = arrays
+            if what == "stop" and open_step is not None:
+                steps.append((open_step, open_wall, open_rows))
+            if steps:
+                try:
+                    self._send(steps)
+                except Exception as e:  # noqa: BLE001 - a bug here must not stop training
+                    self._each(lambda sink: _raise(e), steps[0][0])
+            self._each(lambda sink: sink.flush())
+            if what == "stop":
                 self._each(lambda sink: sink.close(ok=True))
                 self._sinks = []
-                item[1].set()
+            if done is not None:
+                done.set()
+            if what == "stop":
                 return
-            if item[0] in ("flush", "tick") or time.monotonic() - last_flush >= self.flush_secs:
-                self._each(lambda sink: sink.flush())
-                last_flush = time.monotonic()
-            if item[0] == "flush":
-                item[1].set()
 
-    def _send(self, step: int, rows: dict) -> None:
-        loss, grad = rows.get("loss"), rows.get("grad")
-        row = sm.step_summary(
-            step=step, modalities=self._modalities, routing=rows.get("routing"),
-            loss_terms=self._terms, loss=None if loss is None else loss["value"],
-            grad_layers=self._grad_layers, grad_components=self._grad_components,
-            grad_cosine=None if grad is None else grad["cosine"], findings=None)
-        wall = time.time()
-        self._each(lambda sink: sink.write(step, row, wall), step)
+    def _send(self, steps: list[tuple[int, float, dict]]) -> None:
+        """The summaries of complete steps, each group summarised once for all its rows (the
+        summary's own functions, as ``moe-probe export`` runs them on the store's arrays)."""
+        cols: dict[str, np.ndarray] = {}
+        for group, summarise in (("routing", self._routing), ("loss", self._loss),
+                                 ("grad", self._grad)):
+            at = [i for i, (_, _, rows) in enumerate(steps) if group in rows]
+            if not at:
+                continue
+            stacked = {n: np.stack([steps[i][2][group][n] for i in at])
+                       for n in steps[at[0]][2][group]}
+            for key, v_S in summarise(stacked).items():
+                cols[key] = np.full(len(steps), np.nan)
+                cols[key][at] = v_S
+        finite = {k: np.isfinite(v) for k, v in cols.items()}
+        values = {k: v.tolist() for k, v in cols.items()}
+        for i, (step, wall, _) in enumerate(steps):
+            row = {k: values[k][i] for k in cols if finite[k][i]}
+            self._each(lambda sink: sink.write(step, row, wall), step)
+
+    def _routing(self, arrays) -> dict[str, np.ndarray]:
+        return sm.routing_summary(self._modalities, **arrays)
+
+    def _loss(self, arrays) -> dict[str, np.ndarray]:
+        return sm.loss_summary(self._terms, arrays["value"])
+
+    def _grad(self, arrays) -> dict[str, np.ndarray]:
+        return sm.grad_summary(self._grad_layers, self._grad_components, arrays["cosine"])
 
     def _each(self, fn, step: int | None = None) -> None:
         """``fn`` on every sink; a sink that raises is reported once and dropped."""
@@ -237,3 +265,7 @@ class LiveExport:
                     sink.close(ok=False)
                 except Exception:  # noqa: BLE001 - already reported
                     pass
+
+
+def _raise(e: BaseException):
+    raise e
