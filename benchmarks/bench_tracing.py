@@ -42,6 +42,32 @@ VARIANTS = {
 }
 
 
+def traced_step(model, session, opt, step: int, micro_batches) -> None:
+    """One optimizer step of moe_probe's model through a :class:`TraceSession`."""
+    session.begin_step(step)
+    for b in micro_batches:
+        out = model(b)
+        session.backward({k: v / len(micro_batches) for k, v in out.task_losses.items()}, step)
+    session.end_step(step, {k: float(v.detach()) for k, v in out.losses.items()})
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def interleaved(run_steps, names: list[str], reps: int) -> tuple[dict, dict]:
+    """({name: [cpu s/step per repeat]}, {name: [wall s/step ...]}) of ``run_steps(name)`` after
+    one warm-up each, the order rotating each repeat so drifts in machine load hit all alike."""
+    for name in names:  # warm-up: allocator, first-call overheads, lazy imports
+        run_steps(name)
+    cpu = {name: [] for name in names}
+    wall = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            c, w = run_steps(name)
+            cpu[name].append(c)
+            wall[name].append(w)
+    return cpu, wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="symbiotic", help="demo recipe whose model/batch size to use")
@@ -83,29 +109,15 @@ def main() -> None:
         session = sessions[name]
         c0, t0 = time.process_time(), time.perf_counter()
         for s in range(args.steps):
-            step = step_no[name]
-            session.begin_step(step)
-            for b in batches[s * args.micro_batches:(s + 1) * args.micro_batches]:
-                out = model(b)
-                session.backward({k: v / args.micro_batches for k, v in out.task_losses.items()}, step)
-            session.end_step(step, {k: float(v.detach()) for k, v in out.losses.items()})
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            traced_step(model, session, opt, step_no[name],
+                        batches[s * args.micro_batches:(s + 1) * args.micro_batches])
             step_no[name] += 1
         if args.device != "cpu":
             torch.cuda.synchronize()
         return (time.process_time() - c0) / args.steps, (time.perf_counter() - t0) / args.steps
 
     names = list(sessions)
-    for name in names:  # warm-up: allocator, first-call overheads, lazy imports
-        run_steps(name)
-    cpu = {name: [] for name in names}
-    wall = {name: [] for name in names}
-    for rep in range(args.reps):
-        for name in names[rep % 3:] + names[:rep % 3]:
-            c, w = run_steps(name)
-            cpu[name].append(c)
-            wall[name].append(w)
+    cpu, wall = interleaved(run_steps, names, args.reps)
     for session in sessions.values():
         session.close()
     tmp.cleanup()

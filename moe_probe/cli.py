@@ -31,6 +31,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fail-on", choices=["collapse", "conflict", "any"], default=None,
                    help="diagnose online every 10 steps; at the first critical finding of this "
                         "kind checkpoint, stop and exit 1")
+    t.add_argument("--report-to", default=None, metavar="TOOLS",
+                   help="send each step's bounded summary live: tensorboard,wandb,mlflow")
+    t.add_argument("--tensorboard-dir", default=None, metavar="DIR",
+                   help="TensorBoard log directory (default RUN_DIR/tb)")
+    t.add_argument("--mlflow-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    t.add_argument("--wandb-project", default=None,
+                   help="W&B project (default $WANDB_PROJECT, else moe-probe)")
 
     i = sub.add_parser("info", help="what a run holds")
     i.add_argument("run_dir")

@@ -34,7 +34,9 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
           every: int = 1, grad_every: int | None = None, tasks: Sequence[str] | None = None,
           capacity_factor: float = 1.0, loss_terms: Sequence[str] = (), start_step: int = 0,
           use_table: bool = True, resume_after: int | None = None, on_finding=None,
-          diagnose_every: int = 10, fail_on: str = "collapse") -> Watch:
+          diagnose_every: int = 10, fail_on: str = "collapse",
+          report_to: str | Sequence[str] = (), report_dir=None,
+          mlflow_uri: str | None = None) -> Watch:
     """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
     are removed on exit, also on an exception; queued rows are written).
 
@@ -70,6 +72,11 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       already at ``out`` (same model layout and kinds; another run is refused, nothing touched)
       continues, its rows of later steps dropped, from ``start_step`` (> ``resume_after``); no
       run at ``out`` = a new one.
+    - ``report_to``: tools that get each step's bounded summary live, any of ``"tensorboard"``,
+      ``"wandb"``, ``"mlflow"`` (``moe_probe.export.live``): TensorBoard logs in ``report_dir``
+      (default ``out/tb``), MLflow at ``mlflow_uri`` (default ``MLFLOW_TRACKING_URI``), W&B by
+      its own settings (``WANDB_PROJECT``, ``WANDB_MODE``, ...). A missing client is refused
+      before anything is created.
 
     Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
     are summed over ranks; rank 0 alone writes.
@@ -101,6 +108,7 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
              "model": {**routers.attrs(), "nominal_capacity": capacity_factor},
              "modalities": names}
     distributed, rank = _distributed()
+    report = _report(report_to, report_dir, mlflow_uri)  # every rank: all refuse together
     if rank == 0:
         run = Run(out)
         run.check_writable()
@@ -111,6 +119,8 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
                 raise ValueError(f"{out} already holds a run; watch writes a new run (choose another out)")
             run.create(store_attrs=attrs, store_coords=coords)
             writer = StoreWriter.resume(run.store_path)[0]
+        if report is not None:
+            writer = report.open(writer, run.path)
     else:
         writer = NullWriter(coords)
     monitor = None
@@ -140,6 +150,15 @@ def _reopen(run: Run, attrs: dict, coords: dict, after_step: int) -> StoreWriter
         raise ValueError(f"{run.path} holds another run ({why}); resume into the run this training "
                          "wrote, or choose another out")
     return StoreWriter.resume(run.store_path, after_step=after_step)[0]
+
+
+def _report(report_to, report_dir, mlflow_uri):
+    """The checked live-export settings, None without ``report_to``."""
+    if not report_to:
+        return None
+    from moe_probe.export.live import Report
+
+    return Report.parse(report_to, tensorboard_dir=report_dir, mlflow_uri=mlflow_uri).check()
 
 
 def _distributed() -> tuple[bool, int]:

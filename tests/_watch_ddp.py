@@ -2,6 +2,7 @@
 
 ``python tests/_watch_ddp.py OUT``: one process, gradient accumulation 2; under
 ``torchrun --nproc_per_node 2``: rank r runs micro-batch r of each step (the same global batch).
+``python tests/_watch_ddp.py OUT TOOLS``: also ``report_to=TOOLS`` (e.g. ``tensorboard``).
 """
 
 import os
@@ -19,7 +20,7 @@ STEPS, MICRO, B, S = 3, 2, 2, 16
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 
 
-def main(out: str) -> None:
+def main(out: str, report_to: str = "") -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
@@ -31,7 +32,8 @@ def main(out: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(0)
     with moe_probe.watch(net, out, kind_names=["text", "code"], grad_every=2, tasks=("a", "b"),
-                         kinds=lambda input_ids, **_: input_ids % 2 == 0) as w:
+                         kinds=lambda input_ids, **_: input_ids % 2 == 0,
+                         report_to=report_to) as w:
         for step in range(STEPS):
             batches = [torch.randint(3, model.config.vocab_size, (B, S), generator=g) for _ in range(MICRO)]
             for i, ids in enumerate(batches):
@@ -49,4 +51,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

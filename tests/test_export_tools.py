@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,9 @@ sys.path.insert(0, str(ROOT))
 from moe_probe.cli import main  # noqa: E402
 from moe_probe.export.history import read_summary  # noqa: E402
 from moe_probe.export.sinks import PARAMS_TAG  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _wandb_log import wandb_history, wandb_records  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -65,50 +66,14 @@ def test_tensorboard_reads_back_every_key_at_every_step(run, expected, tmp_path)
     assert str((run / "traces.zarr").resolve()) in text
 
 
-def _wandb_records(path: Path):
-    """The records of a `.wandb` transaction log, decoded with wandb's own protobuf.
-
-    wandb 0.31 ships no reader for it (its Python DataStore is gone; `wandb.beta.LocalApi` is not
-    released), so this reads the framing — LevelDB's log format behind a 7-byte `:W&B` header:
-    32 KiB blocks of (crc32 of type+data, uint16 length, uint8 type, data) chunks — and checks
-    every chunk's CRC."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, i, buf, out = 32768, 7, b"", []
-    while i < len(data):
-        if block - i % block < 7:  # too little room for a chunk header: zero padding
-            i += block - i % block
-            continue
-        crc, n, kind = struct.unpack("<IHB", data[i:i + 7])
-        chunk = data[i + 7:i + 7 + n]
-        i += 7 + n
-        if kind == 0:  # preallocated zeros past the end
-            break
-        assert crc == zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF
-        buf += chunk
-        if kind in (1, 4):  # FULL or LAST
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-            buf = b""
-    return out
-
-
 def test_wandb_offline_run_holds_the_same_keys_and_values(run, expected, tmp_path):
     s, _ = expected
     r = _cli(run, "--wandb", "--wandb-project", "moe-probe-test",
              env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     assert r.returncode == 0, r.stderr
     [log] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    records = _wandb_records(log)
-    got: dict[int, dict] = {}
-    for rec in records:
-        if rec.WhichOneof("record_type") == "history":
-            items = {it.nested_key[0] if it.nested_key else it.key: json.loads(it.value_json)
-                     for it in rec.history.item}
-            got[rec.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    records = wandb_records(log)
+    got = wandb_history(records)
     want = dict(s.rows())
     assert sorted(got) == sorted(want)
     assert got == want  # same keys at each step, the same float64 values

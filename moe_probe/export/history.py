@@ -17,7 +17,7 @@ from moe_probe.run import RunInfo, open_run
 from moe_probe.store.reader import RunStore
 from moe_probe.trace.metrics import load_cv
 
-__all__ = ["RunSummary", "read_summary"]
+__all__ = ["RunSummary", "read_summary", "run_params"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +79,7 @@ def read_summary(run_dir, *, findings: bool = True) -> RunSummary:
     keys = tuple(k for k in order if k in cols)
     assert set(keys) == set(cols), f"keys outside summary_keys: {set(cols) - set(keys)}"
     return RunSummary(
-        name=info.name, store=str(store.store_path.resolve()), params=_params(store, info),
+        name=info.name, store=str(store.store_path.resolve()), params=run_params(store, info),
         keys=keys, steps=steps,
         values=np.stack([cols[k] for k in keys], axis=1) if keys else np.empty((steps.size, 0)))
 
@@ -127,7 +127,9 @@ def _diagnose(run_dir: Path):
     return diagnose_run(load_run(run_dir)).findings
 
 
-def _params(store: RunStore, info: RunInfo) -> dict:
+def run_params(store: RunStore, info: RunInfo) -> dict:
+    """What goes into each tool's run config / params: the store path (the way to the
+    dashboard) and the model's shape."""
     p = {"moe_probe_store": str(store.store_path.resolve()), "moe_probe_run": info.name,
          "moe_probe_recipe": info.recipe, "moe_probe_arch": info.arch,
          "moe_probe_layers": len(info.layers) or None, "moe_probe_experts": info.experts,

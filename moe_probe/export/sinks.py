@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 
 from moe_probe.export.history import RunSummary
 
-__all__ = ["to_tensorboard", "to_wandb", "to_mlflow", "PARAMS_TAG"]
+__all__ = ["TensorBoardSink", "WandbSink", "MlflowSink", "to_tensorboard", "to_wandb", "to_mlflow",
+           "check_mlflow", "require", "PARAMS_TAG"]
 
 PARAMS_TAG = "moe_probe/run"
 """TensorBoard has no run config: the params go in as a text summary under this tag (TEXT tab)."""
@@ -26,7 +27,7 @@ _MLFLOW_BATCH = 1000
 """Metrics per ``log_batch`` call: MLflow's own limit per request."""
 
 
-def _require(module: str, package: str, tool: str):
+def require(module: str, package: str, tool: str):
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -39,99 +40,171 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def to_tensorboard(s: RunSummary, logdir) -> Path:
-    """One event file in ``logdir``: a scalar per key and step, plus the params as text at the
-    first step. Returns ``logdir``."""
-    _require("tensorboard", "tensorboard", "TensorBoard")
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.plugins.text import metadata as text_metadata
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    from tensorboard.util import tensor_util
+class TensorBoardSink:
+    """One event file in ``logdir``: one event per step holding every key as a scalar, plus the
+    params as text at the first step written."""
 
-    logdir = Path(logdir)
-    if logdir.exists() and not logdir.is_dir():
-        raise ValueError(f"--tensorboard {logdir} is a file, not a directory")
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-        writer = EventFileWriter(str(logdir), max_queue_size=1024)
-    except OSError as e:
-        raise ValueError(f"--tensorboard {logdir}: cannot write there "
-                         f"({e.strerror or e})") from None
-    # The store keeps no wall clock per step: every event carries the export's time.
-    now = time.time()
-    Value = summary_pb2.Summary.Value
-    params = "\n".join(f"- **{k}**: `{v}`" for k, v in s.params.items())
-    first = int(s.steps[0]) if s.steps.size else 0
-    writer.add_event(event_pb2.Event(wall_time=now, step=first, summary=summary_pb2.Summary(
-        value=[Value(tag=PARAMS_TAG, metadata=text_metadata.create_summary_metadata(
-                         display_name=PARAMS_TAG, description="moe_probe run config"),
-                     tensor=tensor_util.make_tensor_proto(params))])))
-    # One event per step holding every key as a legacy simple_value (as torch's SummaryWriter
-    # writes scalars): tensorboard.summary.Writer's one event per value, each with its metadata,
-    # is several times the bytes, and the event writer's pure-Python CRC is the cost here.
-    for step, row in s.rows():
-        writer.add_event(event_pb2.Event(wall_time=now, step=step, summary=summary_pb2.Summary(
+    def __init__(self, logdir, params: dict, *, flush_secs: float = 120.0):
+        require("tensorboard", "tensorboard", "TensorBoard")
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+        self.logdir = Path(logdir)
+        if self.logdir.exists() and not self.logdir.is_dir():
+            raise ValueError(f"TensorBoard log directory {self.logdir} is a file, not a directory")
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            # The writer's own thread does the file I/O (and its pure-Python CRC).
+            self._writer = EventFileWriter(str(self.logdir), max_queue_size=1024,
+                                           flush_secs=flush_secs)
+        except OSError as e:
+            raise ValueError(f"TensorBoard log directory {self.logdir}: cannot write there "
+                             f"({e.strerror or e})") from None
+        self._params: dict | None = params
+
+    def write(self, step: int, row: dict[str, float], wall_time: float) -> None:
+        Value = self._summary.Value
+        if self._params is not None:
+            self._write_params(step, wall_time)
+        # One event per step holding every key as a legacy simple_value (as torch's SummaryWriter
+        # writes scalars): tensorboard.summary.Writer's one event per value, each with its
+        # metadata, is several times the bytes, and the event writer's pure-Python CRC is the cost.
+        self._writer.add_event(self._event(wall_time=wall_time, step=step, summary=self._summary(
             value=[Value(tag=k, simple_value=v) for k, v in row.items()])))
-    writer.close()
-    return logdir
+
+    def _write_params(self, step: int, wall_time: float) -> None:
+        from tensorboard.plugins.text import metadata as text_metadata
+        from tensorboard.util import tensor_util
+
+        text = "\n".join(f"- **{k}**: `{v}`" for k, v in self._params.items())
+        self._params = None
+        self._writer.add_event(self._event(wall_time=wall_time, step=step, summary=self._summary(
+            value=[self._summary.Value(
+                tag=PARAMS_TAG, metadata=text_metadata.create_summary_metadata(
+                    display_name=PARAMS_TAG, description="moe_probe run config"),
+                tensor=tensor_util.make_tensor_proto(text))])))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self, ok: bool = True) -> None:
+        self._writer.close()
+
+
+class WandbSink:
+    """A new W&B run, its config the params. The mode (online, offline), entity and directory
+    come from W&B's own settings (``WANDB_MODE``, ``WANDB_DIR``, ...); the project from
+    ``project``, else ``WANDB_PROJECT``, else ``moe-probe``."""
+
+    def __init__(self, name: str, params: dict, *, project: str | None = None,
+                 job_type: str = "moe-probe-export"):
+        wandb = require("wandb", "wandb", "W&B")
+        try:
+            self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "moe-probe",
+                                  name=name, config=params, job_type=job_type,
+                                  settings=wandb.Settings(silent=True, console="off",
+                                                          x_disable_stats=True))
+        except Exception as e:  # noqa: BLE001 - wandb's errors share no base class
+            raise ValueError(f"W&B: {_one_line(e)}") from None
+        self.where = str(self.run.url or self.run.settings.sync_dir)
+        """The run's URL (online) or its local directory (offline)."""
+
+    def write(self, step: int, row: dict[str, float], wall_time: float) -> None:
+        self.run.log(row, step=step)
+
+    def flush(self) -> None:
+        pass  # wandb's own service process sends as it goes
+
+    def close(self, ok: bool = True) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
+
+
+class MlflowSink:
+    """A new MLflow run named ``name`` in ``experiment`` at tracking ``uri``, the params as run
+    params; metrics go in batches of MLflow's per-request limit (and at ``flush``)."""
+
+    def __init__(self, uri: str, name: str, params: dict, *, experiment: str = "moe-probe"):
+        check_mlflow(uri)
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        self._metric, self.uri, self._batch = Metric, uri, []
+        try:
+            self._client = MlflowClient(tracking_uri=uri)
+            exp = self._client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
+            self.run_id = self._client.create_run(exp_id, run_name=name).info.run_id
+            self._client.log_batch(self.run_id, params=[
+                Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()])
+        except Exception as e:  # noqa: BLE001 - MlflowException, OSError, requests' errors
+            raise ValueError(f"MLflow {uri}: {_one_line(e)}") from None
+
+    def write(self, step: int, row: dict[str, float], wall_time: float) -> None:
+        ms = int(wall_time * 1000)
+        self._batch += [self._metric(k, v, ms, step) for k, v in row.items()]
+        while len(self._batch) >= _MLFLOW_BATCH:
+            self._send(self._batch[:_MLFLOW_BATCH])
+            self._batch = self._batch[_MLFLOW_BATCH:]
+
+    def flush(self) -> None:
+        if self._batch:
+            self._send(self._batch)
+            self._batch = []
+
+    def _send(self, metrics: list) -> None:
+        try:
+            self._client.log_batch(self.run_id, metrics=metrics)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"MLflow {self.uri}: {_one_line(e)}") from None
+
+    def close(self, ok: bool = True) -> None:
+        try:
+            if ok:
+                self.flush()
+        finally:
+            self._client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+
+def _write_all(sink, s: RunSummary) -> None:
+    """Every row of ``s`` into ``sink``, which is closed (FAILED on an error)."""
+    # The store keeps no wall clock per step: every value carries the export's time.
+    now, ok = time.time(), False
+    try:
+        for step, row in s.rows():
+            sink.write(step, row, now)
+        sink.flush()
+        ok = True
+    finally:
+        sink.close(ok)
+
+
+def to_tensorboard(s: RunSummary, logdir) -> Path:
+    """One event file in ``logdir`` (:class:`TensorBoardSink`). Returns ``logdir``."""
+    sink = TensorBoardSink(logdir, s.params)
+    _write_all(sink, s)
+    return sink.logdir
 
 
 def to_wandb(s: RunSummary, *, project: str | None = None) -> str:
-    """A new W&B run named after the moe_probe run, its config the params. The mode (online,
-    offline), entity and directory come from W&B's own settings (``WANDB_MODE``, ``WANDB_DIR``,
-    ...); the project from ``project``, else ``WANDB_PROJECT``, else ``moe-probe``. Returns the
-    run's URL (online) or its local directory (offline)."""
-    wandb = _require("wandb", "wandb", "W&B")
-    try:
-        run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "moe-probe",
-                         name=s.name, config=s.params, job_type="moe-probe-export",
-                         settings=wandb.Settings(silent=True, console="off",
-                                                 x_disable_stats=True))
-    except Exception as e:  # noqa: BLE001 - wandb's errors share no base class
-        raise ValueError(f"W&B: {_one_line(e)}") from None
-    try:
-        for step, row in s.rows():
-            run.log(row, step=step)
-        where = run.url or run.settings.sync_dir
-    finally:
-        run.finish()
-    return str(where)
+    """A new W&B run named after the moe_probe run (:class:`WandbSink`). Returns the run's URL
+    (online) or its local directory (offline)."""
+    sink = WandbSink(s.name, s.params, project=project)
+    _write_all(sink, s)
+    return sink.where
 
 
 def to_mlflow(s: RunSummary, uri: str, *, experiment: str = "moe-probe") -> str:
-    """A new MLflow run (named after the moe_probe run) in ``experiment`` at tracking ``uri``,
-    the params as run params. Returns the MLflow run id."""
-    _require("mlflow", "mlflow-skinny", "MLflow")
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    """A new MLflow run named after the moe_probe run (:class:`MlflowSink`). Returns its id."""
+    sink = MlflowSink(uri, s.name, s.params, experiment=experiment)
+    _write_all(sink, s)
+    return sink.run_id
 
+
+def check_mlflow(uri: str) -> None:
+    """The client is installed and an http(s) server answers: one-line ValueError otherwise."""
+    require("mlflow", "mlflow-skinny", "MLflow")
     _check_reachable(uri)
-    try:
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, run_name=s.name).info.run_id
-    except Exception as e:  # noqa: BLE001 - MlflowException, OSError, requests' errors
-        raise ValueError(f"MLflow {uri}: {_one_line(e)}") from None
-    ok = False
-    try:
-        client.log_batch(run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
-                                         for k, v in s.params.items()])
-        ms = int(time.time() * 1000)  # the store keeps no wall clock per step: the export's
-        batch: list = []
-        for step, row in s.rows():
-            batch += [Metric(k, v, ms, step) for k, v in row.items()]
-            if len(batch) >= _MLFLOW_BATCH:
-                client.log_batch(run_id, metrics=batch[:_MLFLOW_BATCH])
-                batch = batch[_MLFLOW_BATCH:]
-        if batch:
-            client.log_batch(run_id, metrics=batch)
-        ok = True
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"MLflow {uri}: {_one_line(e)}") from None
-    finally:
-        client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
-    return run_id
 
 
 def _check_reachable(uri: str) -> None:
@@ -140,10 +213,10 @@ def _check_reachable(uri: str) -> None:
     if u.scheme not in ("http", "https"):
         return
     if not u.hostname:
-        raise ValueError(f"--mlflow {uri}: no host in the URI")
+        raise ValueError(f"MLflow {uri}: no host in the URI")
     port = u.port or (443 if u.scheme == "https" else 80)
     try:
         socket.create_connection((u.hostname, port), timeout=5).close()
     except OSError as e:
-        raise ValueError(f"--mlflow {uri}: cannot reach {u.hostname}:{port} "
+        raise ValueError(f"MLflow {uri}: cannot reach {u.hostname}:{port} "
                          f"({e.strerror or type(e).__name__})") from None

@@ -79,6 +79,7 @@ def train(args) -> int:
     # rendezvous, so no rank can have written anything yet.
     cfg, run, how = resolve_config(args)
     run_dir = run.path
+    report = _report(args)
     # torch: only once the input is known good
     from moe_probe.train.distributed import env_world_size, process_group
     from moe_probe.train.stages import train_run
@@ -95,7 +96,7 @@ def train(args) -> int:
         log = (lambda *a, **k: None) if args.quiet or not dist.is_main else print
         try:
             summary = train_run(cfg, run_dir, how=how, quiet=args.quiet, log=log, dist=dist,
-                                fail_on=fail_on)
+                                fail_on=fail_on, report=report)
         except StopTraining as e:
             if dist.is_main:  # the store is flushed and the checkpoint written at the stop
                 print(f"moe-probe train: --fail-on {fail_on}: {e} (checkpoint at step "
@@ -112,6 +113,17 @@ def train(args) -> int:
     print(f"  moe-probe diagnose {run_dir} --html report.html")
     print(f"  moe-probe dash {run_dir.parent}")
     return 0
+
+
+def _report(args):
+    """The checked ``--report-to`` settings (a missing client is refused before training), or
+    None."""
+    if not getattr(args, "report_to", None):
+        return None
+    from moe_probe.export.live import Report
+
+    return Report.parse(args.report_to, tensorboard_dir=args.tensorboard_dir,
+                        mlflow_uri=args.mlflow_uri, wandb_project=args.wandb_project).check()
 
 
 def run_info(run_dir: Path) -> dict:

@@ -182,7 +182,7 @@ def _converted(cfg: RunConfig, base_dir: Path):
 
 
 def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
-              log=print, dist: Dist = SINGLE, fail_on: str | None = None) -> dict:
+              log=print, dist: Dist = SINGLE, fail_on: str | None = None, report=None) -> dict:
     """Train one stage into ``run_dir``; returns the run's summary dict (also in its summary file:
     recipe, arch, n_params, groups, base, last eval).
 
@@ -190,7 +190,8 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
     ``"start_over"`` (a run that died before its first checkpoint: same config, its store
     truncated to 0 rows) or ``"resume"`` (from the last checkpoint). ``fail_on``: online findings
     (``tracing.open_session``); a stop raises the session's ``StopTraining`` once the checkpoint
-    and the summary are written."""
+    and the summary are written. ``report``: live export of this stage's summary
+    (``moe_probe.export.live.Report``; a base stage is not reported)."""
     assert how in ("new", "start_over", "resume"), how
     run = Run(run_dir)
     optimizer = generator = None
@@ -229,7 +230,7 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
                                                              "groups": groups})
             run.create(**files) if how == "new" else run.start_over(**files)
     session = open_session(cfg, run, model, data, evaluator.metric_names, resume_step=start,
-                           dist=dist, fail_on=fail_on)
+                           dist=dist, fail_on=fail_on, report=report)
     session.restore_snapshot(extra.get("snapshot"), start)
     try:
         metrics = fit(cfg, run_dir, model=model, data=data, tokenizer=tokenizer, session=session,
@@ -264,7 +265,8 @@ def _plain(groups):
 
 
 def train_run(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False, log=print,
-              dist: Dist = SINGLE, fail_on: str | None = None) -> dict:
+              dist: Dist = SINGLE, fail_on: str | None = None, report=None) -> dict:
     """Entry point of ``moe-probe train``: the base first where a stage-2 run needs one
-    (``fail_on`` watches this run, not its base)."""
-    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist, fail_on=fail_on)
+    (``fail_on`` and ``report`` concern this run, not its base)."""
+    return run_stage(cfg, Path(run_dir), how=how, quiet=quiet, log=log, dist=dist, fail_on=fail_on,
+                     report=report)

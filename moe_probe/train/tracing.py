@@ -20,7 +20,8 @@ DIAGNOSE_EVERY = 10
 
 
 def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
-                 resume_step: int = 0, dist: Dist = SINGLE, fail_on: str | None = None) -> TraceSession:
+                 resume_step: int = 0, dist: Dist = SINGLE, fail_on: str | None = None,
+                 report=None) -> TraceSession:
     """A session appending to the run's store (on rank 0; other ranks trace into a NullWriter).
 
     The store already exists (``Run.create`` lays it out with the run). It keeps only rows of
@@ -31,12 +32,16 @@ def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
     ``fail_on`` (``collapse`` | ``conflict`` | ``any``): online findings every
     :data:`DIAGNOSE_EVERY` steps stop training at the first critical one of that category
     (``session.should_stop``), with the rows the store already holds counted.
+    ``report`` (``moe_probe.export.live.Report``, checked): rank 0 also sends each step's summary
+    to those tools.
     """
     if not dist.is_main:
         _, coords = store_layout(model, eval_metrics=list(metric_names))
         writer = NullWriter(coords)
     else:
         writer, _ = StoreWriter.resume(run.store_path, after_step=resume_step - 1)
+        if report is not None and report.to:
+            writer = report.open(writer, run.path)
     monitor = None
     if fail_on is not None:
         writer, monitor = monitored(writer, run.path if dist.is_main else None, on_finding="stop",
