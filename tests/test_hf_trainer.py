@@ -134,3 +134,45 @@ def test_kinds_column_the_trainer_would_drop_is_refused(tmp_path):
         trainer.train()
     _only_line(e)
     assert not (tmp_path / "run").exists()
+
+
+def _online_run(tmp_path, plant: bool):
+    """40 steps, online findings every 5 ("stop" on any critical one). ``plant``: every router
+    sends its tokens to experts 0 and 1 only, so experts 2 and 3 of each layer really get
+    nothing (the model's own routing, not a made-up row): at the nominal C = 1 each of the two
+    experts keeps half its picks, a capacity rate of 0.5 — a critical collapse."""
+    model = tiny("mixtral")
+    if plant:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    p[2:] = 0.0
+                    p[:2] *= 50.0
+    cb = TraceCallback(tmp_path / "run", on_finding="stop", fail_on="any", diagnose_every=5)
+    trainer = RecordingTrainer(
+        model=model, args=training_args(tmp_path / "hf", steps=40, save_strategy="steps",
+                                        save_steps=1000),
+        train_dataset=Windows(model.config.vocab_size, 40 * ACCUM * B), callbacks=[cb])
+    trainer.train()
+    return cb, trainer
+
+
+def test_an_online_finding_stops_the_trainer_with_store_and_checkpoint_agreeing(tmp_path):
+    cb, trainer = _online_run(tmp_path, plant=True)
+    stop = trainer.state.global_step
+    assert cb.stopped is not None and cb.stopped.step == stop < 40
+    f = cb.stopped.finding
+    assert f.kind == "routing_collapse" and f.severity == "critical" and f.onset_step <= stop
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == [f"checkpoint-{stop}"]
+    assert int(open_run(tmp_path / "run").dataset("routing")["step"].values[-1]) == stop
+    # Offline diagnosis of the store reports the same finding.
+    from moe_probe.diagnose.rundata import load_run
+    from moe_probe.diagnose.runner import diagnose_run
+
+    offline = [g for g in diagnose_run(load_run(tmp_path / "run")).findings if g.kind == f.kind]
+    assert offline and offline[0].onset_step == f.onset_step
+
+
+def test_a_healthy_trainer_run_is_not_stopped(tmp_path):
+    cb, trainer = _online_run(tmp_path, plant=False)
+    assert cb.stopped is None and trainer.state.global_step == 40

@@ -43,7 +43,7 @@ class TraceCallback(TrainerCallback):
     def __init__(self, out, *, kinds: str | Callable | None = None,
                  kind_names: Sequence[str] | None = None, every: int = 1,
                  grad_every: int | None = None, tasks: Sequence[str] | None = None,
-                 capacity_factor: float = 1.0, use_table: bool = True):
+                 capacity_factor: float = 1.0, use_table: bool = True, **watch_options):
         """- ``out``: the run directory (new, or this training's own run when resuming).
         - ``kinds``: the kind of each token: a batch column (e.g. ``"token_type_ids"``: kind ids
           per token (B, S) or per sample (B,); it reaches the model, which ignores an unknown
@@ -53,17 +53,29 @@ class TraceCallback(TrainerCallback):
         - ``every``: a routing row every this many global steps (steps 1, 2, ... as HF counts).
         - ``grad_every`` / ``tasks``: gradient conflict between two task losses every this many
           steps; needs a Trainer class with :class:`TraceTrainerMixin`.
-        - ``capacity_factor``, ``use_table``: as :func:`moe_probe.watch`."""
+        - ``capacity_factor``, ``use_table``: as :func:`moe_probe.watch`.
+        - ``watch_options``: the rest of :func:`moe_probe.watch`'s options — online findings
+          (``on_finding``, ``diagnose_every``, ``fail_on``: a stop ends training at that step
+          with a checkpoint saved there) and live export (``report_to``, ``report_dir``,
+          ``mlflow_uri``)."""
+        unknown = set(watch_options) - _PASSED_ON
+        if unknown:
+            raise ValueError(f"TraceCallback: unknown option(s) {sorted(unknown)}; "
+                             f"known: {sorted(_PASSED_ON)}")
         column = kinds if isinstance(kinds, str) else None
         fn = _column(kinds) if column is not None else kinds
         check_settings(every=every, grad_every=grad_every or 0, tasks=tasks, kinds=fn,
                        kind_names=kind_names, capacity_factor=capacity_factor)
         self.out, self.column = out, column
         self._kw = dict(kinds=fn, kind_names=kind_names, every=every, grad_every=grad_every,
-                        tasks=tasks, capacity_factor=capacity_factor, use_table=use_table)
+                        tasks=tasks, capacity_factor=capacity_factor, use_table=use_table,
+                        **watch_options)
         self.tasks = tuple(tasks) if tasks is not None else None
         self.watch: Watch | None = None
         """The open watch while training runs."""
+        self.stopped = None
+        """The online finding that stopped training (``StopTraining``: ``.finding``, ``.step``),
+        or None."""
         self.task_losses = False
         """Set by :class:`TraceTrainerMixin`: the trainer hands backward the task losses."""
 
@@ -88,6 +100,10 @@ class TraceCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.watch.end_step(state.global_step)
+        if self.watch.should_stop:  # an online finding: end here, store and checkpoint agreeing
+            self.stopped = self.watch.stopped
+            control.should_training_stop = True
+            control.should_save = True
         self._commit_before_save(control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -108,6 +124,11 @@ class TraceCallback(TrainerCallback):
         w, self.watch = self.watch, None
         if w is not None:
             w.close()
+
+
+_PASSED_ON = frozenset({"on_finding", "diagnose_every", "fail_on", "report_to", "report_dir",
+                        "mlflow_uri"})
+"""``moe_probe.watch`` options the callback hands on as given."""
 
 
 def _column(name: str) -> Callable:
