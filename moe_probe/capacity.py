@@ -1,7 +1,7 @@
 """Expert capacity: the one formula behind the model's token dropping and every nominal-kept count.
 
 Pure Python with numpy (no torch import): the model (``model/moe.py``), the routing counter
-(``trace/routing.py``) and the numpy reader side (``trace/metrics.py``) all call
+(``trace/routing.py``) and the numpy reader side (``metrics.py``) all call
 :func:`expert_capacity`. It takes Python numbers, numpy arrays or torch tensors — the arithmetic is
 written once and dispatched only for the final ceil, so the three callers cannot drift apart
 (docs/CONTRACT_CHANGES.md item 5).

@@ -18,7 +18,7 @@ key                                value at a step
 ``moe/maxvio_max``                 ... its maximum over layers
 ``moe/load_cv_mean``               coefficient of variation of expert load, mean over
                                    (layer, kind); from the store's ``load_cv`` when measured,
-                                   else computed from ``load`` (``trace.metrics.load_cv``)
+                                   else computed from ``load`` (``metrics.load_cv``)
 ``moe/dead_frac_mean``             fraction of dead experts, mean over (layer, kind)
 ``moe/entropy_mean``               normalised routing entropy, mean over (layer, kind)
 ``moe/shared_grad_cosine``         cos(∇L_und, ∇L_gen) on the shared experts: the ``grad``

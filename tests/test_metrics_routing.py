@@ -1,4 +1,4 @@
-"""Metric math (moe_probe/trace/metrics.py) on tiny cases worked out by hand."""
+"""Metric math (moe_probe/metrics.py) on tiny cases worked out by hand."""
 
 import math
 import subprocess
@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from moe_probe.trace import metrics as mt
+from moe_probe import metrics as mt
 
 NAN = float("nan")
 
@@ -143,7 +143,7 @@ def test_cosine_helpers():
 
 
 def test_metrics_module_does_not_import_torch():
-    code = ("import sys, moe_probe.trace.metrics as m; "
+    code = ("import sys, moe_probe.metrics as m; "
             "m.routing_metrics([1,0,0],[[1,0],[0,0],[0,0]],[1,0,0],1); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,7 +10,7 @@ import pytest
 from fixtures.generate import NAMES, SIZES, build
 from moe_probe.run import open_run
 from moe_probe.store import CORE_GROUPS
-from moe_probe.trace import metrics as mt
+from moe_probe import metrics as mt
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
 

@@ -111,7 +111,7 @@ r = moe_probe.open_run({str(tmp_path / 'run')!r})
 r.dataset("routing"); r.frame("routing", "load")
 from moe_probe.run import Run
 Run({str(tmp_path / 'run')!r}).info()
-import moe_probe.store, moe_probe.trace.metrics
+import moe_probe.store, moe_probe.metrics
 assert "torch" not in sys.modules, "torch was imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True)

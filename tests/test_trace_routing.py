@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moe_probe.model.hooks import HookPoint, LayerRouting, RouterRecord, hooks, layer_hooks
-from moe_probe.trace import metrics
+from moe_probe import metrics
 from moe_probe.trace.routing import RoutingCounter, counter_for
 
 NINF = -math.inf

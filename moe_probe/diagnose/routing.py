@@ -13,7 +13,7 @@ from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import REMEDIES, CheckResult, Finding
 from moe_probe.diagnose.rundata import RunData, layer_load
 from moe_probe.diagnose.windows import first_valid, sustained, tail_mean
-from moe_probe.trace.metrics import DEAD_SHARE
+from moe_probe.metrics import DEAD_SHARE
 
 
 def _routing(run: RunData, var: str, cfg: DiagnoseConfig, kind: str):

@@ -15,7 +15,7 @@ from moe_probe.diagnose.rundata import layer_load, load_run
 from moe_probe.diagnose.runner import diagnose_run
 from moe_probe.run import RunInfo, open_run
 from moe_probe.store.reader import RunStore
-from moe_probe.trace.metrics import load_cv
+from moe_probe.metrics import load_cv
 
 __all__ = ["RunSummary", "read_summary", "run_params"]
 

@@ -11,7 +11,6 @@
 - ``online``   online findings: the diagnose detectors every N steps, warn / stop (``on_finding``);
 - ``session``  TraceSession: the trainer's single handle (INTERNAL_API §3), built on Watch;
   ``layout``   the store coords/attrs of a model.
-- ``metrics``  numpy metric math from counts (shared with readers).
 
 Submodules are imported explicitly; this package import stays cheap.
 """

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from moe_probe.capacity import expert_capacity
 from moe_probe.model.hooks import LayerRouting, RouterRecord
 from moe_probe.modalities import MODALITIES
-from moe_probe.trace import metrics
+from moe_probe import metrics
 
 
 def group_of_experts(info: LayerRouting) -> list[int]:

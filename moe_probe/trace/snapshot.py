@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moe_probe.trace import metrics
+from moe_probe import metrics
 
 
 class SnapshotTracer:
