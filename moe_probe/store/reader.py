@@ -116,10 +116,12 @@ class RunStore:
             coords[d] = xr.Variable((d,), np.array([str(x) for x in grp[d][:]], dtype=object))
         if "step" not in grp:
             raise StoreError(f"corrupt store: {where} has no 'step' coordinate array")
-        present = set(grp.array_keys())
         # Arrays this version does not declare are ignored; a missing optional one is "not
-        # measured" (see measured()); a missing required one means the store is damaged.
-        arrays = {name: grp[name] for name in [*GROUPS[group], "step"] if name in present}
+        # measured" (see measured()); a missing required one means the store is damaged. A stat
+        # per array, not zarr's member listing, which parses every member's metadata once more.
+        base = self.store_path / group
+        arrays = {name: grp[name] for name in [*GROUPS[group], "step"]
+                  if (base / name / "zarr.json").exists()}
         missing = sorted(set(required(group)) - set(arrays))
         if missing:
             raise StoreError(f"corrupt store: {where} lacks arrays {missing}")
