@@ -49,6 +49,7 @@ def _config_from_json(path: Path):
 def load_model(spec: str, *, seed: int = 0, dtype=torch.float32):
     """``(model, tokenizer_or_None, source)`` for a model directory or a config JSON file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import CONFIG_NAME
 
     p = Path(spec)
     if not p.exists():
@@ -59,8 +60,8 @@ def load_model(spec: str, *, seed: int = 0, dtype=torch.float32):
         weights = False
         source = f"config {p.name} (random weights, seed {seed})"
     else:
-        if not (p / "config.json").exists():
-            raise ValueError(f"{spec}: not a model directory (no config.json)")
+        if not (p / CONFIG_NAME).exists():  # the HF model's file (transformers names it), not a run's
+            raise ValueError(f"{spec}: not a model directory (no {CONFIG_NAME})")
         cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
         weights = any(any(p.glob(g)) for g in _WEIGHT_GLOBS)
         source = f"directory {p}" + ("" if weights else f" (config only: random weights, seed {seed})")
