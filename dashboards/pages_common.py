@@ -111,15 +111,16 @@ def figures_or_message(n_figs: int, titles: tuple[str, ...] = ()):
     return deco
 
 
-def opened_with_page(zooms: dict) -> bool:
-    """Whether this run of a view's callback is Dash's call for a page just opened, whose layout
-    already built the view's figures (`first_screen`). Dash fires a callback when one of its
-    Inputs arrives with a new page, prevent_initial_call or not: here the page's empty zoom
-    stores, given as {store id: its value} (a real zoom, even back to all steps, writes a dict
-    into its store)."""
-    trig = set(ctx.triggered_prop_ids)
-    return not trig or (trig <= {f"{i}.data" for i in zooms}
-                        and all(zooms[p[:-len(".data")]] is None for p in trig))
+def opened_with_page(*zoom_ids: str) -> bool:
+    """Whether this run of a callback is Dash's call for a page just opened, whose layout
+    already built what the callback would (`first_screen`, the dropdowns' choices). Dash fires a
+    callback when one of its Inputs arrives with a new page, prevent_initial_call or not: here
+    the page's stale store (`first_screen_stale`) and its zoom stores `zoom_ids`, all empty on a
+    page open. A real zoom (even back to all steps) writes a dict into its store, and a stale
+    first screen a time into the stale store: those are changes to answer."""
+    arrive = {f"{i}.data" for i in zoom_ids} | {f"{_gate(p)}-stale.data" for p in PAGES}
+    trig = [t for t in ctx.triggered if t["prop_id"] != "."]
+    return all(t["prop_id"] in arrive and t["value"] is None for t in trig)
 
 
 def need(value, what: str):

@@ -253,9 +253,16 @@ _REQUESTS_JS = """
         const gd = document.querySelector('#' + id + ' .js-plotly-plot');
         return !!(gd && gd._fullLayout); });
       window.__requests.push([JSON.parse(init.body).output, drawn]);
+      return fetch0.apply(this, arguments).then(r => {
+        // what came back (outputs left as no_update are not in an answer; 204: none at all)
+        r.clone().text().then(t => window.__answered.push(
+          ...(t ? Object.keys(JSON.parse(t).response || {}) : [])));
+        return r;
+      });
     }
     return fetch0.apply(this, arguments);
   };
+  window.__answered = [];
 })();
 """
 
@@ -278,6 +285,26 @@ def test_views_below_the_first_screen_wait_until_it_is_drawn(page, server):
              if any(g in out for g in ("routing-balance", "routing-share", "routing-saturation"))]
     assert len(below) >= 3, requests
     assert all(drawn for _out, drawn in below), below
+
+
+def test_a_page_open_does_not_send_its_first_screen_twice(page, server):
+    """The first screen comes with the page's layout; the callbacks Dash fires for the page's
+    stores arriving with it must not build and send those figures again (a second transfer and
+    redraw, which slowed every page open)."""
+    d = page
+    script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                               {"source": _REQUESTS_JS})["identifier"]
+    try:
+        d.get(server.url + "/routing")
+        for gid in ("routing-balance", "routing-share", "routing-saturation"):
+            wait_graph(d, gid, lambda g: g["title"].startswith("collapse"))
+        time.sleep(0.5)  # answers still on their way
+        answered = d.execute_script("return window.__answered;")
+    finally:
+        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+    assert {"routing-balance", "routing-share"} <= set(answered), answered
+    first = {"routing-cap-lines", "routing-cap-heat", "routing-load-heat"}
+    assert not first & set(answered), answered
 
 
 _WIDTHS_JS = """

@@ -75,6 +75,8 @@ zoom_callback("compare-zoom-loss", LOSS.id)
           Output("compare-runs", "children"), Input("sel", "data"), first_screen_stale(PATH),
           State("compare-metric", "value"), prevent_initial_call=True)
 def _choose_metric(sel, _stale, current):
+    if opened_with_page():
+        return (dash.no_update,) * 3
     return *_metrics(root_of(), sel, current), _runs_msg(sel)
 
 
@@ -85,7 +87,7 @@ def _choose_metric(sel, _stale, current):
           Input("compare-zoom-loss", "data"), first_screen_stale(PATH), prevent_initial_call=True)
 def _view(sel, term, metric, _v, cap_zoom, loss_zoom, _stale):
     """Each of the two time-series views keeps its own zoom (re-read and re-bucketed)."""
-    if opened_with_page({"compare-zoom-cap": cap_zoom, "compare-zoom-loss": loss_zoom}):
+    if opened_with_page("compare-zoom-cap", "compare-zoom-loss"):
         return (dash.no_update,) * 3
     return _figures(sel, term, metric, cap_zoom, loss_zoom)
 

@@ -72,6 +72,8 @@ zoom_callback("conflicts-zoom", COSINE.id, RATIO.id)
           Input("sel", "data"), first_screen_stale(PATH), State("conflicts-component", "value"),
           prevent_initial_call=True)
 def _choose_component(sel, _stale, current):
+    if opened_with_page():
+        return dash.no_update, dash.no_update
     try:
         return _components(root_of(), need((sel or {}).get("focus"), "run"), current)
     except data.DataError:
@@ -88,7 +90,7 @@ def _run(sel):
 def _view(sel, component, _v, zoom, _stale):
     """The heat map and the ratio share one visible step range (zoom either: both follow,
     re-read and re-bucketed), per run."""
-    if opened_with_page({"conflicts-zoom": zoom}):
+    if opened_with_page("conflicts-zoom"):
         return dash.no_update, dash.no_update
     return _figures(sel, component, zoom)
 

@@ -12,7 +12,8 @@ from dashboards import data
 from dashboards.components import section
 from dashboards.figures import compare as CMP
 from dashboards.pages_common import (
-    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
+    figures_or_message, first_screen, first_screen_stale, need, opened_with_page, register_page,
+    root_of,
 )
 from dashboards.views import View
 
@@ -75,6 +76,12 @@ def _table(n, old):
 
 @callback(Output(LOSS.id, "figure"), Input("sel", "data"), Input("versions", "data"),
           first_screen_stale(PATH), prevent_initial_call=True)
-@figures_or_message(1, (LOSS.title,))
 def _loss(sel, _v, _stale):
+    if opened_with_page():
+        return dash.no_update
+    return _loss_figure(sel)
+
+
+@figures_or_message(1, (LOSS.title,))
+def _loss_figure(sel):
     return LOSS.figure(root_of(), _values(root_of(), sel))

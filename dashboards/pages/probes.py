@@ -3,13 +3,15 @@ shared-expert eval of the focused run with a control run (understanding-only) ov
 
 from __future__ import annotations
 
+import dash
 from dash import Input, Output, State, callback, dcc, html
 
 from dashboards import data
 from dashboards.components import labelled, section
 from dashboards.figures import probes as P
 from dashboards.pages_common import (
-    figures_or_message, first_screen, first_screen_stale, need, register_page, root_of,
+    figures_or_message, first_screen, first_screen_stale, need, opened_with_page, register_page,
+    root_of,
 )
 from dashboards.views import View
 
@@ -76,6 +78,8 @@ def layout(sel=None, **_query):
           Input("sel", "data"), first_screen_stale(PATH), State("probes-task", "value"),
           State("probes-control", "value"), prevent_initial_call=True)
 def _choose(sel, _stale, task, control):
+    if opened_with_page():
+        return (dash.no_update,) * 4
     try:
         c = _choices(root_of(), sel, task, control)
     except data.DataError:
@@ -86,8 +90,14 @@ def _choose(sel, _stale, task, control):
 @callback(Output(LINES.id, "figure"), Output(ISOLATED.id, "figure"),
           Input("sel", "data"), Input("probes-task", "value"), Input("probes-control", "value"),
           Input("versions", "data"), first_screen_stale(PATH), prevent_initial_call=True)
-@figures_or_message(2, (LINES.title, ISOLATED.title))
 def _view(sel, task, control, _v, _stale):
+    if opened_with_page():
+        return dash.no_update, dash.no_update
+    return _figures(sel, task, control)
+
+
+@figures_or_message(2, (LINES.title, ISOLATED.title))
+def _figures(sel, task, control):
     run_id = need((sel or {}).get("focus"), "run")
     v = {"run_id": run_id, "task": need(task, "task (no probe rows yet?)"), "control_id": control}
     try:

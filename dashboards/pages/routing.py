@@ -89,7 +89,7 @@ def _zoomed(sel, zoom) -> dict:
           Input("sel", "data"), Input("versions", "data"), Input("routing-zoom-cap", "data"),
           first_screen_stale(PATH), prevent_initial_call=True)
 def _capacity_changed(sel, _v, zoom, _stale):
-    if opened_with_page({"routing-zoom-cap": zoom}):
+    if opened_with_page("routing-zoom-cap"):
         return dash.no_update, dash.no_update
     return _capacity(sel, zoom)
 
@@ -103,7 +103,7 @@ def _capacity(sel, zoom):
 @callback(Output(LOAD.id, "figure"), Input("sel", "data"), Input("versions", "data"),
           Input("routing-zoom-load", "data"), first_screen_stale(PATH), prevent_initial_call=True)
 def _load_changed(sel, _v, zoom, _stale):
-    if opened_with_page({"routing-zoom-load": zoom}):
+    if opened_with_page("routing-zoom-load"):
         return dash.no_update
     return _load(sel, zoom)
 
