@@ -267,20 +267,27 @@ _REQUESTS_JS = """
 """
 
 
-def test_views_below_the_first_screen_wait_until_it_is_drawn(page, server):
-    """On the Routing page, the views below the first screen (balance, per step, saturation)
-    are requested only once the first screen's graphs are drawn, so that on a first visit they
-    do not compete with it for the CPU; then they are drawn too."""
-    d = page
+def _open_routing_recorded(d, server):
+    """Open the Routing page with `_REQUESTS_JS` installed, until its views below the first
+    screen are drawn: (each callback request's outputs and whether the first screen was drawn
+    when it was sent, the component ids that came back)."""
     script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
                                {"source": _REQUESTS_JS})["identifier"]
     try:
         d.get(server.url + "/routing")
         for gid in ("routing-balance", "routing-share", "routing-saturation"):
             wait_graph(d, gid, lambda g: g["title"].startswith("collapse"))  # the first run
-        requests = d.execute_script("return window.__requests;")
+        time.sleep(0.5)  # answers still on their way
+        return d.execute_script("return [window.__requests, window.__answered];")
     finally:
         d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+
+
+def test_views_below_the_first_screen_wait_until_it_is_drawn(page, server):
+    """On the Routing page, the views below the first screen (balance, per step, saturation)
+    are requested only once the first screen's graphs are drawn, so that on a first visit they
+    do not compete with it for the CPU; then they are drawn too."""
+    requests, _answered = _open_routing_recorded(page, server)
     below = [(out, drawn) for out, drawn in requests
              if any(g in out for g in ("routing-balance", "routing-share", "routing-saturation"))]
     assert len(below) >= 3, requests
@@ -291,17 +298,7 @@ def test_a_page_open_does_not_send_its_first_screen_twice(page, server):
     """The first screen comes with the page's layout; the callbacks Dash fires for the page's
     stores arriving with it must not build and send those figures again (a second transfer and
     redraw, which slowed every page open)."""
-    d = page
-    script = d.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
-                               {"source": _REQUESTS_JS})["identifier"]
-    try:
-        d.get(server.url + "/routing")
-        for gid in ("routing-balance", "routing-share", "routing-saturation"):
-            wait_graph(d, gid, lambda g: g["title"].startswith("collapse"))
-        time.sleep(0.5)  # answers still on their way
-        answered = d.execute_script("return window.__answered;")
-    finally:
-        d.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": script})
+    _requests, answered = _open_routing_recorded(page, server)
     assert {"routing-balance", "routing-share"} <= set(answered), answered
     first = {"routing-cap-lines", "routing-cap-heat", "routing-load-heat"}
     assert not first & set(answered), answered
