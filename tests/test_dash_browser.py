@@ -470,6 +470,48 @@ def test_live_run_appends_and_runs_come_and_go(page, server, root):
     assert str(last + 5) in live_row[0].text
 
 
+def test_a_watched_hf_trainer_run_is_shown_while_it_trains(page, server, root):
+    """A real HF Trainer run with TraceCallback (its own process, tests/_hf_live.py) writes a
+    new run under the dashboard's root: the Live table lists it while it trains, and the Routing
+    page then draws every committed step with the store's values."""
+    import subprocess
+    import sys
+
+    d, steps = page, 60
+    script = Path(__file__).with_name("_hf_live.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(root / "hf-live"), str(steps)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        d.get(server.url + "/live")
+
+        def row_while_training():
+            rows = [r.text for r in d.find_elements("css selector", "#live-tbl tr")
+                    if r.text.startswith("hf-live ")]
+            last = rows and rows[0].split()[-1]
+            assert proc.poll() is None, "training ended before the dashboard showed a row"
+            return int(last) if last and last.isdigit() else None
+
+        seen = wait_for(row_while_training, 120, interval=0.3, what="hf-live row while training")
+        assert 0 < seen < steps
+        assert proc.wait(120) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _goto(d, server, "/routing", "hf-live")
+    g = wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("hf-live")
+                   and max(g["traces"][0]["x"]) == steps, 60)
+    layer = g["title"].rsplit("layer ", 1)[1]
+    ds = _ds(root, "hf-live", "routing")
+    np.testing.assert_array_equal(ds["step"].values, np.arange(1, steps + 1))
+    assert sorted(t["name"] for t in g["traces"]) == ["even", "odd"]
+    for t in g["traces"]:
+        np.testing.assert_array_equal(_arr(t["x"]), ds["step"].values)
+        np.testing.assert_allclose(_arr(t["y"]), ds["capacity_rate"].sel(
+            layer=layer, modality=t["name"]).values, rtol=1e-6)
+    shutil.rmtree(root / "hf-live")  # the other tests' run lists stay as they were
+
+
 def test_empty_and_vanishing_root_show_a_message(tmp_path):
     _need_browser()
     empty = tmp_path / "empty"
