@@ -96,6 +96,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="skip the diagnosis (the two findings keys)")
     e.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
+    ru = sub.add_parser("rollup", help="add the rollup levels to a run's store (older stores)")
+    ru.add_argument("run_dir")
+
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--seeds", type=int, default=None)
@@ -115,6 +118,7 @@ _COMMANDS = {
     "dash": "dashboards.app:serve",
     "reproduce": "moe_probe.reproduce.commands:reproduce",
     "export": "moe_probe.export.commands:export",
+    "rollup": "moe_probe.rollup_command:rollup",
 }
 
 
