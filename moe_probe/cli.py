@@ -50,6 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", dest="json_out", default=None)
     d.add_argument("--control", default=None, help="an understanding-only control run")
     d.add_argument("--fail-on", choices=["collapse", "conflict", "any"], default=None)
+    d.add_argument("--full-resolution", action="store_true",
+                   help="read every row instead of screening through the rollup levels "
+                        "(same findings; slower)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a detector threshold, e.g. collapse_rate=0.7 window=50 "
                         "(moe_probe/diagnose/config.py lists them)")
