@@ -81,13 +81,20 @@ def expert_group(groups: dict | None, modality_group: dict | None, layer: str, m
 def pooled_dead(load_SME: np.ndarray, ids: Sequence[int], mis: Sequence[int]):
     """``(dead_SE, frac_S)``: per row, the experts ``ids`` of one group that get less than
     :data:`DEAD_SHARE` of the uniform share of the group's assignments, pooled over the kinds
-    ``mis`` routed there (float64 ``load_SME``), and their fraction. The dead-experts detector
-    and the rollups' ``group_dead_frac`` both call this, so their numbers are the same."""
-    tot = np.nansum(load_SME[:, list(mis)][:, :, list(ids)], axis=1)  # (S, E_g)
-    share = tot.sum(1, keepdims=True) / len(ids)
+    ``mis`` routed there, and their fraction. ``load_SME`` may carry more leading dims
+    (``(..., M, E)``: every layer at once). The dead-experts detector and the rollups'
+    ``group_dead_frac`` both call this, so their numbers are the same (sums of counts are exact,
+    whether the counts come as integers or floats)."""
+    x = load_SME
+    if list(mis) != list(range(x.shape[-2])):  # (indexing copies: skip it when it selects all)
+        x = x[..., list(mis), :]
+    if list(ids) != list(range(x.shape[-1])):
+        x = x[..., list(ids)]
+    tot = np.nansum(x, axis=-2) if x.dtype.kind == "f" else x.sum(axis=-2)  # (..., E_g)
+    share = tot.sum(-1, keepdims=True) / len(ids)
     with np.errstate(invalid="ignore"):
         dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
-    return dead_SE, dead_SE.mean(1)
+    return dead_SE, dead_SE.mean(-1)
 
 
 def _div(a, b):

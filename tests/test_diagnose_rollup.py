@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from fixtures import synth
 from fixtures.generate import NAMES
@@ -106,3 +107,14 @@ def test_cli_full_resolution_gives_the_same_report(tmp_path, capsys):
     assert main(["diagnose", str(run), "--full-resolution", "--json", str(b)]) == 0
     capsys.readouterr()
     assert a.read_text() == b.read_text() and json.loads(a.read_text())["findings"]
+
+
+def test_levels_that_disagree_with_the_rows_are_not_used(tmp_path):
+    # rows rewritten under levels built before (what a pre-1.2 writer's resume could leave)
+    run = tmp_path / "collapse"
+    shutil.copytree(ROOT / "stores" / "collapse", run)
+    steps = zarr.open_array(str(store_path(run) / "routing" / "step"), mode="r+")
+    steps[:] = steps[:] + 1
+    fast = load_run(run)
+    assert fast.levels["routing"] and not fast.source("routing").levels
+    _both(run)

@@ -176,14 +176,19 @@ class GroupRollup:
 
     def _dead_frac(self, load_SLME: np.ndarray) -> np.ndarray:
         """(S, L, M) group_dead_frac rows: the detector's pooled dead fraction of the group each
-        modality routes into (NaN for a modality of no group)."""
+        modality routes into (NaN for a modality of no group). Layers laid out alike (the usual
+        case) are computed together."""
         s, n_l, n_m, _ = load_SLME.shape
         out = np.full((s, n_l, n_m), np.nan)
-        x = load_SLME.astype(np.float64)
+        by_layout: dict[tuple, list[int]] = {}
         for li, pools in enumerate(self._pools):
-            for ids, mis in pools:
-                _, frac = mt.pooled_dead(x[:, li], ids, mis)
-                out[:, li, mis] = frac[:, None]
+            by_layout.setdefault(tuple((tuple(i), tuple(m)) for i, m in pools), []).append(li)
+        for layout, lis in by_layout.items():
+            x = load_SLME if len(lis) == n_l else load_SLME[:, lis]
+            for ids, mis in layout:
+                _, frac = mt.pooled_dead(x, ids, mis)  # (S, L')
+                for m in mis:
+                    out[:, lis, m] = frac
         return out
 
     # ---------------------------------------------------------------- writing
