@@ -50,6 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", dest="json_out", default=None)
     d.add_argument("--control", default=None, help="an understanding-only control run")
     d.add_argument("--fail-on", choices=["collapse", "conflict", "any"], default=None)
+    d.add_argument("--full-resolution", action="store_true",
+                   help="read every row instead of screening through the rollup levels "
+                        "(same findings; slower)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a detector threshold, e.g. collapse_rate=0.7 window=50 "
                         "(moe_probe/diagnose/config.py lists them)")
@@ -96,6 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="skip the diagnosis (the two findings keys)")
     e.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
+    ru = sub.add_parser("rollup", help="add the rollup levels to a run's store (older stores)")
+    ru.add_argument("run_dir")
+
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--seeds", type=int, default=None)
@@ -115,6 +121,7 @@ _COMMANDS = {
     "dash": "dashboards.app:serve",
     "reproduce": "moe_probe.reproduce.commands:reproduce",
     "export": "moe_probe.export.commands:export",
+    "rollup": "moe_probe.rollup_command:rollup",
 }
 
 

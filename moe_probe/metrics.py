@@ -24,7 +24,7 @@ from moe_probe.modalities import MODALITIES
 __all__ = [
     "group_masks", "capacity_rate", "entropy", "maxvio", "dead_frac", "load_cv", "routing_metrics",
     "routing_metrics_for", "nominal_kept", "saturation", "coactivation", "cosine",
-    "cosine_from_sums", "DEAD_SHARE",
+    "cosine_from_sums", "DEAD_SHARE", "layer_groups", "expert_group", "pooled_dead",
 ]
 
 DEAD_SHARE = 0.01
@@ -50,6 +50,51 @@ def group_masks(n_experts: int, groups: Mapping[str, Sequence[int]] | None = Non
         mask[i] = False
         mask[i, np.asarray(groups[g], dtype=np.int64)] = True
     return mask
+
+
+def layer_groups(groups) -> dict | None:
+    """A store's ``model.groups`` attr as {layer: {group: [ids]}} when some layer has more than
+    one group (a plain MoE's {"all": ...} is None)."""
+    if not isinstance(groups, dict):
+        return None
+    if not any(isinstance(g, dict) and len(g) > 1 for g in groups.values()):
+        return None
+    return {str(k): {n: [int(e) for e in ids] for n, ids in g.items()} for k, g in groups.items()}
+
+
+def expert_group(groups: dict | None, modality_group: dict | None, layer: str, modality: str,
+                 n_experts: int) -> list[int]:
+    """Expert ids ``modality``'s tokens can route into at ``layer`` (``groups`` as
+    :func:`layer_groups` gives them): its group where the store names one; else its task's group
+    (TASK_OF_MODALITY) when the layer has it; else all."""
+    from moe_probe.modalities import TASK_OF_MODALITY
+
+    layer_groups_ = (groups or {}).get(str(layer))
+    if layer_groups_:
+        mg = (modality_group or {}).get(str(layer), {})
+        for key in (mg.get(modality), TASK_OF_MODALITY.get(modality)):
+            if key in layer_groups_:
+                return [int(e) for e in layer_groups_[key]]
+    return list(range(n_experts))
+
+
+def pooled_dead(load_SME: np.ndarray, ids: Sequence[int], mis: Sequence[int]):
+    """``(dead_SE, frac_S)``: per row, the experts ``ids`` of one group that get less than
+    :data:`DEAD_SHARE` of the uniform share of the group's assignments, pooled over the kinds
+    ``mis`` routed there, and their fraction. ``load_SME`` may carry more leading dims
+    (``(..., M, E)``: every layer at once). The dead-experts detector and the rollups'
+    ``group_dead_frac`` both call this, so their numbers are the same (sums of counts are exact,
+    whether the counts come as integers or floats)."""
+    x = load_SME
+    if list(mis) != list(range(x.shape[-2])):  # (indexing copies: skip it when it selects all)
+        x = x[..., list(mis), :]
+    if list(ids) != list(range(x.shape[-1])):
+        x = x[..., list(ids)]
+    tot = np.nansum(x, axis=-2) if x.dtype.kind == "f" else x.sum(axis=-2)  # (..., E_g)
+    share = tot.sum(-1, keepdims=True) / len(ids)
+    with np.errstate(invalid="ignore"):
+        dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
+    return dead_SE, dead_SE.mean(-1)
 
 
 def _div(a, b):

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moe_probe.jsonutil import strict_json
+from moe_probe.metrics import expert_group, layer_groups
 from moe_probe.store.reader import RunStore
 from moe_probe.store.schema import StoreError
 from moe_probe.store.writer import StoreWriter
@@ -157,7 +158,7 @@ class RunInfo:
             experts=model.get("experts", mcfg.get("n_experts")),
             top_k=model.get("top_k", mcfg.get("top_k")), capacity_factor=cf,
             shared_experts=model.get("shared_experts", mcfg.get("n_shared")),
-            groups=_grouped(model.get("groups")),
+            groups=layer_groups(model.get("groups")),
             modality_group={str(k): dict(v) for k, v in mg.items() if isinstance(v, dict)}
             if isinstance(mg, dict) else None,
             modalities=list(attrs.get("modalities") or []),
@@ -167,17 +168,9 @@ class RunInfo:
             **fields)
 
     def expert_group(self, layer: str, modality: str, n_experts: int) -> list[int]:
-        """Expert ids the modality's tokens can route into at ``layer``: its group where the
-        store names one; else its task's group (TASK_OF_MODALITY) when the layer has it; else all."""
-        from moe_probe.modalities import TASK_OF_MODALITY
-
-        groups = (self.groups or {}).get(str(layer))
-        if groups:
-            mg = (self.modality_group or {}).get(str(layer), {})
-            for key in (mg.get(modality), TASK_OF_MODALITY.get(modality)):
-                if key in groups:
-                    return [int(e) for e in groups[key]]
-        return list(range(n_experts))
+        """Expert ids the modality's tokens can route into at ``layer``
+        (:func:`moe_probe.metrics.expert_group`)."""
+        return expert_group(self.groups, self.modality_group, layer, modality, n_experts)
 
 
 class Run:
@@ -367,12 +360,3 @@ def _as_dict(v) -> dict:
         except json.JSONDecodeError:
             return {}
     return dict(v) if isinstance(v, dict) else {}
-
-
-def _grouped(groups) -> dict | None:
-    """Per-layer groups when some layer has more than one (a plain MoE's {"all": ...} is None)."""
-    if not isinstance(groups, dict):
-        return None
-    if not any(isinstance(g, dict) and len(g) > 1 for g in groups.values()):
-        return None
-    return {str(k): {n: [int(e) for e in ids] for n, ids in g.items()} for k, g in groups.items()}

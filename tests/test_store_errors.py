@@ -61,7 +61,7 @@ def test_foreign_v2_and_other_schema_versions(tmp_path):
     with pytest.raises(StoreError) as e:
         open_run(run)
     assert _one_line(e).startswith("store schema version 7.0 is newer than this moe_probe "
-                                   "reads (1.1); upgrade moe_probe")
+                                   "reads (1.2); upgrade moe_probe")
     with pytest.raises(StoreError, match="version 7"):
         StoreWriter.resume(store_path(run))  # resume refuses it too, before touching anything
 

@@ -92,7 +92,7 @@ def test_a_newer_minor_with_unknown_groups_and_arrays_opens(tmp_path):
 
 
 @pytest.mark.parametrize("version, needle", [
-    ("2.0", "store schema version 2.0 is newer than this moe_probe reads (1.1); upgrade"),
+    ("2.0", "store schema version 2.0 is newer than this moe_probe reads (1.2); upgrade"),
     ("two", "schema_version 'two' is not a version"),
     (True, "schema_version True is not a version"),
 ])

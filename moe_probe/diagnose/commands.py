@@ -1,4 +1,5 @@
-"""`moe-probe diagnose RUN_DIR… [--html FILE] [--json FILE] [--control RUN] [--fail-on KIND]`.
+"""`moe-probe diagnose RUN_DIR… [--html FILE] [--json FILE] [--control RUN] [--fail-on KIND]
+[--full-resolution]` (every row read instead of the rollup levels' screening: same findings).
 
 Exit 0, or 1 when ``--fail-on`` matches a finding. Bad input (missing directory, not a store,
 another schema version) raises ValueError, which the CLI prints as one line with exit 2.
@@ -21,8 +22,9 @@ def diagnose(args) -> int:
     for out in (args.json_out, args.html):  # fail before the (slow) reading, not after it
         if out and not Path(out).resolve().parent.is_dir():
             raise ValueError(f"cannot write {out}: no such directory {Path(out).parent}")
-    runs = [load_run(d) for d in args.run_dirs]
-    control = load_run(args.control) if getattr(args, "control", None) else None
+    levels = not getattr(args, "full_resolution", False)
+    runs = [load_run(d, levels=levels) for d in args.run_dirs]
+    control = load_run(args.control, levels=levels) if getattr(args, "control", None) else None
     report = run_detectors(runs, cfg, control)
     sys.stdout.write(render_markdown(report))
     if args.json_out:

@@ -15,8 +15,9 @@ import numpy as np
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import REMEDIES, CheckResult, Finding
-from moe_probe.diagnose.rundata import RunData, layer_load
-from moe_probe.diagnose.windows import phases, sustained
+from moe_probe.diagnose.rundata import RunData
+from moe_probe.diagnose.source import first_runs
+from moe_probe.diagnose.windows import phases
 from moe_probe.modalities import TASK_OF_MODALITY
 
 
@@ -33,20 +34,23 @@ def detect_dominance(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
         return CheckResult(kind=kind, not_measured="needs both und and gen modalities")
     if n < max(cfg.window, 2):
         return CheckResult(kind=kind, not_measured=f"{n} routed rows < window {cfg.window}")
-    if "tokens" in ds and float(ds["tokens"].sel(modality=gen).sum()) == 0:
+    src = run.source("routing")
+    ui = [mods.index(m) for m in und]
+    gi = [mods.index(m) for m in gen]
+    if "tokens" in ds and float(src.total("tokens", 0, n)[:, gi].sum()) == 0:
         return CheckResult(kind=kind, not_measured="no generation tokens routed")
     early, late = phases(n, cfg.phase_fraction)
-    steps = ds["step"].values
+    steps = src.steps
     experts = ds["expert"].values
     per, onsets = {}, []
     any_gen = False
     for li, layer in enumerate(ds["layer"].values):
-        x = layer_load(ds, li)  # one layer in memory at a time: `load` is the big array
-        und_SE = x.sel(modality=und).sum("modality").values.astype(float)
-        gen_SE = x.sel(modality=gen).sum("modality").values.astype(float)
-        any_gen = any_gen or np.nansum(gen_SE) > 0
-        u_early, g_early = np.nansum(und_SE[early], 0), np.nansum(gen_SE[early], 0)
-        u_late, g_late = np.nansum(und_SE[late], 0), np.nansum(gen_SE[late], 0)
+        # Phase sums from the rollups' window sums (rows only at the phases' edges).
+        e_ME = src.total("load", early.start, early.stop, layer=li)
+        l_ME = src.total("load", late.start, late.stop, layer=li)
+        u_early, g_early = e_ME[ui].sum(0), e_ME[gi].sum(0)
+        u_late, g_late = l_ME[ui].sum(0), l_ME[gi].sum(0)
+        any_gen = any_gen or src.total("load", 0, n, layer=li)[gi].sum() > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             gs_early = g_early / (u_early + g_early)
             gs_late = g_late / (u_late + g_late)
@@ -61,12 +65,15 @@ def detect_dominance(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
         if len(taken) < cfg.takeover_min_fraction * und_experts.size:
             continue
         # When did it happen: the first sustained stretch where gen fills most of those experts.
-        u_S = np.nansum(und_SE[:, taken], 1)
-        g_S = np.nansum(gen_SE[:, taken], 1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share_S = g_S / (u_S + g_S)
-        i = sustained(share_S, above=cfg.takeover_share - 1e-12, window=cfg.window,
-                      smooth=cfg.smooth)
+        def share(a, b, li=li, taken=taken):
+            x = src.rows("load", a, b, layer=li).astype(float)[:, :, taken]  # (R, M, E_t)
+            u_S = np.nansum(x[:, ui].sum(1), 1)
+            g_S = np.nansum(x[:, gi].sum(1), 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (g_S / (u_S + g_S))[:, None]
+
+        (i,) = first_runs(src, n, 1, share, above=cfg.takeover_share - 1e-12, window=cfg.window,
+                          smooth=cfg.smooth)
         if i is None:
             continue
         onsets.append(int(steps[i]))

@@ -25,11 +25,18 @@ def persistent(flag: np.ndarray, cfg: DiagnoseConfig) -> int | None:
     cover at least `persist_span` of the rows, and pass a sign test against a coin flip."""
     n = flag.size
     span = max(cfg.min_rows, math.ceil(cfg.persist_span * n))
-    for i in range(n - span + 1):
-        tail = flag[i:]
-        if flag[i:i + cfg.min_rows].all() and tail.mean() >= cfg.most \
-                and _binom_tail(int(tail.sum()), tail.size) <= cfg.alpha:
-            return i
+    if n - span + 1 <= 0:
+        return None
+    c = np.concatenate([[0], np.cumsum(flag, dtype=np.int64)])
+    i = np.arange(n - span + 1)
+    k = min(cfg.min_rows, n)
+    starts = (c[np.minimum(i + cfg.min_rows, n)] - c[i]) == np.minimum(k, n - i)
+    tail_k, tail_n = c[n] - c[i], n - i
+    # the tail's mean as numpy takes it of a bool array (a float64 sum over the count)
+    ok = starts & (tail_k.astype(np.float64) / tail_n >= cfg.most)
+    for j in np.flatnonzero(ok):  # first row that also passes the sign test
+        if _binom_tail(int(tail_k[j]), int(tail_n[j])) <= cfg.alpha:
+            return int(j)
     return None
 
 
@@ -39,11 +46,12 @@ def _binom_tail(k: int, m: int) -> float:
 
 
 def _cells(ds: xr.Dataset, components):
-    for comp in ds["component"].values:
+    """(layer, component, li, ci) of every cell, component by component."""
+    for ci, comp in enumerate(ds["component"].values):
         if components is not None and str(comp) not in components:
             continue
-        for layer in ds["layer"].values:
-            yield str(layer), str(comp)
+        for li, layer in enumerate(ds["layer"].values):
+            yield str(layer), str(comp), li, ci
 
 
 def _grad(run: RunData, kind: str, var: str):
@@ -61,9 +69,10 @@ def detect_domination(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
     steps = ds["step"].values
     by_comp: dict[str, dict] = {}
     measured = 0
-    for layer, comp in _cells(ds, cfg.grad_components):
-        nu = ds["norm_und"].sel(layer=layer, component=comp).values.astype(float)
-        ng = ds["norm_gen"].sel(layer=layer, component=comp).values.astype(float)
+    nu_SLC = ds["norm_und"].values.astype(float)  # (S, L, C), transposed by _grad
+    ng_SLC = ds["norm_gen"].values.astype(float)
+    for layer, comp, li, ci in _cells(ds, cfg.grad_components):
+        nu, ng = nu_SLC[:, li, ci], ng_SLC[:, li, ci]
         ok = np.isfinite(nu) & np.isfinite(ng) & (nu > 0) & (ng > 0)
         if ok.sum() < cfg.min_rows:
             continue
@@ -105,8 +114,9 @@ def detect_conflict(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
     steps = ds["step"].values
     by_comp: dict[str, dict] = {}
     measured = 0
-    for layer, comp in _cells(ds, None):
-        cos = ds["cosine"].sel(layer=layer, component=comp).values.astype(float)
+    cos_SLC = ds["cosine"].values.astype(float)  # (S, L, C), transposed by _grad
+    for layer, comp, li, ci in _cells(ds, None):
+        cos = cos_SLC[:, li, ci]
         ok = np.isfinite(cos)
         if ok.sum() < cfg.min_rows:
             continue

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import xarray as xr
 
+from moe_probe.diagnose.source import GroupSource
 from moe_probe.run import RunInfo
 from moe_probe.store.schema import CORE_GROUPS
+
+SCREENED = ("routing",)
+"""Groups the detectors read through rollup levels (the others are small: read whole)."""
 
 
 @dataclass
@@ -24,12 +28,24 @@ class RunData:
     attrs: dict = field(default_factory=dict)
     groups: dict[str, xr.Dataset] = field(default_factory=dict)
     """Group name -> Dataset of committed rows; a group with no rows is left out."""
+    levels: dict[str, dict[int, xr.Dataset]] = field(default_factory=dict)
+    """Group name -> {factor: rollup level}; empty = full resolution (every row is read)."""
 
     def get(self, group: str) -> xr.Dataset | None:
         ds = self.groups.get(group)
         if ds is None or "step" not in ds.dims or ds.sizes["step"] == 0:
             return None
         return ds
+
+    def source(self, group: str) -> GroupSource | None:
+        """The group's rows and levels as the detectors read them (one per group and run)."""
+        ds = self.get(group)
+        if ds is None:
+            return None
+        cache = self.__dict__.setdefault("_sources", {})
+        if group not in cache:
+            cache[group] = GroupSource(ds, self.levels.get(group))
+        return cache[group]
 
     @functools.cached_property
     def info(self) -> RunInfo:
@@ -56,9 +72,12 @@ def layer_load(ds: xr.Dataset, li: int) -> xr.DataArray:
     return ds["load"].isel(layer=li).load().transpose("step", "modality", "expert")
 
 
-def load_run(run_dir: str | Path) -> RunData:
+def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
     """Read every committed group of a run through the public reader (`moe_probe.open_run`).
 
+    ``routing`` stays lazy (the detectors read it a block at a time) and, with ``levels``, comes
+    with its rollup levels, so the detectors read rows only where the levels cannot settle a
+    question; ``levels=False`` reads every row (the same findings: tests compare the two).
     Raises ValueError (the reader's StoreError) with one line for a missing or foreign store."""
     from moe_probe import open_run
 
@@ -70,12 +89,17 @@ def load_run(run_dir: str | Path) -> RunData:
     try:
         store = open_run(path)
         attrs = dict(store.attrs)
-        groups = {}
+        groups, lv = {}, {}
         for g in store.groups:
             if g in CORE_GROUPS and store.committed_steps(g) > 0:
                 ds = store.dataset(g)
+                if g in SCREENED:
+                    groups[g] = ds
+                    if levels:
+                        lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
+                    continue
                 # Everything but the expert-sized arrays now (and bad chunks surface here as
-                # one line); `load`/`coactivation` stay lazy and are read a layer at a time.
+                # one line); `coactivation` stays lazy.
                 small = [v for v in ds.data_vars if "expert" not in ds[v].dims]
                 groups[g] = ds.assign({v: ds[v].load() for v in small})
     except StoreError:
@@ -85,4 +109,4 @@ def load_run(run_dir: str | Path) -> RunData:
         raise ValueError(f"cannot read {run_dir}: {type(e).__name__}: "
                          f"{msg[0] if msg else ''}") from e
     name = RunInfo.from_attrs(attrs, path=path).name
-    return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups)
+    return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups, levels=lv)

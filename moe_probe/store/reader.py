@@ -20,8 +20,8 @@ from xarray.backends import BackendArray
 from xarray.core import indexing
 
 from moe_probe.store.schema import (
-    GROUPS, LABEL_DIMS, SCHEMA_VERSION, NotMeasured, StoreError, migrate_attrs, parse_version,
-    required,
+    GROUPS, LABEL_DIMS, ROLLUP_FACTORS, SCHEMA_VERSION, NotMeasured, StoreError,
+    migrate_attrs, parse_version, required, rollup_arrays, rollup_path,
 )
 
 __all__ = ["RunStore", "StoreError", "NotMeasured"]
@@ -79,38 +79,66 @@ class RunStore:
     def committed_steps(self, group: str) -> int:
         """Rows of ``group`` that are complete (re-read from disk on each call)."""
         self._check_group(group)
-        meta = self.store_path / group / "zarr.json"
+        return self._marker(group)
+
+    def dataset(self, group: str, level: int | str | None = None) -> xr.Dataset:
+        """``group`` as an xarray Dataset of its committed rows (lazy; reopened on each call).
+
+        ``level``: a rollup level instead of the rows (``16`` or ``"x16"``; :meth:`levels` lists
+        those present): one row per window of that many rows, ``step`` = the window's first step,
+        counts summed, rates as ``(stat, ...)`` with stat = min, max, mean, count
+        (:func:`moe_probe.store.schema.rollup_arrays`); committed windows only, never past the
+        committed rows. A level the store lacks raises :class:`NotMeasured`.
+
+        Built from the zarr arrays directly rather than ``xr.open_zarr``: a writer killed while
+        growing a group's arrays leaves them with different lengths (all >= the marker), which
+        ``open_zarr`` rejects but which is harmless once every array is cut at the marker."""
+        self._check_group(group)
+        if level is not None:
+            factor = _factor(level)
+            if factor not in self.levels(group):
+                raise NotMeasured(f"{group}: no rollup level x{factor} in {self.path} "
+                                  f"(present: {self.levels(group)}; `moe-probe rollup` adds them)")
+            rows = self.committed_steps(group)
+            path = rollup_path(group, factor)
+            n = min(self._marker(path), rows // factor)
+            specs = rollup_arrays(group)
+            dims = (*LABEL_DIMS[group], "stat")
+        else:
+            path, n, specs, dims = group, self.committed_steps(group), GROUPS[group], LABEL_DIMS[group]
+        last = None
+        for _ in range(_RETRIES):
+            try:
+                return self._build(path, specs, dims, n, required(group) if level is None else [])
+            except StoreError:
+                raise
+            except (ValueError, KeyError, OSError) as e:  # a metadata file being replaced
+                last = e
+                time.sleep(_RETRY_SLEEP)
+        raise StoreError(f"corrupt store: group {path!r} of {self.store_path} cannot be opened "
+                         f"({type(last).__name__}: {_one_line(last)})")
+
+    def levels(self, group: str) -> list[int]:
+        """The rollup factors present for ``group`` (rows per window), finest first; [] for a
+        store without rollups (written before schema 1.2, or with ``rollups=False``)."""
+        self._check_group(group)
+        return [f for f in ROLLUP_FACTORS
+                if (self.store_path / rollup_path(group, f) / "zarr.json").exists()]
+
+    def _marker(self, path: str) -> int:
+        """The ``committed_steps`` of the zarr group at ``path`` (rows, or a level's windows)."""
+        meta = self.store_path / path / "zarr.json"
         try:
             doc = json.loads(_read_retry(meta))
         except ValueError as e:
             raise StoreError(f"corrupt store: {meta} is not valid JSON ({e})") from None
         return int((doc.get("attributes") or {}).get("committed_steps", 0))
 
-    def dataset(self, group: str) -> xr.Dataset:
-        """``group`` as an xarray Dataset of its committed rows (lazy; reopened on each call).
-
-        Built from the zarr arrays directly rather than ``xr.open_zarr``: a writer killed while
-        growing a group's arrays leaves them with different lengths (all >= the marker), which
-        ``open_zarr`` rejects but which is harmless once every array is cut at the marker."""
-        self._check_group(group)
-        n = self.committed_steps(group)  # marker FIRST: rows below it are complete
-        last = None
-        for _ in range(_RETRIES):
-            try:
-                return self._build(group, n)
-            except StoreError:
-                raise
-            except (ValueError, KeyError, OSError) as e:  # a metadata file being replaced
-                last = e
-                time.sleep(_RETRY_SLEEP)
-        raise StoreError(f"corrupt store: group {group!r} of {self.store_path} cannot be opened "
-                         f"({type(last).__name__}: {_one_line(last)})")
-
-    def _build(self, group: str, n: int) -> xr.Dataset:
-        grp = zarr.open_group(str(self.store_path), path=group, mode="r", use_consolidated=False)
-        where = f"{self.store_path}/{group}"
+    def _build(self, path: str, specs: dict, label_dims, n: int, need: list) -> xr.Dataset:
+        grp = zarr.open_group(str(self.store_path), path=path, mode="r", use_consolidated=False)
+        where = f"{self.store_path}/{path}"
         coords = {}
-        for d in LABEL_DIMS[group]:
+        for d in label_dims:
             if d not in grp:
                 raise StoreError(f"corrupt store: {where} has no {d!r} coordinate array")
             coords[d] = xr.Variable((d,), np.array([str(x) for x in grp[d][:]], dtype=object))
@@ -119,10 +147,10 @@ class RunStore:
         # Arrays this version does not declare are ignored; a missing optional one is "not
         # measured" (see measured()); a missing required one means the store is damaged. A stat
         # per array, not zarr's member listing, which parses every member's metadata once more.
-        base = self.store_path / group
-        arrays = {name: grp[name] for name in [*GROUPS[group], "step"]
+        base = self.store_path / path
+        arrays = {name: grp[name] for name in [*specs, "step"]
                   if (base / name / "zarr.json").exists()}
-        missing = sorted(set(required(group)) - set(arrays))
+        missing = sorted(set(need) - set(arrays))
         if missing:
             raise StoreError(f"corrupt store: {where} lacks arrays {missing}")
         short = [k for k, a in arrays.items() if a.shape[0] < n]
@@ -131,7 +159,7 @@ class RunStore:
         coords["step"] = xr.Variable(("step",), _read(arrays.pop("step"), n, where, "step"))
         data = {}
         for name, a in arrays.items():
-            dims = ("step", *GROUPS[group][name].dims)
+            dims = ("step", *specs[name].dims)
             lazy = indexing.LazilyIndexedArray(_Rows(a, n, f"{where}/{name}"))
             data[name] = xr.Variable(dims, lazy)
         return xr.Dataset(data, coords=coords, attrs=dict(grp.attrs))
@@ -192,14 +220,30 @@ class _Rows(BackendArray):
         self.dtype = arr.dtype
 
     def __getitem__(self, key):
-        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC,
+        # OUTER: a list of rows (scattered stretches) is one read that decodes each chunk once
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER,
                                                   self._raw)
 
     def _raw(self, key):
         # bound open slices by OUR shape (n rows), not the zarr array's: never read past the marker
         key = tuple(k if not isinstance(k, slice) else slice(*k.indices(size))
                     for k, size in zip(key, self.shape))
+        if any(isinstance(k, np.ndarray) for k in key):
+            return _read_key(self.arr.oindex, key, self.where)
         return _read_key(self.arr, key, self.where)
+
+
+def _factor(level) -> int:
+    """A level as its factor: 16, or "x16"; anything else is a one-line StoreError."""
+    f = level[1:] if isinstance(level, str) and level.startswith("x") else level
+    try:
+        f = int(f)
+    except (TypeError, ValueError):
+        f = None
+    if f not in ROLLUP_FACTORS:
+        raise StoreError(f"no rollup level {level!r}; levels are "
+                         f"{', '.join(f'x{x}' for x in ROLLUP_FACTORS)}")
+    return f
 
 
 def _read(arr, n, where, name):

@@ -16,10 +16,11 @@ from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, TASKS
 __all__ = [
     "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
-    "parse_version", "migrate_attrs", "required", "optional",
+    "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
+    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays",
 ]
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 """``major.minor``. A minor version only adds (optional arrays, extra groups, attrs): any reader of
 the same major opens it and ignores what it does not know. A new major may remove or change
 meaning; readers refuse majors newer than their own and migrate older ones on read
@@ -30,7 +31,9 @@ History:
 - 1.1: ``schema_version`` is a ``"major.minor"`` string; arrays are required or optional; the
   optional ``routing/load_cv``; the extra group ``grad_expert`` written through the writer (1.0
   scans wrote it by hand, unchunked and without checksums, which 1.1 readers still read);
-  ``run.package_version`` (1.0 training runs wrote ``run.version``)."""
+  ``run.package_version`` (1.0 training runs wrote ``run.version``).
+- 1.2: rollups (:func:`rollup_path`): coarser levels of the step-sampled groups, optional; a store
+  without them (or with levels behind its rows) reads as before, from the rows."""
 
 
 class StoreError(ValueError):
@@ -202,3 +205,49 @@ def default_coords(
 
 def fill_value(dtype: str):
     return np.nan if np.dtype(dtype).kind == "f" else 0
+
+
+# ---------------------------------------------------------------- rollups (schema 1.2)
+ROLLUP_ROOT = "rollup"
+"""Root group of the rollup levels: ``traces.zarr/rollup/<group>/x<factor>``."""
+ROLLUP_FACTORS: tuple[int, ...] = (16, 256, 4096)
+"""Rows of the group per window, finest first. Windows count rows (like the detectors' windows),
+not optimizer steps, and each level's windows are whole windows of the finer one."""
+ROLLUP_GROUPS: tuple[str, ...] = ("routing", "loss", "grad", "grad_expert")
+"""Groups with rollups: the long ones (probe/eval/snapshot rows are ~1/50 of the steps)."""
+ROLLUP_STATS: tuple[str, ...] = ("min", "max", "mean", "count", "positive")
+"""The ``stat`` labels of a rate's window: NaN-skipping min, max and mean, the count of non-NaN
+rows (the weights that make a coarser level's mean exact from a finer one's), and the count of
+rows above 0 (bounds how many rows can pass a threshold >= 0: the dead-experts detector's)."""
+COUNTS: frozenset[str] = frozenset({"tokens", "load", "kept"})
+"""Arrays that hold counts: their windows hold sums (int64; ``kept`` float64)."""
+ROLLUP_CHUNK = 64
+"""Windows per chunk of a level (x16: 1024 rows; the writer writes whole chunks as they fill)."""
+
+
+def rollup_path(group: str, factor: int) -> str:
+    """The zarr group path of one level, relative to the store root (plain xarray:
+    ``xr.open_zarr(store, group=rollup_path("routing", 256), consolidated=False)``)."""
+    return f"{ROLLUP_ROOT}/{group}/x{int(factor)}"
+
+
+def rollup_arrays(group: str) -> dict[str, ArraySpec]:
+    """The arrays of a level of ``group``, each with ``step`` (the window's first step) first.
+
+    Counts: the window's sum, same dims. Rates: dims ``(stat, *dims)`` (:data:`ROLLUP_STATS`).
+    Also ``step_last`` (the window's last step) and, for ``routing``: ``window_capacity_rate`` =
+    kept / (k · tokens) over the window (needs ``model.top_k``), and ``group_dead_frac`` (stats of
+    the per-row fraction of the experts of the group a modality routes into that get under 1% of
+    the uniform share of the group's assignments, pooled over every kind routed there: the
+    dead-experts detector's own row series, :func:`moe_probe.metrics.pooled_dead`)."""
+    out = {"step_last": ArraySpec((), "int64")}
+    for name, spec in GROUPS[group].items():
+        if name in COUNTS:
+            out[name] = ArraySpec(spec.dims, "float64" if spec.dtype == _F else "int64",
+                                  spec.required)
+        else:
+            out[name] = ArraySpec(("stat", *spec.dims), "float64", spec.required)
+    if group == "routing":
+        out["window_capacity_rate"] = ArraySpec(("layer", "modality"), "float64", False)
+        out["group_dead_frac"] = ArraySpec(("stat", "layer", "modality"), "float64", False)
+    return out

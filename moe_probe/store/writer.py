@@ -10,6 +10,9 @@ background thread batches them and writes. Crash safety rests on three facts:
   ``committed_steps`` attribute, so every row below the marker is complete;
 * arrays are grown a chunk at a time ahead of the marker, so readers slice ``[:committed_steps]``
   and never see rows past it.
+
+Rollups (:mod:`moe_probe.store.rollup`) are folded from the rows the thread has just committed and
+written under the same rules, each level behind the rows.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from moe_probe._version import __version__
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES
+from moe_probe.store.rollup import GroupRollup, create_levels, rows_reader
 from moe_probe.store.schema import (
-    CHUNK_STEPS, GROUPS, LABEL_DIMS, SCHEMA_VERSION, StoreError, chunk_shape, fill_value,
-    required, row_shape,
+    CHUNK_STEPS, GROUPS, LABEL_DIMS, ROLLUP_GROUPS, SCHEMA_VERSION, StoreError, chunk_shape,
+    fill_value, required, row_shape,
 )
 
 __all__ = ["StoreWriter", "StoreWriteError"]
@@ -88,6 +92,8 @@ class StoreWriter:
             n = int(grp.attrs.get("committed_steps", 0))
             self._n[g] = n
             self._last[g] = int(grp["step"][n - 1]) if n else None
+        self._rollups: dict[str, GroupRollup] = {}
+        self._open_rollups(dict(root.attrs))
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self.stats = {"writes": 0, "rows": 0, "write_seconds": 0.0}
@@ -101,14 +107,17 @@ class StoreWriter:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path, *, attrs: dict, coords: dict[str, dict[str, list] | None],
-               chunk_steps: dict[str, int] | None = None, **kw) -> "StoreWriter":
+               chunk_steps: dict[str, int] | None = None, rollups: bool = True,
+               **kw) -> "StoreWriter":
         """Create the store at ``path`` (a new directory; an existing one is an error). A run's
         store lives where :class:`moe_probe.run.Run` says (``Run(dir).store_path``).
 
         ``attrs``: root attributes, at least ``run`` and ``model`` (``schema_version`` and
         ``modalities`` are added). ``coords``: group -> {dim: labels}; groups left out (or None)
         are absent from the store. ``modality``, ``term``, ``component`` default to the lists in
-        :mod:`moe_probe.modalities`, ``expert2`` to ``expert``.
+        :mod:`moe_probe.modalities`, ``expert2`` to ``expert``. ``rollups``: lay out and write
+        the rollup levels of :data:`~moe_probe.store.schema.ROLLUP_GROUPS` (off: the rows only, as
+        a 1.1 writer did; ``moe-probe rollup`` adds them later).
         """
         path = Path(path)
         if path.exists():
@@ -142,6 +151,8 @@ class StoreWriter:
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
         for g, labels in layout.items():
             _create_group(root, g, labels, steps[g])
+            if rollups and g in ROLLUP_GROUPS:
+                create_levels(root, g, labels, list(GROUPS[g]), _compressors())
         # Root attrs last: a store that has schema_version is fully laid out.
         root.attrs.update(root_attrs)
         return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
@@ -174,7 +185,9 @@ class StoreWriter:
                     arr = grp[name]
                     arr.resize((n, *arr.shape[1:]))
             committed[g] = n
-        return cls(path, root, **kw), committed
+        writer = cls(path, root, **kw)
+        writer._catch_up()  # before any append: the thread has nothing to do yet
+        return writer, committed
 
     # ------------------------------------------------------------------ producer side
     @property
@@ -184,6 +197,7 @@ class StoreWriter:
     def set_attrs(self, attrs: dict) -> None:
         """Replace root attrs (a run started over in place) as :meth:`create` sets them."""
         self._root.attrs.update(_root_attrs(attrs))
+        self._open_rollups(dict(self._root.attrs))  # the expert groups may have changed
 
     def labels(self, group: str, dim: str) -> list[str]:
         """Labels the store holds for ``group``'s ``dim`` (e.g. the eval ``metric`` columns)."""
@@ -253,6 +267,16 @@ class StoreWriter:
             if self._error is None:
                 self._trim()
         self._raise_if_failed()
+
+    def _open_rollups(self, attrs: dict) -> None:
+        self._rollups = {g: r for g in self._groups
+                         if (r := GroupRollup.open(self._root, g, attrs)) is not None}
+
+    def _catch_up(self) -> None:
+        """Cut the rollups to the committed rows and fold in what they lack (a resume)."""
+        for g, ru in self._rollups.items():
+            ru.catch_up(self._n[g], rows_reader(self._arrays[g]))
+            ru.write(force=True)
 
     def _trim(self) -> None:
         """Cut the chunk-sized growth back to the committed rows on a clean close, so a finished
@@ -339,13 +363,16 @@ class StoreWriter:
                     kind, payload = self._q.get(timeout=wait)
                 except queue.Empty:
                     break
-            if self._error is None and pending:
+            if self._error is None and (pending or events or stop):
                 t0 = time.perf_counter()
                 try:
                     for g, items in pending.items():
                         self._write(g, items)
-                    self.stats["writes"] += 1
-                    self.stats["rows"] += n_rows
+                    for ru in self._rollups.values():  # a flush or close writes every window
+                        ru.write(force=bool(events or stop))
+                    if pending:
+                        self.stats["writes"] += 1
+                        self.stats["rows"] += n_rows
                     self.stats["write_seconds"] += time.perf_counter() - t0
                 except BaseException as e:  # noqa: BLE001 - surfaced on the producer side
                     self._error = e
@@ -362,6 +389,7 @@ class StoreWriter:
             cap = -(-n1 // chunk) * chunk
             for a in arrays.values():
                 a.resize((cap, *a.shape[1:]))
+        rows = {}
         for name, arr in arrays.items():
             if name == "step":
                 continue
@@ -369,10 +397,13 @@ class StoreWriter:
             parts = [it[2][name] if name in it[2] else
                      np.full((it[1].size, *arr.shape[1:]), arr.fill_value, arr.dtype)
                      for it in items]
-            arr[n0:n1] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            rows[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            arr[n0:n1] = rows[name]
         arrays["step"][n0:n1] = steps
         self._groups[g].attrs["committed_steps"] = n1  # the commit: strictly after the data
         self._n[g] = n1
+        if g in self._rollups:
+            self._rollups[g].add(steps, rows)
 
 
 def _root_attrs(attrs: dict) -> dict:

@@ -1,0 +1,306 @@
+"""A group's rows for the detectors, read where needed, screened by its rollup levels.
+
+The detectors look for the first stretch of ``window`` rows where a (smoothed) per-row series is
+beyond a threshold. :func:`first_runs` finds it exactly as :func:`windows.sustained` does on the
+whole series, reading only the rows the finest rollup level cannot rule out: a window whose rows
+cannot be beyond the bound (its minimum capacity rate is above the collapse threshold), or whose
+stretch of candidate windows holds too few rows that can (:func:`rows_beyond`), is never read; the
+search stops at the first stretch. Without levels (``load_run(..., levels=False)``, online
+diagnosis, hand-built Datasets) every row is read: the same code, so the same answers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import xarray as xr
+
+_ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
+"""The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
+BLOCK = 4096
+"""Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
+_FIRST = 256
+
+
+class GroupSource:
+    """One group's committed rows (``ds``, lazy) and its rollup levels ({factor: Dataset})."""
+
+    def __init__(self, ds: xr.Dataset, levels: dict[int, xr.Dataset] | None = None):
+        self.ds = ds
+        self.n = int(ds.sizes["step"])
+        self._cache: dict = {}
+        levels = {f: lv for f, lv in (levels or {}).items() if lv.sizes.get("step", 0)}
+        self.levels = {f: lv for f, lv in sorted(levels.items()) if self._agrees(f, lv)}
+        self.rows_read = 0
+        """Rows read so far (summed over calls): what the levels saved, for tests and benchmarks."""
+
+    def _agrees(self, f: int, lv: xr.Dataset) -> bool:
+        """A level's windows name the rows' steps (a store whose rows a pre-1.2 writer truncated
+        and wrote again after its levels were built does not: read its rows instead)."""
+        w = int(lv.sizes["step"])
+        ends = lv["step_last"].values if "step_last" in lv else None
+        return ends is not None and w * f <= self.n and \
+            np.array_equal(lv["step"].values, self.steps[:w * f:f]) and \
+            np.array_equal(ends, self.steps[f - 1:w * f:f])
+
+    @property
+    def steps(self) -> np.ndarray:
+        if "steps" not in self._cache:
+            self._cache["steps"] = self.ds["step"].values
+        return self._cache["steps"]
+
+    def rows(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
+        """Rows [a, b) of ``var`` in stored dim order (one ``layer`` selected first: the stored
+        chunks of ``load`` hold one layer, so that read touches only its bytes)."""
+        a, b = max(0, a), min(self.n, b)
+        got = self._cache.get(("rows", var, layer))
+        if got is not None and b > a:
+            idx, x = got
+            i = np.searchsorted(idx, a)
+            if i + (b - a) <= idx.size and idx[i] == a and idx[i + b - a - 1] == b - 1:
+                return x[i:i + b - a]
+        self.rows_read += max(0, b - a)
+        return self._read(var, slice(a, max(a, b)), layer)
+
+    def prefetch(self, var: str, ranges, layer: int | None = None) -> None:
+        """Read the rows of scattered ranges [a, b) in one go (each chunk decoded once);
+        :meth:`rows` then serves any range inside one of them."""
+        idx = np.unique(np.concatenate([np.arange(max(0, a), min(self.n, b)) for a, b in ranges]))
+        if idx.size:
+            self.rows_read += idx.size
+            self._cache[("rows", var, layer)] = (idx, self._read(var, idx, layer))
+
+    def _read(self, var, step, layer):
+        da = self.ds[var]
+        if layer is not None:
+            da = da.isel(layer=layer)
+        da = da.isel(step=step)
+        return da.transpose("step", *[d for d in _ORDER if d in da.dims]).values
+
+    # ------------------------------------------------------------------ levels
+    @property
+    def factor(self) -> int | None:
+        """Rows per window of the finest level (None: no levels, every row is read)."""
+        return next(iter(self.levels), None)
+
+    @property
+    def covered(self) -> int:
+        """Rows the finest level covers (rows past it are always read)."""
+        f = self.factor
+        return 0 if f is None else int(self.levels[f].sizes["step"]) * f
+
+    def stat(self, var: str, stat: str) -> np.ndarray | None:
+        """The finest level's ``stat`` of a rate, (windows, *dims); None where not stored."""
+        key = ("stat", var, stat)
+        if key not in self._cache:
+            f = self.factor
+            lv = None if f is None else self.levels[f]
+            self._cache[key] = None if lv is None or var not in lv else \
+                lv[var].sel(stat=stat).values
+        return self._cache[key]
+
+    def total(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
+        """Exact sum of a count over rows [a, b): whole windows of the coarsest levels that fit,
+        rows at the edges. Pieces are read for every layer once and kept (detectors ask layer by
+        layer for the same ranges)."""
+        out = None
+        for lo, hi, f in _pieces(a, b, [(f, int(lv.sizes["step"])) for f, lv in
+                                        reversed(self.levels.items())]):
+            key = ("total", var, lo, hi, f)
+            if key not in self._cache:
+                if f == 1:
+                    x = self.rows(var, lo, hi).astype(np.float64)
+                    self._cache[key] = np.nansum(x, axis=0)
+                else:
+                    self._cache[key] = self.levels[f][var].isel(step=slice(lo, hi)).values \
+                        .astype(np.float64).sum(axis=0)
+            part = self._cache[key] if layer is None else self._cache[key][layer]
+            out = part if out is None else out + part
+        return out
+
+
+def _pieces(a: int, b: int, levels: list[tuple[int, int]]):
+    """[a, b) as (lo, hi, factor) pieces: windows of the coarsest level that fit, finer at the
+    edges, factor 1 = rows. ``levels``: (factor, windows), coarsest first."""
+    if a >= b:
+        return []
+    for i, (f, w) in enumerate(levels):
+        lo, hi = -(-a // f), min(b // f, w)
+        if lo < hi:
+            rest = levels[i + 1:]
+            return [*_pieces(a, lo * f, rest), (lo, hi, f), *_pieces(hi * f, b, rest)]
+    return [(a, b, 1)]
+
+
+def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: float = 0.0):
+    """(windows, *dims) upper bound on the rows of each window of the finest level whose ``var``
+    is beyond the bound, from its min, max, mean and count; None without that level.
+
+    Rows above t: sum >= k·t' + (count - k)·min with t' = max(t, quantum) (``quantum``: the least
+    positive value, for a series of fractions k/E), so k <= count·(mean - min) / (t' - min);
+    and for t >= 0, k <= the rows above 0 (the ``positive`` stat)."""
+    st = {s: src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")}
+    if any(v is None for v in st.values()):
+        return None
+    lo, hi, mean, count, pos = st["min"], st["max"], st["mean"], st["count"], st["positive"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if above is not None:
+            t = max(above, quantum) if above >= 0 else above
+            k = np.where(lo > above, count, count * (mean - lo) / (t - lo))
+            k = np.where(hi > above, k, 0)
+            if above >= 0:
+                k = np.minimum(k, pos)
+        else:
+            k = np.where(hi < below, count, count * (hi - mean) / (hi - below))
+            k = np.where(lo < below, k, 0)
+    k = np.ceil(np.nan_to_num(k, nan=0.0) * (1 + 1e-9) + 1e-6)  # rounding of mean·count
+    return np.minimum(k, count).astype(np.int64)
+
+
+# ---------------------------------------------------------------------- the search
+def running_median(x_RC: np.ndarray, width: int) -> np.ndarray:
+    """Centred running median down each column, NaN-aware, NaN rows stay NaN: pandas'
+    ``rolling(width, center=True, min_periods=1).median()`` (window [i - w//2, i + (w-1)//2])."""
+    x = np.asarray(x_RC, dtype=np.float64)
+    if width <= 1:
+        return x
+    pad = [np.full((n, *x.shape[1:]), np.nan) for n in (width // 2, (width - 1) // 2)]
+    s = np.sort(np.lib.stride_tricks.sliding_window_view(
+        np.concatenate([pad[0], x, pad[1]]), width, axis=0), axis=-1)
+    k = np.isfinite(s).sum(-1)
+    lo = np.take_along_axis(s, (np.maximum(k - 1, 0) // 2)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(s, (k // 2)[..., None], -1)[..., 0]
+    out = (lo + hi) / 2
+    out[np.isnan(x) | (k == 0)] = np.nan
+    return out
+
+
+def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
+             nan_free: bool = False):
+    """Row ranges [a, b) outside which no ``window``-row stretch of a cell's smoothed series can
+    be beyond the bound (``beyond_WC``: rows of each window that can be, :func:`rows_beyond`).
+
+    A row's median sees rows [i - w//2, i + (w-1)//2]: a stretch and the rows its medians see
+    span ``window + w - 1`` rows, and hold ceil(window / w) rows with disjoint medians, each
+    needing at least one row beyond (ceil(w/2) when the series has no NaN and the median sees
+    all w rows). Windows that no such span with enough rows beyond can touch are never read."""
+    f, cov = src.factor, min(src.covered, n)
+    if beyond_WC is None or f is None:
+        return [(0, n)]
+    w = max(1, smooth)
+    n_win = -(-n // f)
+    tail = np.array([min(f, n - i * f) for i in range(cov // f, n_win)], dtype=np.int64)
+    ls = window + w - 1  # rows a stretch and its medians see
+    span = -(-(ls - 1) // f) + 1  # windows such a span can touch
+    starts = np.arange(n_win)
+    edge = (starts * f < w) | ((starts + span) * f > n - w)
+    need = np.where(edge | (not nan_free), 1, -(-w // 2)) * -(-window // w)
+    keep = np.zeros(n_win, dtype=bool)
+    for c in range(beyond_WC.shape[1]):
+        k = np.concatenate([beyond_WC[:cov // f, c], tail, np.zeros(span, np.int64)])
+        for o in range(f):  # a span starting o rows into window i: the rows it has in each
+            ell = [min(f, o + ls - j * f) - (o if j == 0 else 0) for j in range(span)]
+            got = sum(np.minimum(k[j:j + n_win], e) for j, e in enumerate(ell) if e > 0)
+            ok = np.flatnonzero(got >= need)
+            if ok.size:  # every window such a span touches
+                mark = np.zeros(n_win + span + 1, dtype=np.int64)
+                np.add.at(mark, ok, 1)
+                np.add.at(mark, ok + sum(e > 0 for e in ell), -1)
+                keep |= np.cumsum(mark)[:n_win] > 0
+    idx = np.flatnonzero(keep)
+    if idx.size == 0:
+        return []
+    # Ranges closer than a store chunk are read as one: a read costs about a chunk anyway.
+    breaks = np.flatnonzero(np.diff(idx) * f > 512)
+    return [(int(idx[i]) * f, min(n, (int(idx[j]) + 1) * f))
+            for i, j in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
+
+
+def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *, above=None,
+               below=None, window: int, smooth: int, nan_free: bool = False,
+               prefetch=None) -> list[int | None]:
+    """Per cell, the first row of the first ``window`` consecutive rows where the running median
+    (width ``smooth``) of its series is beyond the bound, NaN rows breaking a stretch; else None
+    (:func:`windows.sustained`, cell by cell).
+
+    ``values(a, b) -> (b - a, n_cells)``: the series' rows [a, b), for ``n`` rows.
+    ``beyond_WC``: per window of ``src``'s finest level and cell, at most how many rows are
+    beyond the bound (:func:`rows_beyond`); None = unknown (every row is read). ``nan_free``:
+    the series is never NaN (a sharper bound on the rows a stretch needs). ``prefetch(ranges)``:
+    called with the ranges to be read when the levels left only a few scattered rows."""
+    window = max(1, int(window))
+    h = max(1, smooth)  # rows each side that a row's median can see (and then some)
+    onset = np.full(n_cells, -1, dtype=np.int64)
+    regions = _regions(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
+    h = max(1, smooth)
+    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 4 * BLOCK:
+        prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
+    for r0, r1 in regions:
+        run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond
+        a, size = r0, _FIRST
+        while a < r1 and (onset < 0).any():
+            b = min(r1, a + size)
+            size = min(BLOCK, 2 * size)
+            lo, hi = max(0, a - h), min(n, b + h)
+            active = onset < 0
+            x = np.asarray(values(lo, hi), dtype=np.float64)[:, active]
+            s = running_median(x, smooth)
+            with np.errstate(invalid="ignore"):
+                m = (s > above) if above is not None else (s < below)
+            m = (m & ~np.isnan(s))[a - lo:b - lo]
+            idx = np.arange(b - a)[:, None]
+            last_false = np.maximum.accumulate(np.where(~m, idx, -1), axis=0)
+            r = np.where(last_false < 0, run[active][None] + idx + 1, idx - last_false)
+            hit = r >= window
+            found = hit.any(axis=0)
+            cells = np.flatnonzero(active)
+            onset[cells[found]] = a + hit[:, found].argmax(axis=0) - window + 1
+            run[cells] = r[-1]
+            a = b
+        if (onset >= 0).all():
+            break
+    return [None if o < 0 else int(o) for o in onset]
+
+
+def _spans(n: int, windows, f, cov: int, last: bool):
+    """Row spans to read, in search order: the given windows of the finest level, then the rows
+    it does not cover; without levels, growing spans from the start (the end)."""
+    if windows is None or f is None:
+        spans, a, size = [], 0, _FIRST
+        while a < n:
+            spans.append((n - min(n, a + size), n - a) if last else (a, min(n, a + size)))
+            a, size = a + size, min(BLOCK, 2 * size)
+        return spans
+    win = [(int(i) * f, int(i) * f + f) for i in windows]
+    tail = [(a, min(n, a + BLOCK)) for a in range(cov, n, BLOCK)]
+    return [*tail[::-1], *win] if last else [*win, *tail]
+
+
+def series_edge(src: GroupSource, values, count_W=None, *, last: bool = False,
+                n: int | None = None) -> float:
+    """The first (``last``: the last) non-NaN value of a series (``values(a, b) -> (b - a,)``);
+    ``count_W``: its non-NaN rows per window of the finest level, so only the window that holds
+    it (and the uncovered rows) is read; without it, growing spans of its ``n`` rows (default
+    the group's) from the start (the end). NaN if there is none."""
+    w = None
+    if count_W is not None and src.factor is not None:
+        nz = np.flatnonzero(count_W > 0)
+        w = nz[-1:] if last else nz[:1]
+    for a, b in _spans(src.n if n is None else n, w, src.factor, src.covered, last):
+        x = np.asarray(values(a, b), dtype=np.float64)
+        x = x[~np.isnan(x)]
+        if x.size:
+            return float(x[-1] if last else x[0])
+    return float("nan")
+
+
+def series_extreme(src: GroupSource, values, stat_W=None, *, fn=np.nanmin) -> float:
+    """``fn`` (nanmin / nanmax) of a whole series: the finest level's window ``stat_W`` over the
+    rows it covers, the rows past them (every row without levels)."""
+    parts = [] if stat_W is None or src.factor is None else [np.asarray(stat_W, np.float64)]
+    a0 = src.covered if parts else 0
+    parts += [np.asarray(values(a, min(src.n, a + BLOCK)), np.float64)
+              for a in range(a0, src.n, BLOCK)]
+    x = np.concatenate(parts) if parts else np.array([np.nan])
+    return float(fn(x)) if np.isfinite(x).any() else float("nan")

@@ -1,0 +1,307 @@
+"""Rollup levels of a group: windows of 16, 256, 4096 rows (schema 1.2, :func:`schema.rollup_arrays`).
+
+One :class:`GroupRollup` per group keeps, in memory, each level's partial window and the finished
+windows not yet written; :meth:`GroupRollup.add` folds rows in as the writer commits them, and
+:meth:`GroupRollup.write` writes finished windows a whole chunk at a time (all of them on
+``force``: a flush, a close). A level is built from the next finer level's stored values, never
+from the rows directly, so windows are the same whichever way they were built (while training,
+after a resume, by ``moe-probe rollup``).
+
+Crash safety is the rows' own: per level, data, then ``step``, then the level's
+``committed_steps`` marker (windows), each level written only up to what the finer level has
+committed, and every level only ever behind the rows. A level that lags is normal (readers use
+the rows past it); :meth:`GroupRollup.catch_up` rebuilds what is missing from what is stored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from moe_probe import metrics as mt
+from moe_probe.store.schema import (
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS, rollup_arrays,
+    rollup_path,
+)
+
+__all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
+
+_BATCH = 1024
+"""Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
+
+
+def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str], compressors):
+    """Lay out every level of ``group`` (empty, marker 0) for the arrays the group has."""
+    specs = rollup_arrays(group)
+    sizes = {d: len(v) for d, v in labels.items()}
+    sizes["stat"] = len(ROLLUP_STATS)
+    for f in ROLLUP_FACTORS:
+        lvl = root.require_group(rollup_path(group, f))
+        for d, vals in [*labels.items(), ("stat", list(ROLLUP_STATS))]:
+            vals = np.array(vals, dtype=str)
+            c = lvl.create_array(d, shape=(vals.size,), dtype=str, dimension_names=(d,),
+                                 overwrite=True)
+            if vals.size:
+                c[:] = vals
+        for name, spec in specs.items():
+            if name in GROUPS[group] and name not in present:
+                continue  # an optional array this store does not have
+            if name == "group_dead_frac" and "load" not in present:
+                continue
+            fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
+            lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
+                             chunks=(ROLLUP_CHUNK, *(max(1, sizes[d]) for d in spec.dims)),
+                             fill_value=fill, dimension_names=("step", *spec.dims),
+                             compressors=compressors, overwrite=True)
+        lvl.create_array("step", shape=(0,), dtype="int64", chunks=(ROLLUP_CHUNK,), fill_value=-1,
+                         dimension_names=("step",), compressors=compressors, overwrite=True)
+        lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
+
+
+class _Level:
+    def __init__(self, grp: zarr.Group, group: str, factor: int, ratio: int):
+        self.grp, self.factor, self.ratio = grp, factor, ratio
+        present = set(grp.array_keys())
+        self.arrays = {k: grp[k] for k in [*rollup_arrays(group), "step"] if k in present}
+        self.committed = int(grp.attrs.get("committed_steps", 0))
+        self.pending: dict | None = None   # items of the partial window (values form)
+        self.out: list[dict] = []          # finished windows not yet written
+        self.n_out = 0
+
+    def truncate(self, windows: int) -> None:
+        windows = min(self.committed, windows)
+        self.grp.attrs["committed_steps"] = windows  # marker first, as for rows
+        for a in self.arrays.values():
+            if a.shape[0] != windows:
+                a.resize((windows, *a.shape[1:]))
+        self.committed = windows
+
+    def read(self, lo: int, hi: int) -> dict:
+        """Stored windows [lo, hi) in values form."""
+        return {k: np.asarray(a[lo:hi]) for k, a in self.arrays.items()}
+
+
+class GroupRollup:
+    """The levels of one group of an open store (see the module docstring)."""
+
+    def __init__(self, root: zarr.Group, group: str, attrs: dict):
+        self.group = group
+        self.levels: list[_Level] = []
+        prev = 1
+        for f in ROLLUP_FACTORS:
+            self.levels.append(_Level(root[rollup_path(group, f)], group, f, f // prev))
+            prev = f
+        self.names = [n for n in GROUPS[group] if n in self.levels[0].arrays]
+        model = attrs.get("model") if isinstance(attrs.get("model"), dict) else {}
+        self.top_k = model.get("top_k")
+        self._pools = None
+        if group == "routing" and "load" in self.names:
+            self._pools = _pools(model, root[group])
+
+    @classmethod
+    def open(cls, root: zarr.Group, group: str, attrs: dict) -> "GroupRollup | None":
+        """The group's levels, or None when the store has none (a store written before 1.2)."""
+        if group not in ROLLUP_GROUPS:
+            return None
+        try:
+            root[rollup_path(group, ROLLUP_FACTORS[-1])]
+        except KeyError:
+            return None
+        return cls(root, group, attrs)
+
+    # ---------------------------------------------------------------- folding
+    def add(self, steps: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        """Rows just committed (consecutive, after every row folded before)."""
+        items = self._row_items(steps, rows)
+        self._fold(0, items, from_rows=True)
+
+    def _fold(self, li: int, items: dict, *, from_rows: bool = False) -> None:
+        lvl = self.levels[li]
+        if lvl.pending is not None:
+            items = {k: np.concatenate([lvl.pending[k], v]) for k, v in items.items()}
+        n = len(items["step"])
+        n_win = n // lvl.ratio
+        cut = n_win * lvl.ratio
+        lvl.pending = {k: v[cut:] for k, v in items.items()} if cut < n else None
+        if not n_win:
+            return
+        win = self._combine({k: v[:cut] for k, v in items.items()}, n_win, lvl.ratio, from_rows)
+        lvl.out.append(win)
+        lvl.n_out += n_win
+        if li + 1 < len(self.levels):
+            self._fold(li + 1, win)
+
+    def _row_items(self, steps, rows):
+        items = {"step": np.asarray(steps, dtype=np.int64)}
+        items["step_last"] = items["step"]
+        for name in self.names:
+            items[name] = np.asarray(rows[name])
+        if self._pools is not None:
+            items["group_dead_frac"] = self._dead_frac(np.asarray(rows["load"]))
+        return items
+
+    def _combine(self, items: dict, n_win: int, r: int, from_rows: bool) -> dict:
+        """Windows of ``r`` consecutive items each (rows, or a finer level's windows)."""
+        def grouped(v):
+            return v.reshape(n_win, r, *v.shape[1:])
+
+        out = {"step": items["step"][::r].copy(), "step_last": items["step_last"][r - 1::r].copy()}
+        for name, v in items.items():
+            if name in ("step", "step_last", "window_capacity_rate"):
+                continue  # the window's rate is recomputed from the summed counts below
+            if name in COUNTS:
+                out[name] = grouped(v).sum(axis=1, dtype=np.float64 if v.dtype.kind == "f"
+                                           else np.int64)
+            elif from_rows:
+                x = grouped(np.asarray(v, dtype=np.float64))
+                ok = np.isfinite(x)
+                c = ok.sum(axis=1)
+                s = np.where(ok, x, 0.0).sum(axis=1)
+                with np.errstate(invalid="ignore"):
+                    pos = (x > 0).sum(axis=1)
+                out[name] = np.stack([np.fmin.reduce(x, axis=1), np.fmax.reduce(x, axis=1),
+                                      _mean(s, c), c.astype(np.float64),
+                                      pos.astype(np.float64)], axis=1)
+            else:  # (N, stat, ...): min of mins, max of maxes, count-weighted mean, counts add
+                x = grouped(v)
+                c = x[:, :, 3].sum(axis=1)
+                s = np.where(x[:, :, 3] > 0, x[:, :, 2] * x[:, :, 3], 0.0).sum(axis=1)
+                out[name] = np.stack([np.fmin.reduce(x[:, :, 0], axis=1),
+                                      np.fmax.reduce(x[:, :, 1], axis=1), _mean(s, c), c,
+                                      x[:, :, 4].sum(axis=1)], axis=1)
+        if self.group == "routing" and self.top_k and "kept" in out and "tokens" in out:
+            out["window_capacity_rate"] = mt.capacity_rate(out["kept"], out["tokens"],
+                                                           int(self.top_k))
+        return out
+
+    def _dead_frac(self, load_SLME: np.ndarray) -> np.ndarray:
+        """(S, L, M) group_dead_frac rows: the detector's pooled dead fraction of the group each
+        modality routes into (NaN for a modality of no group). Layers laid out alike (the usual
+        case) are computed together."""
+        s, n_l, n_m, _ = load_SLME.shape
+        out = np.full((s, n_l, n_m), np.nan)
+        by_layout: dict[tuple, list[int]] = {}
+        for li, pools in enumerate(self._pools):
+            by_layout.setdefault(tuple((tuple(i), tuple(m)) for i, m in pools), []).append(li)
+        for layout, lis in by_layout.items():
+            x = load_SLME if len(lis) == n_l else load_SLME[:, lis]
+            for ids, mis in layout:
+                _, frac = mt.pooled_dead(x, ids, mis)  # (S, L')
+                for m in mis:
+                    out[:, lis, m] = frac
+        return out
+
+    # ---------------------------------------------------------------- writing
+    def write(self, force: bool = False) -> None:
+        """Write finished windows: whole chunks, or all of them with ``force``. A level is never
+        written past what its finer level has committed."""
+        for i, lvl in enumerate(self.levels):
+            n = lvl.n_out
+            if i:
+                n = min(n, self.levels[i - 1].committed // lvl.ratio - lvl.committed)
+            if not force:
+                n -= n % ROLLUP_CHUNK
+            if n > 0:
+                self._write_level(lvl, n)
+
+    def _write_level(self, lvl: _Level, n: int) -> None:
+        win = {k: np.concatenate([w[k] for w in lvl.out]) for k in lvl.out[0]}
+        rest = {k: v[n:] for k, v in win.items()}
+        w0, w1 = lvl.committed, lvl.committed + n
+        for name, a in lvl.arrays.items():
+            if a.shape[0] < w1:
+                a.resize((w1, *a.shape[1:]))
+        for name, a in lvl.arrays.items():
+            if name != "step" and name in win:
+                a[w0:w1] = win[name][:n]
+        lvl.arrays["step"][w0:w1] = win["step"][:n]
+        lvl.grp.attrs["committed_steps"] = w1  # the commit: strictly after the data
+        lvl.committed = w1
+        lvl.out = [rest] if len(rest["step"]) else []
+        lvl.n_out -= n
+
+    # ---------------------------------------------------------------- resume / rebuild
+    def catch_up(self, n_rows: int, read_rows) -> None:
+        """Make every level consistent with ``n_rows`` committed rows and rebuild the in-memory
+        state: levels are cut to what the rows (and the finer level) cover, then the windows
+        missing from each level are folded from what is stored below it. ``read_rows(a, b)`` ->
+        (steps, {name: rows}). Windows are written as chunks fill; call :meth:`write` with
+        ``force`` to write the rest."""
+        cap = n_rows
+        for lvl in self.levels:
+            lvl.truncate(cap // lvl.ratio)
+            lvl.pending, lvl.out, lvl.n_out = None, [], 0
+            cap = lvl.committed
+        # Coarsest first: a level's stored finer windows come before any new finer window.
+        for li in range(len(self.levels) - 1, 0, -1):
+            lvl, fine = self.levels[li], self.levels[li - 1]
+            for lo in range(lvl.committed * lvl.ratio, fine.committed, _BATCH):
+                self._fold(li, fine.read(lo, min(lo + _BATCH, fine.committed)))
+                self.write()
+        for lo in range(self.levels[0].committed * self.levels[0].ratio, n_rows, _BATCH):
+            steps, rows = read_rows(lo, min(lo + _BATCH, n_rows))
+            self.add(steps, rows)
+            self.write()
+
+
+def rows_reader(arrays: dict[str, zarr.Array]):
+    """``read_rows(a, b) -> (steps, {name: rows})`` over a group's zarr arrays."""
+    def read_rows(a: int, b: int):
+        return (np.asarray(arrays["step"][a:b]),
+                {k: np.asarray(v[a:b]) for k, v in arrays.items() if k != "step"})
+    return read_rows
+
+
+def add_rollups(store_path) -> dict[str, int]:
+    """Lay out the levels a store lacks (a 1.0/1.1 store, or one written with ``rollups=False``)
+    and fold in every committed row they do not cover yet; ``moe-probe rollup`` runs it. Returns
+    {group: rows covered by the finest level}. The store must not be open in a writer: the
+    writer keeps its own rollup state. ``schema_version`` is left as written (levels are only
+    additions, and readers find them by their paths)."""
+    from moe_probe.store.reader import RunStore  # validates version / foreign stores
+    from moe_probe.store.writer import _compressors
+
+    store = RunStore(store_path)
+    root = zarr.open_group(str(store.store_path), mode="r+")
+    for p in store.store_path.rglob("*.partial"):  # temp files of writes a SIGKILL interrupted
+        p.unlink(missing_ok=True)
+    out = {}
+    for g in store.groups:
+        if g not in ROLLUP_GROUPS:
+            continue
+        grp = root[g]
+        present = [n for n in GROUPS[g] if n in grp]
+        if not store.levels(g):
+            labels = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g]}
+            create_levels(root, g, labels, present, _compressors())
+        ru = GroupRollup(root, g, dict(root.attrs))
+        ru.catch_up(store.committed_steps(g),
+                    rows_reader({k: grp[k] for k in [*present, "step"]}))
+        ru.write(force=True)
+        out[g] = ru.levels[0].committed * ru.levels[0].ratio
+    return out
+
+
+def _mean(s, c):
+    out = np.full(np.shape(s), np.nan)
+    np.divide(s, c, out=out, where=c > 0)
+    return out
+
+
+def _pools(model: dict, grp: zarr.Group) -> list[list[tuple[list[int], list[int]]]]:
+    """Per layer, (expert ids, modality indices) of each group the modalities route into."""
+    layers = [str(x) for x in grp["layer"][:]]
+    mods = [str(x) for x in grp["modality"][:]]
+    n_e = int(grp["expert"].shape[0])
+    groups = mt.layer_groups(model.get("groups"))
+    mg = model.get("modality_group")
+    mg = {str(k): dict(v) for k, v in mg.items() if isinstance(v, dict)} \
+        if isinstance(mg, dict) else None
+    out = []
+    for layer in layers:
+        pools: dict[tuple, list[int]] = {}
+        for mi, m in enumerate(mods):
+            pools.setdefault(tuple(mt.expert_group(groups, mg, layer, m, n_e)), []).append(mi)
+        out.append([(list(ids), mis) for ids, mis in pools.items()])
+    return out
+

@@ -1,0 +1,120 @@
+"""Diagnosis through the rollup levels equals diagnosis of every row: every fixture store, an
+older store given levels by `moe-probe rollup`, and a long generated store with planted onsets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from fixtures import synth
+from fixtures.generate import NAMES
+from moe_probe.cli import main
+from moe_probe.diagnose.config import DiagnoseConfig
+from moe_probe.diagnose.rundata import load_run
+from moe_probe.diagnose.runner import diagnose_run
+from moe_probe.run import store_path
+from moe_probe.store import StoreWriter, default_coords
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def _both(run_dir, cfg=None):
+    cfg = cfg or DiagnoseConfig()
+    fast, full = load_run(run_dir), load_run(run_dir, levels=False)
+    a, b = diagnose_run(fast, cfg), diagnose_run(full, cfg)
+    assert json.dumps(a.to_dict(), sort_keys=True) == json.dumps(b.to_dict(), sort_keys=True)
+    return a, fast.source("routing"), full.source("routing")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_store_same_findings_through_levels(name):
+    _, fast, full = _both(ROOT / "stores" / name)
+    assert fast.levels and not full.levels  # the levels were there, and used
+
+
+@pytest.mark.parametrize("cfg", [DiagnoseConfig(window=5, smooth=1),
+                                 DiagnoseConfig(window=40, smooth=4, dead_frac=0.1,
+                                                collapse_rate=0.95)])
+def test_other_windows_and_thresholds_same_findings(cfg):
+    for name in ("collapse", "dead_experts", "healthy"):
+        _both(ROOT / "stores" / name, cfg)
+
+
+def test_older_store_given_levels_by_the_rollup_command(tmp_path):
+    old = tmp_path / "v1.0"
+    shutil.copytree(ROOT / "frozen" / "v1.0-healthy", old)
+    before = diagnose_run(load_run(old), DiagnoseConfig())  # no levels: every row
+    assert main(["rollup", str(old)]) == 0
+    after, fast, _ = _both(old)
+    assert fast.levels
+    assert json.dumps(before.to_dict(), sort_keys=True) == json.dumps(after.to_dict(),
+                                                                      sort_keys=True)
+
+
+def _long_store(run_dir, n=20_480, collapse_from=15_001, dead_from=12_345):
+    """2 layers x 8 experts, top-2, C = 1: text of layer 1 piles onto experts 0-1 from
+    ``collapse_from`` (its capacity rate falls below 0.5); experts 6-7 of layer 0 get nothing from
+    ``dead_from``. Written by the writer in blocks, rollups as it goes."""
+    rng = np.random.default_rng(7)
+    e, k, layers = 8, 2, ["0", "1"]
+    groups, mgroup = synth.group_layout("moe", e)
+    mask = synth.mt.group_masks(e, groups, mgroup)
+    base = synth.base_probs(rng, 2, e, mask)
+    attrs = {"run": {"name": "long"}, "model": {"arch": "moe", "top_k": k, "layers": layers,
+                                                 "experts": e, "capacity_factor": 1.0}}
+    coords = default_coords(layers=layers, n_experts=e, isolated_metrics=None,
+                            groups=("routing",))
+    with StoreWriter.create(store_path(run_dir), attrs=attrs, coords=coords) as w:
+        for s0 in range(0, n, 4096):
+            steps = np.arange(s0, min(n, s0 + 4096))
+            probs = np.broadcast_to(base, (steps.size, *base.shape)).copy()
+            hit = steps >= collapse_from
+            conc = np.zeros(e)
+            conc[:2] = 0.5
+            probs[hit, 1, 0] = conc
+            dead = steps >= dead_from
+            p = probs[dead, 0]
+            p[..., 6:] = 0
+            probs[dead, 0] = p / p.sum(-1, keepdims=True)
+            tokens = synth.draw_tokens(rng, steps.size, 2, (96, 64, 128))
+            load = synth.draw_load(rng, tokens, probs, k)
+            w.append_rows("routing", steps, **synth.routing_rows(rng, tokens, load, k, groups,
+                                                                  mgroup, 1.0))
+    return run_dir
+
+
+def test_planted_onsets_in_a_long_store_are_exact(tmp_path):
+    run_dir = _long_store(tmp_path / "long")
+    d, fast, full = _both(run_dir)
+    found = {(f.kind, f.modality): f for f in d.findings}
+    dead = found["dead_experts", None]
+    assert dead.onset_step == 12_345 and dead.layers == ("0",)
+    assert dead.evidence["experts"] == [6, 7]
+    col = found["routing_collapse", "text"]  # (layer 0 overflows too once 6-7 are dead)
+    assert col.evidence["per_layer"]["1"]["onset_step"] == 15_001
+    assert fast.rows_read < full.rows_read / 4  # the levels kept most rows unread
+
+
+def test_cli_full_resolution_gives_the_same_report(tmp_path, capsys):
+    run = ROOT / "stores" / "collapse"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["diagnose", str(run), "--json", str(a)]) == 0
+    assert main(["diagnose", str(run), "--full-resolution", "--json", str(b)]) == 0
+    capsys.readouterr()
+    assert a.read_text() == b.read_text() and json.loads(a.read_text())["findings"]
+
+
+def test_levels_that_disagree_with_the_rows_are_not_used(tmp_path):
+    # rows rewritten under levels built before (what a pre-1.2 writer's resume could leave)
+    run = tmp_path / "collapse"
+    shutil.copytree(ROOT / "stores" / "collapse", run)
+    steps = zarr.open_array(str(store_path(run) / "routing" / "step"), mode="r+")
+    steps[:] = steps[:] + 1
+    fast = load_run(run)
+    assert fast.levels["routing"] and not fast.source("routing").levels
+    _both(run)
