@@ -96,6 +96,13 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="skip the diagnosis (the two findings keys)")
     e.add_argument("--quiet", action="store_true", help="no timings on stderr")
 
+    pu = sub.add_parser("publish", help="copy a local run to a bucket so that readers of the "
+                                        "URL only ever see committed rows (live runs too)")
+    pu.add_argument("run_dir")
+    pu.add_argument("url", help="e.g. s3://bucket/runs/name (endpoint, credentials: AWS_* env)")
+    pu.add_argument("--every", type=float, default=None, metavar="S",
+                    help="publish again every S seconds (changed files only) until interrupted")
+
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
     r.add_argument("--seeds", type=int, default=None)
@@ -115,6 +122,7 @@ _COMMANDS = {
     "dash": "dashboards.app:serve",
     "reproduce": "moe_probe.reproduce.commands:reproduce",
     "export": "moe_probe.export.commands:export",
+    "publish": "moe_probe.publish:command",
 }
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +186,125 @@ def test_writing_to_a_url_is_refused_in_one_line(s3, args, flag):
 def test_run_create_refuses_a_url(s3):
     with pytest.raises(ValueError, match="local directories only"):
         Run(f"{BUCKET}/new").create(store_attrs={}, store_coords={})
+
+
+# ------------------------------------------------------------------------------ publishing
+def test_publish_cli_copies_a_finished_run(s3, tmp_path):
+    url = "s3://moe/published/collapse"
+    r = _cli("publish", FIXTURES / "collapse", url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"published {FIXTURES / 'collapse'} to {url}: ")
+    remote, local = moe_probe.open_run(url), moe_probe.open_run(FIXTURES / "collapse")
+    for g in local.groups:
+        assert remote.dataset(g).load().identical(local.dataset(g).load()), g
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([FIXTURES / "healthy", "/tmp/x"], "publish to /tmp/x: not a URL"),
+    ([_url("healthy"), "s3://moe/copy"], "the run to publish must be a local directory"),
+    ([ROOT / "fixtures", "s3://moe/copy"], "not a moe_probe run (no traces.zarr)"),
+    ([FIXTURES / "healthy", "s3://moe/copy", "--every", "0"], "--every must be > 0"),
+])
+def test_publish_bad_input_is_exit_2_one_line(s3, args, msg):
+    r = _cli("publish", *args)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, r.stderr
+
+
+def _append(writer, step: int, L: int, M: int, E: int) -> None:
+    """A routing row whose values say which step wrote them."""
+    f = np.float32(step / 1000)
+    writer.append("routing", step, tokens=np.full((L, M), step, np.int32),
+                  kept=np.full((L, M), f, np.float32), capacity_rate=np.full((L, M), f, np.float32),
+                  entropy=np.full((L, M), f, np.float32), maxvio=np.full((L, M), f, np.float32),
+                  dead_frac=np.full((L, M), f, np.float32), confidence=np.full((L, M), f, np.float32),
+                  load=np.full((L, M, E), step, np.int32), router_z=np.full(L, f, np.float32))
+
+
+def test_publishing_a_live_run_never_shows_uncommitted_rows(s3, tmp_path):
+    """A writer appends, a publisher publishes again and again, a reader of the URL reads
+    meanwhile: every read holds exactly the rows below its marker, each the values written."""
+    from moe_probe.publish import publish
+    from moe_probe.run import store_path
+    from moe_probe.store import StoreWriter
+
+    run, url = tmp_path / "live", "s3://moe/live-copy"
+    shutil.copytree(FIXTURES / "live", run)
+    old = moe_probe.open_run(run).dataset("routing").load()
+    first, sizes = int(old["step"].values[-1]) + 1, [old.sizes[k] for k in ("layer", "modality",
+                                                                             "expert")]
+    sent = publish(run, url)
+    done, published, errors = threading.Event(), threading.Event(), []
+
+    def write():
+        writer, _ = StoreWriter.resume(store_path(run))
+        try:
+            for s in range(first, first + 40):
+                _append(writer, s, *sizes)
+                writer.flush()
+                time.sleep(0.05)
+        finally:
+            writer.close()
+            done.set()
+
+    def publish_loop():
+        nonlocal sent
+        try:
+            while not done.is_set():
+                sent = publish(run, url, sent=sent)
+            sent = publish(run, url, sent=sent)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            published.set()
+
+    threads = [threading.Thread(target=write), threading.Thread(target=publish_loop)]
+    for t in threads:
+        t.start()
+    seen = []
+    while not published.is_set():
+        ds = moe_probe.open_run(url).dataset("routing").load()
+        steps = ds["step"].values
+        n_old = int((steps < first).sum())
+        # the marker read first sets the rows; the attrs come from a read a moment later
+        assert ds.sizes["step"] <= ds.attrs["committed_steps"]
+        assert n_old == old.sizes["step"] and ds.isel(step=slice(0, n_old)).identical(
+            old.assign_attrs(committed_steps=ds.attrs["committed_steps"]))
+        new = ds.isel(step=slice(n_old, None))
+        np.testing.assert_array_equal(new["step"].values, np.arange(first, first + new.sizes["step"]))
+        np.testing.assert_array_equal(new["load"].values.max(axis=(1, 2, 3)), new["step"].values)
+        np.testing.assert_array_equal(new["capacity_rate"].values.min(axis=(1, 2)) * 1000,
+                                      new["step"].values.astype(np.float32))
+        seen.append(new.sizes["step"])
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert seen and seen == sorted(seen)  # a reader never goes back
+    local = moe_probe.open_run(run)
+    remote = moe_probe.open_run(url)
+    for g in local.groups:
+        assert remote.dataset(g).load().identical(local.dataset(g).load()), g
+
+    # a resume truncates the local run below what was published: the URL follows it down
+    StoreWriter.resume(store_path(run), after_step=first + 9)[0].close()
+    publish(run, url, sent=sent)
+    assert moe_probe.open_run(url).dataset("routing").load().identical(
+        moe_probe.open_run(run).dataset("routing").load())
+    assert moe_probe.open_run(url).committed_steps("routing") == old.sizes["step"] + 10
+
+
+def test_publish_every_sends_only_what_changed(s3):
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "moe_probe", "publish", FIXTURES / "healthy",
+                          "s3://moe/every/healthy", "--every", "0.2"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [p.stdout.readline() for _ in range(2)]
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    n_files = sum(1 for f in (FIXTURES / "healthy").rglob("*") if f.is_file())
+    assert f": {n_files} changed file(s) sent" in lines[0], lines
+    assert ": 0 changed file(s) sent" in lines[1], lines
+    assert p.returncode == 130 and "Traceback" not in err, err
