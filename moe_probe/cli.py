@@ -41,11 +41,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="W&B project (default $WANDB_PROJECT, else moe-probe)")
 
     i = sub.add_parser("info", help="what a run holds")
-    i.add_argument("run_dir")
+    i.add_argument("run_dir", help="a run directory or its URL (s3://bucket/runs/name)")
     i.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="collapse / conflict diagnosis of one or more runs")
-    d.add_argument("run_dirs", nargs="+")
+    d.add_argument("run_dirs", nargs="+", help="run directories or their URLs (s3://…)")
     d.add_argument("--html", default=None)
     d.add_argument("--json", dest="json_out", default=None)
     d.add_argument("--control", default=None, help="an understanding-only control run")
@@ -78,7 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
 
     da = sub.add_parser("dash", help="interactive routing dashboard")
-    da.add_argument("root", nargs="?", default="runs")
+    da.add_argument("root", nargs="?", default="runs",
+                    help="a directory of runs, or a URL prefix (s3://bucket/runs)")
     da.add_argument("--host", default="127.0.0.1")
     da.add_argument("--port", type=int, default=8050)
     da.add_argument("--refresh", type=float, default=5.0, help="live refresh interval, seconds")
