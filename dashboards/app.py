@@ -33,7 +33,7 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
     if refresh_s <= 0:
         raise ValueError(f"--refresh must be > 0 seconds, got {refresh_s}")
     if _app is not None:
-        if Path(_app.server.config["MOE_PROBE_ROOT"]) != root_p:
+        if _app.server.config["MOE_PROBE_ROOT"] != str(root_p):
             raise RuntimeError("one dashboard app per process")
         return _app
     app = dash.Dash(

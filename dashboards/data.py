@@ -9,6 +9,7 @@ touches only the zarr chunks that hold it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -20,8 +21,9 @@ import xarray  # noqa: F401
 
 from dashboards.cache import Cache
 from moe_probe.modalities import MODALITIES
-from moe_probe.run import Run, RunInfo, find_runs, open_run
+from moe_probe.run import RunInfo, find_runs, open_run, store_path
 from moe_probe.store import NotMeasured
+from moe_probe.store.location import RemotePath, as_path, is_url
 
 
 class DataError(ValueError):
@@ -29,8 +31,14 @@ class DataError(ValueError):
 
 
 # --------------------------------------------------------------------------------------- paths
-def check_root(root) -> Path:
-    """The resolved ROOT, or ValueError with one line (used by the CLI before the server starts)."""
+def check_root(root) -> Path | RemotePath:
+    """The resolved ROOT (a directory, or a URL such as s3://bucket/runs), or ValueError with one
+    line (used by the CLI before the server starts)."""
+    if is_url(root):
+        p = as_path(root)  # one line (StoreError) if its endpoint cannot be reached
+        if not p.is_dir():
+            raise ValueError(f"dashboard root {root} does not exist")
+        return p
     p = Path(root).expanduser()
     if not p.exists():
         raise ValueError(f"dashboard root {root} does not exist")
@@ -39,22 +47,30 @@ def check_root(root) -> Path:
     return p.resolve()
 
 
-def resolve_run(root, run_id: str) -> Path:
+def resolve_run(root, run_id: str) -> Path | RemotePath:
     """Run directory for `run_id`, guaranteed to lie inside ROOT.
 
     Ids come from URLs and callback payloads, i.e. from the client: absolute paths, `..` parts and
     symlinks leading out of ROOT are refused, so the server can never be made to read elsewhere.
+    (A URL ROOT has no symlinks: its run ids are key prefixes below it.)
     """
     if not isinstance(run_id, str) or not run_id or "\x00" in run_id:
         raise DataError("no run selected")
     rel = PurePosixPath(run_id.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or (rel.parts and ":" in rel.parts[0]):
         raise DataError(f"run id {run_id!r} is outside the dashboard root")
+    if is_url(root):
+        target = as_path(root)
+        for part in rel.parts:
+            target = target / part
+        if not (store_path(target) / "zarr.json").exists():  # one request, not a listing
+            raise DataError(f"run {run_id!r} not found under the dashboard root")
+        return target
     root_r = Path(root).resolve()
     target = (root_r / Path(*rel.parts)).resolve()
     if target != root_r and not target.is_relative_to(root_r):
         raise DataError(f"run id {run_id!r} is outside the dashboard root")
-    store = Run(target).store_path
+    store = store_path(target)
     if not store.exists():
         raise DataError(f"run {run_id!r} not found under the dashboard root")
     # The store itself may be a symlink pointing out of ROOT.
@@ -70,6 +86,8 @@ def list_runs(root) -> list[str]:
     run pointing outside ROOT is never listed. A run directory that vanishes meanwhile is skipped.
     """
     root_r = check_root(root)
+    if isinstance(root_r, RemotePath):  # keys below ROOT: nothing can lead out of it
+        return sorted(p.path[len(root_r.path):].strip("/") or "." for p in find_runs(root_r))
     ids = []
     for p in find_runs(root_r):
         try:
@@ -89,10 +107,20 @@ def list_runs(root) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- stores
+REMOTE_REOPEN_S = 30.0
+"""An opened remote store (root attrs and groups: ~20 requests to open) is reused this long, so a
+run replaced under the same name shows after at most this; commit markers are re-read on every
+call, as for local runs."""
+_remote_stores = Cache("remote stores", entries=64)
+
+
 def open_store(root, run_id: str):
     """RunStore of a run inside ROOT; reader errors become DataError (shown on the page)."""
     path = resolve_run(root, run_id)
     try:
+        if isinstance(path, RemotePath):
+            return _remote_stores.get(str(path), int(time.monotonic() // REMOTE_REOPEN_S),
+                                      lambda: open_run(path))
         return open_run(path)
     except (ValueError, OSError, KeyError) as e:
         raise DataError(f"{run_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

@@ -39,6 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen | None) -> None:
+    """End a server subprocess this process started: SIGTERM, then SIGKILL after 10 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class Server:
     """`moe-probe dash ROOT` in a subprocess; use as a context manager. `repo`: the checkout to
     run (default: this one); `env`: extra environment variables."""
@@ -83,12 +93,7 @@ class Server:
         return Path(self.log.name).read_text()[-4000:]
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         return False

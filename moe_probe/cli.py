@@ -41,11 +41,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="W&B project (default $WANDB_PROJECT, else moe-probe)")
 
     i = sub.add_parser("info", help="what a run holds")
-    i.add_argument("run_dir")
+    i.add_argument("run_dir", help="a run directory or its URL (s3://bucket/runs/name)")
     i.add_argument("--json", action="store_true")
 
     d = sub.add_parser("diagnose", help="collapse / conflict diagnosis of one or more runs")
-    d.add_argument("run_dirs", nargs="+")
+    d.add_argument("run_dirs", nargs="+", help="run directories or their URLs (s3://…)")
     d.add_argument("--html", default=None)
     d.add_argument("--json", dest="json_out", default=None)
     d.add_argument("--control", default=None, help="an understanding-only control run")
@@ -81,7 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
 
     da = sub.add_parser("dash", help="interactive routing dashboard")
-    da.add_argument("root", nargs="?", default="runs")
+    da.add_argument("root", nargs="?", default="runs",
+                    help="a directory of runs, or a URL prefix (s3://bucket/runs)")
     da.add_argument("--host", default="127.0.0.1")
     da.add_argument("--port", type=int, default=8050)
     da.add_argument("--refresh", type=float, default=5.0, help="live refresh interval, seconds")
@@ -101,6 +102,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
     ru = sub.add_parser("rollup", help="add the rollup levels to a run's store (older stores)")
     ru.add_argument("run_dir")
+
+    pu = sub.add_parser("publish", help="copy a local run to a bucket so that readers of the "
+                                        "URL only ever see committed rows (live runs too)")
+    pu.add_argument("run_dir")
+    pu.add_argument("url", help="e.g. s3://bucket/runs/name (endpoint, credentials: AWS_* env)")
+    pu.add_argument("--every", type=float, default=None, metavar="S",
+                    help="publish again every S seconds (changed files only) until interrupted")
 
     r = sub.add_parser("reproduce", help="the paper's experiment at CPU scale")
     r.add_argument("--quick", action="store_true")
@@ -122,6 +130,7 @@ _COMMANDS = {
     "reproduce": "moe_probe.reproduce.commands:reproduce",
     "export": "moe_probe.export.commands:export",
     "rollup": "moe_probe.rollup_command:rollup",
+    "publish": "moe_probe.publish:command",
 }
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 
 from moe_probe.run import open_run
+from moe_probe.store.location import local_path
 from moe_probe.store.rollup import add_rollups
 
 
 def rollup(args) -> int:
-    store = open_run(args.run_dir)  # a run directory or its store; one-line errors
+    # writes into the store: local only (one line for a URL)
+    store = open_run(local_path(args.run_dir, "rollup"))  # one-line errors
     t0 = time.perf_counter()
     for g, rows in add_rollups(store.store_path).items():
         print(f"{g}: rollup levels cover {rows} of {store.committed_steps(g)} rows")

@@ -17,6 +17,8 @@ Creation is atomic: every file of a new run is written into a hidden sibling dir
 then renamed to RUN_DIR, so a run directory either holds a complete run (config, summary and an
 empty, fully laid-out store) or does not exist. A SIGKILL during creation leaves only the hidden
 directory, which the next creation removes.
+
+Reading also takes a URL (``s3://bucket/runs/x``: moe_probe.store.location); writing is local only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from moe_probe.jsonutil import strict_json
 from moe_probe.metrics import expert_group, layer_groups
+from moe_probe.store.location import RemotePath, as_path, local_path
 from moe_probe.store.reader import RunStore
 from moe_probe.store.schema import StoreError
 from moe_probe.store.writer import StoreWriter
@@ -50,13 +53,14 @@ overrides it: see moe_probe.train.stages)."""
 _CREATING = ".creating-"
 
 
-def store_path(run_dir) -> Path:
-    return Path(run_dir) / STORE
+def store_path(run_dir) -> Path | RemotePath:
+    return as_path(run_dir) / STORE
 
 
-def open_run(path) -> RunStore:
-    """The trace store of a run directory (or the store directory itself), for reading."""
-    p = Path(path)
+def open_run(path, *, storage_options: dict | None = None) -> RunStore:
+    """The trace store of a run directory (or the store directory itself), for reading: a local
+    path or an fsspec URL, e.g. ``s3://bucket/runs/x`` (``storage_options`` go to fsspec)."""
+    p = as_path(path, storage_options)
     if not p.exists():
         raise StoreError(f"no such run directory: {p}")
     if p.is_dir() and not (p / "zarr.json").exists():
@@ -66,15 +70,16 @@ def open_run(path) -> RunStore:
     return RunStore(p)
 
 
-def find_runs(root) -> list[Path]:
-    """Run directories under ``root`` (``root`` itself included) that hold a store."""
-    root = Path(root)
+def find_runs(root) -> list[Path] | list[RemotePath]:
+    """Run directories under ``root`` (``root`` itself included; a path or a URL) that hold a
+    store."""
+    root = as_path(root)
     if not root.is_dir():
         raise StoreError(f"no such directory: {root}")
     found = []
-    for dirpath, dirnames, _ in os.walk(root):
+    for dirpath, dirnames, _ in (root.walk() if isinstance(root, RemotePath) else os.walk(root)):
         if STORE in dirnames:
-            found.append(Path(dirpath))
+            found.append(as_path(dirpath))
         # never descend into zarr stores (thousands of chunk dirs) or hidden dirs (bases, runs
         # being created)
         dirnames[:] = [d for d in dirnames if not d.endswith(".zarr") and not d.startswith(".")]
@@ -174,10 +179,11 @@ class RunInfo:
 
 
 class Run:
-    """One run directory. Cheap to make; nothing is read until asked."""
+    """One run directory. Cheap to make; nothing is read until asked. A URL can be read (``info``,
+    ``store``), never written: creation refuses it with one line."""
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = as_path(path)
 
     def __repr__(self):
         return f"Run({str(self.path)!r})"
@@ -262,7 +268,7 @@ class Run:
     def check_writable(self) -> None:
         """ValueError (one line) unless RUN_DIR can be a run directory: not a file, and its
         nearest existing ancestor a writable directory. Writes nothing that stays."""
-        p = self.path
+        p = local_path(self.path)
         if p.exists() and not p.is_dir():
             raise ValueError(f"--out {p} is a file, not a run directory")
         anc = p
@@ -280,6 +286,7 @@ class Run:
                summary: dict | None = None, groups: dict | None = None) -> None:
         """Write a new run atomically: json files and an empty, fully laid-out store appear
         together under RUN_DIR, or not at all. RUN_DIR may exist only as an empty directory."""
+        local_path(self.path)
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise ValueError(f"{self.path} already exists and is not empty")
         parent = self.path.parent

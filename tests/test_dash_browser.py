@@ -531,3 +531,37 @@ def test_empty_and_vanishing_root_show_a_message(tmp_path):
             assert not severe_logs(d)
         finally:
             quit_driver(d)
+
+
+def test_a_remote_root_serves_its_runs(tmp_path):
+    """`moe-probe dash s3://bucket/runs`: runs read from a local S3 server draw the same numbers
+    as the local stores, and the Runs page diagnoses them."""
+    _need_browser()
+    if not os.environ.get("CI"):  # the test extra has it: CI runs this test
+        pytest.importorskip("moto")
+    from fixtures.s3server import S3Server
+
+    with S3Server() as s3:
+        for name in ("collapse", "healthy"):
+            s3.put(FIXTURES / name, f"s3://moe/runs/{name}")
+        with Server("s3://moe/runs", refresh=1.0, env=s3.env) as srv:
+            d = make_driver()
+            try:
+                _goto(d, srv, "/routing", "collapse")
+                ds = _ds(FIXTURES, "collapse", "routing")
+                g = wait_graph(d, "routing-cap-lines", lambda g: g["title"].startswith("collapse"))
+                np.testing.assert_array_equal(_arr(g["traces"][0]["x"]), ds["step"].values)
+                for t in g["traces"]:
+                    want = ds["capacity_rate"].sel(layer="0", modality=t["name"]).values
+                    np.testing.assert_allclose(_arr(t["y"]), want, rtol=1e-6)
+                h = wait_graph(d, "routing-load-heat", lambda g: "layer 0" in g["title"])
+                load = ds["load"].sel(layer="0", modality="vae").values.astype(float)
+                np.testing.assert_allclose(_mat(h["traces"][0]["z"]),
+                                           (load / load.sum(axis=1, keepdims=True)).T, rtol=1e-6)
+                d.get(srv.url + "/")
+                text = wait_for(lambda: (t := d.find_element("id", "runs-tbl").text)
+                                and "diagnosing" not in t and t, 60, what="verdicts")
+                assert "routing_collapse" in text and "healthy" in text
+                assert not severe_logs(d)
+            finally:
+                quit_driver(d)

@@ -15,12 +15,14 @@ from moe_probe.diagnose.markdown import render_markdown
 from moe_probe.diagnose.rundata import load_run
 from moe_probe.diagnose.runner import diagnose as run_detectors
 from moe_probe.overrides import apply_overrides
+from moe_probe.store.location import local_path
 
 
 def diagnose(args) -> int:
     cfg = apply_overrides(DiagnoseConfig(), getattr(args, "overrides", None) or [])
-    for out in (args.json_out, args.html):  # fail before the (slow) reading, not after it
-        if out and not Path(out).resolve().parent.is_dir():
+    for out, flag in ((args.json_out, "--json"), (args.html, "--html")):
+        # fail before the (slow) reading, not after it
+        if out and not local_path(out, flag).resolve().parent.is_dir():
             raise ValueError(f"cannot write {out}: no such directory {Path(out).parent}")
     levels = not getattr(args, "full_resolution", False)
     runs = [load_run(d, levels=levels) for d in args.run_dirs]

@@ -81,13 +81,10 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
     Raises ValueError (the reader's StoreError) with one line for a missing or foreign store."""
     from moe_probe import open_run
 
-    path = Path(run_dir)
-    if not path.exists():
-        raise ValueError(f"no such run directory: {run_dir}")
     from moe_probe.store import StoreError
 
     try:
-        store = open_run(path)
+        store = open_run(run_dir)  # a path or a URL; one line if there is no run
         attrs = dict(store.attrs)
         groups, lv = {}, {}
         for g in store.groups:
@@ -108,5 +105,5 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
         msg = str(e).strip().splitlines()
         raise ValueError(f"cannot read {run_dir}: {type(e).__name__}: "
                          f"{msg[0] if msg else ''}") from e
-    name = RunInfo.from_attrs(attrs, path=path).name
+    name = RunInfo.from_attrs(attrs, path=run_dir).name
     return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups, levels=lv)

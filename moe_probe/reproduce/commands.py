@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moe_probe.jsonutil import strict_json
 from moe_probe.reproduce.config import ReproduceConfig, make_config
+from moe_probe.store.location import local_path
 
 RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
     "results.md", "results.csv", "results.json", "report.html")
@@ -27,7 +28,7 @@ RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
 
 def reproduce(args) -> int:
     cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None))
-    out = Path(args.out)
+    out = local_path(args.out)
     from moe_probe.reproduce.runner import prepare_out, run_plan
 
     prepare_out(cfg, out)

@@ -19,6 +19,7 @@ import zarr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from moe_probe.store.location import as_path, zarr_store
 from moe_probe.store.schema import (
     GROUPS, LABEL_DIMS, ROLLUP_FACTORS, SCHEMA_VERSION, NotMeasured, StoreError,
     migrate_attrs, parse_version, required, rollup_arrays, rollup_path,
@@ -32,13 +33,15 @@ _RETRY_SLEEP = 0.025
 
 class RunStore:
     """A store opened for reading; ``moe_probe.open_run(RUN_DIR)`` finds a run's store and opens
-    it. Also accepts a path to any moe_probe store directory."""
+    it. Also accepts a path to any moe_probe store directory, or its URL (read-only; see
+    moe_probe.store.location)."""
 
     def __init__(self, path):
-        p = Path(path)
+        p = as_path(path)
         if not p.exists():
             raise StoreError(f"no such store: {p}")
         self.store_path = p
+        self._zarr = zarr_store(p)
         self.path = p.parent
         """The run directory (the store's parent)."""
         meta = p / "zarr.json"
@@ -73,7 +76,7 @@ class RunStore:
     def labels(self, group: str, dim: str) -> list[str]:
         """The labels of ``group``'s ``dim`` (its coordinate array)."""
         self._check_group(group)
-        arr = zarr.open_array(self.store_path / group / dim, mode="r")
+        arr = zarr.open_array(self._zarr, path=f"{group}/{dim}", mode="r")
         return [str(x) for x in arr[:]]
 
     def committed_steps(self, group: str) -> int:
@@ -135,7 +138,7 @@ class RunStore:
         return int((doc.get("attributes") or {}).get("committed_steps", 0))
 
     def _build(self, path: str, specs: dict, label_dims, n: int, need: list) -> xr.Dataset:
-        grp = zarr.open_group(str(self.store_path), path=path, mode="r", use_consolidated=False)
+        grp = zarr.open_group(self._zarr, path=path, mode="r", use_consolidated=False)
         where = f"{self.store_path}/{path}"
         coords = {}
         for d in label_dims:
@@ -201,7 +204,7 @@ class RunStore:
         n = self.committed_steps(group)
         if n == 0:
             return None
-        arr = zarr.open_array(self.store_path / group / "step", mode="r")
+        arr = zarr.open_array(self._zarr, path=f"{group}/step", mode="r")
         return int(arr[n - 1])
 
     def _check_group(self, group):

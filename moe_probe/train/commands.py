@@ -132,7 +132,7 @@ def run_info(run_dir: Path) -> dict:
 
 
 def info(args) -> int:
-    data = run_info(Path(args.run_dir))
+    data = run_info(args.run_dir)  # a path or a URL
     if args.json:
         print(json.dumps(strict_json(data), indent=2, allow_nan=False))
         return 0

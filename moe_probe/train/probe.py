@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from moe_probe.modalities import ISOLATED_METRICS
+from moe_probe.store.location import local_path
 from moe_probe.trace.probes import PROBE_TASKS
 
 ISOLATED = "isolated"
@@ -54,7 +55,7 @@ def probe(args) -> int:
     from moe_probe.trace.isolated import isolated_metrics
     from moe_probe.trace.probes import probe_row
 
-    run_dir = Path(args.run_dir)
+    run_dir = local_path(args.run_dir, "probe")  # it writes the probes into the run's store
     if not run_dir.is_dir():
         raise ValueError(f"no run directory {run_dir}")
     tasks = _parse_tasks(args.tasks)
