@@ -2,10 +2,12 @@
 
 1. trains the plan (:mod:`.runner`; resumable, finished runs skipped),
 2. reads every store into the results table (:mod:`.table`; mean and 95% CI over seeds),
-3. checks the paper's claims against it (:mod:`.claims`; computed verdicts),
+3. checks the paper's claims against it (:mod:`.claims`; paired t-tests across seeds,
+   Holm-corrected per claim),
 4. writes the diagnosis HTML report over all runs (:mod:`moe_probe.diagnose`, reused as is).
 
-Outputs in DIR: ``results.md``, ``results.csv``, ``results.json``, ``report.html``.
+Outputs in DIR: ``results.md``, ``results.csv``, ``results.json``, ``claims.csv``,
+``report.html``.
 Bad input raises ValueError (one line, exit 2).
 """
 
@@ -21,8 +23,8 @@ from pathlib import Path
 from moe_probe.jsonutil import strict_json
 from moe_probe.reproduce.config import ReproduceConfig, make_config
 
-RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
-    "results.md", "results.csv", "results.json", "report.html")
+RESULTS_MD, RESULTS_CSV, RESULTS_JSON, CLAIMS_CSV, REPORT_HTML = (
+    "results.md", "results.csv", "results.json", "claims.csv", "report.html")
 
 
 def reproduce(args) -> int:
@@ -37,7 +39,8 @@ def reproduce(args) -> int:
     results = write_results(cfg, plan, out, train_s=train_s)
     write_report(plan, out)
     print(_claims_summary(results))
-    print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}; "
+    print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}, "
+          f"{out / CLAIMS_CSV}; "
           f"report: {out / REPORT_HTML}")
     print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all (sum "
           f"of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
@@ -75,6 +78,7 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
     }
     (out / RESULTS_JSON).write_text(json.dumps(strict_json(results), indent=1, allow_nan=False) + "\n")
     write_csv(out / RESULTS_CSV, cfg.kinds, cells)
+    claims_mod.write_csv(out / CLAIMS_CSV, claims)
     md = _markdown(cfg, results, markdown_tables(cfg.kinds, cells, len(cfg.seeds)),
                    claims_mod.markdown(claims))
     (out / RESULTS_MD).write_text(md, encoding="utf-8")
@@ -110,7 +114,14 @@ def _markdown(cfg: ReproduceConfig, results: dict, tables: str, claims: str) -> 
         "the fixed probe batch; Δ = end − start of stage 2. Selectivity: mean over layers of "
         "the vit_digit and text_topic probes. gen/und cos: gradient cosine on shared-expert "
         "weights, mean over layers and sampled steps.\n\n"
-        f"## Results\n\n{tables}\n\n## Claims\n\n{claims}")
+        f"## Results\n\n{tables}\n\n## Claims\n\n"
+        "Each comparison is a paired t-test over seeds on a − b (the kinds of one seed share its "
+        "base, data order and evaluation sets): mean difference with its 95% t interval, Cohen's "
+        "d_z, two-sided p and the Holm–Bonferroni p across the claim's comparisons. *supports* / "
+        "*refutes*: Holm p < 0.05 in / against the paper's direction; a claim is supported when "
+        "every comparison is, refuted when any is. The former rule (disjoint 95% CIs of the two "
+        "cells) is shown as secondary information. One row per comparison: `claims.csv`.\n\n"
+        f"{claims}")
 
 
 def write_report(plan, out: Path) -> None:
