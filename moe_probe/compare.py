@@ -147,6 +147,13 @@ def _by_config(roots: list[str]) -> list[dict]:
     runs = sorted({r for root in roots for r in find_runs(root)})
     if not runs:
         raise ValueError(f"no run directory under {', '.join(roots)}")
+    return group_by_config(runs)
+
+
+def group_by_config(runs: list[Path]) -> list[dict]:
+    """Runs grouped by config without the seed: ``[{name, config, runs}]`` sorted by name; a
+    group's name is its value of every config key on which the groups differ ("all" for one
+    group). The dashboard's seed bands group the same way."""
     by_key: dict[str, dict] = {}
     for r in runs:
         cfg, _ = run_config(r)

@@ -42,6 +42,21 @@ def summarize(values, confidence: float = CONFIDENCE) -> dict:
     return out
 
 
+def mean_ci(x_NS, confidence: float = CONFIDENCE):
+    """Per column of a (sample, column) array: (n, mean, ci_low, ci_high) over the finite
+    samples, as :func:`summarize` does for one column; mean NaN where n = 0, CI NaN where n < 2
+    (zero width where the samples are equal)."""
+    x = np.asarray(x_NS, dtype=float)
+    fin = np.isfinite(x)
+    n = fin.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(fin, x, 0.0).sum(axis=0) / n
+        var = (np.where(fin, x - mean, 0.0) ** 2).sum(axis=0) / (n - 1)
+        half = stats.t.ppf(0.5 + confidence / 2, np.where(n >= 2, n - 1, np.nan)) \
+            * np.sqrt(var / n)
+    return n, mean, mean - half, mean + half
+
+
 def _t_interval(center: float, se: float, df: float, confidence: float) -> tuple[float, float]:
     if se == 0:  # identical values: a zero-width interval (scipy refuses scale 0)
         return center, center

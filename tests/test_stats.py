@@ -99,3 +99,19 @@ def test_summarize_is_the_t_interval_of_the_mean():
     assert stats.summarize([math.nan])["mean"] is None
     same = stats.summarize([1.0, 1.0])
     assert same["ci_low"] == same["ci_high"] == 1.0
+
+
+def test_mean_ci_per_column_is_summarize_per_column():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5, 7))
+    x[0, 2] = np.nan
+    x[:4, 5] = np.nan  # one sample left: mean, no CI
+    x[:, 6] = 0.25     # equal samples: zero width
+    n, mean, lo, hi = stats.mean_ci(x)
+    for j in range(7):
+        col = x[:, j][np.isfinite(x[:, j])]
+        assert n[j] == len(col) and math.isclose(mean[j], col.mean())
+        if len(col) >= 2 and col.std() > 0:
+            want = sps.t.interval(0.95, len(col) - 1, loc=col.mean(), scale=sps.sem(col))
+            assert math.isclose(lo[j], want[0]) and math.isclose(hi[j], want[1])
+    assert np.isnan(lo[5]) and lo[6] == hi[6] == 0.25
