@@ -102,6 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=None,
                    help="runs trained side by side (default $MOE_PROBE_JOBS, else 1 with "
                         "--quick and min(2, cores) otherwise)")
+    r.add_argument("--sweep", action="store_true",
+                   help="the map of where collapse appears (moe and symbiotic over gen-token "
+                        "share, gen LR and capacity factor) instead of the paper's study")
     r.add_argument("--out", required=True)
 
     c = sub.add_parser("compare", help="groups of runs compared across seeds (paired t / Welch)")

@@ -191,3 +191,20 @@ def test_default_jobs(monkeypatch):
     assert make_config(quick=True, seeds=1).jobs == 1
     assert 1 <= make_config(quick=False, seeds=3).jobs <= 2
     assert make_config(quick=False, seeds=None).seeds == (0, 1, 2, 3, 4)
+
+
+def test_sweep_plan_and_its_directory_are_its_own(tmp_path):
+    from moe_probe.reproduce import sweep
+    from moe_probe.reproduce.runner import prepare_out
+
+    full = make_config(quick=False, seeds=None, sweep=True)
+    assert len(full.seeds) == 3 and len(sweep.cells(False)) == 14
+    assert len(full.kinds) == 28 and len({k.name for k in full.kinds}) == 28
+    assert sweep.CENTER in sweep.cells(False)
+    quick = make_config(quick=True, seeds=None, sweep=True)
+    assert [k.name for k in quick.kinds][:2] == ["moe/p2_t2i0.6_lr1_cf1.25",
+                                                 "symbiotic/p2_t2i0.6_lr1_cf1.25"]
+    out = tmp_path / "o"
+    prepare_out(make_config(quick=True, seeds=1), out)  # a reproduce study's directory
+    with pytest.raises(ValueError, match="another plan"):
+        prepare_out(quick, out)

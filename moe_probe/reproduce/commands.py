@@ -28,7 +28,9 @@ RESULTS_MD, RESULTS_CSV, RESULTS_JSON, CLAIMS_CSV, REPORT_HTML = (
 
 
 def reproduce(args) -> int:
-    cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None))
+    sweep = bool(getattr(args, "sweep", False))
+    cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None),
+                      sweep=sweep)
     out = Path(args.out)
     from moe_probe.reproduce.runner import prepare_out, run_plan
 
@@ -36,6 +38,8 @@ def reproduce(args) -> int:
     t0 = time.perf_counter()
     plan = run_plan(cfg, out)
     train_s = time.perf_counter() - t0
+    if sweep:
+        return _sweep_results(cfg, plan, out, train_s, t0)
     results = write_results(cfg, plan, out, train_s=train_s)
     write_report(plan, out)
     print(_claims_summary(results))
@@ -44,6 +48,21 @@ def reproduce(args) -> int:
           f"report: {out / REPORT_HTML}")
     print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all (sum "
           f"of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
+    return 0
+
+
+def _sweep_results(cfg, plan, out: Path, train_s: float, t0: float) -> int:
+    from moe_probe.reproduce import sweep_results as sr
+
+    res = sr.write(cfg, plan, out, train_s=train_s)
+    for arch, cells in sr.collapsed(res).items():
+        print(f"{arch}: minimum capacity rate below {sr.COLLAPSE_RATE} in "
+              f"{len(cells)} of {len(res['values'])} cells")
+    png = res["png"]
+    print(f"results: {out / sr.SWEEP_MD}, {out / sr.SWEEP_CSV}, {out / sr.SWEEP_JSON}; heat maps: "
+          f"{out / sr.SWEEP_HTML}" + (f", {', '.join(png)}" if isinstance(png, list) and png
+                                      else f" (no PNG: {png})"))
+    print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all")
     return 0
 
 
