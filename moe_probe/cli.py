@@ -116,7 +116,30 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=int, default=None,
                    help="runs trained side by side (default $MOE_PROBE_JOBS, else 1 with "
                         "--quick and min(2, cores) otherwise)")
+    r.add_argument("--sweep", action="store_true",
+                   help="the map of where collapse appears (moe and symbiotic over gen-token "
+                        "share, gen LR and capacity factor) instead of the paper's study")
     r.add_argument("--out", required=True)
+
+    c = sub.add_parser("compare", help="groups of runs compared across seeds (paired t / Welch)")
+    c.add_argument("groups", nargs="+", metavar="[NAME=]GLOB",
+                   help="one group per glob of run directories (with --by-config: directories "
+                        "whose runs are grouped by config without the seed)")
+    c.add_argument("--by-config", action="store_true",
+                   help="group the runs under the given directories by config minus seed")
+    c.add_argument("--var", required=True,
+                   help="GROUP/VAR (e.g. routing/capacity_rate, eval/value) or a reproduce "
+                        "metric key (e.g. cap_final_text)")
+    c.add_argument("--sel", action="append", default=[], metavar="DIM=L1[,L2]",
+                   help="label selection (several labels are averaged)")
+    c.add_argument("--modality", default=None, help="shorthand for --sel modality=...")
+    c.add_argument("--layer", default=None, help="shorthand for --sel layer=...")
+    c.add_argument("--reduce", choices=["final", "min", "max", "mean"], default="final")
+    c.add_argument("--last", type=int, default=None, metavar="N",
+                   help="rows: final/mean over the last N, min/max of the N-row running mean")
+    c.add_argument("--md", default=None, help="also write the Markdown here")
+    c.add_argument("--json", dest="json_out", default=None)
+    c.add_argument("--csv", default=None)
     return p
 
 
@@ -131,6 +154,7 @@ _COMMANDS = {
     "export": "moe_probe.export.commands:export",
     "rollup": "moe_probe.rollup_command:rollup",
     "publish": "moe_probe.publish:command",
+    "compare": "moe_probe.compare:compare",
 }
 
 

@@ -59,7 +59,7 @@ def test_every_registered_view_builds_with_its_named_arguments(app):
             fig = v.figure(root, values)
             assert fig.data, f"{v.id}: {fig.layout.annotations}"  # data, not a message
             built += 1
-    assert built == len(views.VIEWS) == 15
+    assert built == len(views.VIEWS) == 16
 
 
 def test_every_graph_of_a_page_is_a_registered_view_of_it(app):

@@ -166,7 +166,7 @@ def _close(a, b):
 
 def test_result_files_have_the_documented_structure(study):
     out = study["out"]
-    for name in ("results.md", "results.csv", "results.json", "report.html"):
+    for name in ("results.md", "results.csv", "results.json", "claims.csv", "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     res = json.loads((out / "results.json").read_text())
     metrics = [m["key"] for m in res["metrics"]]
@@ -225,22 +225,77 @@ def test_every_number_traces_back_to_a_store(study):
     assert res["cells"]["symbiotic"]["gen_loss"]["n"] == len(SEEDS)
 
 
-def test_claim_verdicts_are_computed_from_the_table(study):
+def _holm_rejected(ps: dict, alpha=0.05) -> set:
+    """Holm's step-down by its definition over the testable comparisons (p not None)."""
+    order = sorted((k for k, p in ps.items() if p is not None), key=lambda k: ps[k])
+    out = set()
+    for rank, k in enumerate(order):
+        if ps[k] > alpha / (len(order) - rank):
+            break
+        out.add(k)
+    return out
+
+
+def test_claim_verdicts_are_paired_tests_recomputed_from_the_stores(study):
+    """Per seed, each comparison's two values are re-read from the stores (the recorded sources,
+    this file's own reductions); scipy's paired t-test, Holm by its definition and the verdict
+    rules are applied here, and every recorded statistic must agree."""
     out = study["out"]
     res = json.loads((out / "results.json").read_text())
-    cells = res["cells"]
+    stores = {}
+
+    def per_seed(kind, metric):
+        vals = {}
+        for src, val in zip(res["cells"][kind][metric]["sources"],
+                            res["cells"][kind][metric]["values"]):
+            store = stores.setdefault(src["run"], moe_probe.open_run(out / src["run"]))
+            got = _reduce(_per_step(store.read(src["group"], src["var"], **src["sel"])),
+                          src["reduce"], src["window"])
+            if math.isfinite(got):
+                vals[val["seed"]] = got
+        return vals
+
+    rows = list(csv.DictReader(open(out / "claims.csv")))
+    assert len(rows) == sum(len(c["comparisons"]) for c in res["claims"])
     assert [c["id"] for c in res["claims"]] == list(range(1, 8))
     for claim in res["claims"]:
-        assert claim["verdict"] in VERDICTS and claim["expected"]
-        got = []
-        for c in claim["comparisons"]:
-            a, b = cells[c["a"]][c["metric"]], cells[c["b"]][c["metric"]]
-            if a["n"] < 2 or b["n"] < 2 or (a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]):
-                v = "inconclusive"
+        ps, diffs = {}, {}
+        for i, c in enumerate(claim["comparisons"]):
+            a, b = per_seed(c["a"], c["metric"]), per_seed(c["b"], c["metric"])
+            seeds = sorted(set(a) & set(b))
+            x, y = [a[s] for s in seeds], [b[s] for s in seeds]
+            t = c["paired"]
+            assert t["test"] == "paired" and t["n_a"] == len(seeds) and t["seeds"] == seeds
+            d = np.subtract(x, y)
+            if len(seeds) >= 2 and np.std(d) > 0:
+                ref = stats.ttest_rel(x, y)
+                lo, hi = ref.confidence_interval(0.95)
+                for got, want in ((t["diff"], d.mean()), (t["t"], ref.statistic),
+                                  (t["p"], ref.pvalue), (t["ci_low"], lo), (t["ci_high"], hi),
+                                  (t["effect"], d.mean() / np.std(d, ddof=1))):
+                    assert _close(got, float(want)), (claim["id"], c, got, want)
+                ps[i] = ref.pvalue
             else:
-                v = "supports" if (a["mean"] > b["mean"]) == (c["expect"] == "greater") else "refutes"
-            assert c["verdict"] == v, c
-            got.append(v)
+                assert t["p"] is None
+                ps[i] = None
+            diffs[i] = d.mean() if len(d) else None
+        rejected = _holm_rejected(ps)
+        got = []
+        for i, c in enumerate(claim["comparisons"]):
+            want = "inconclusive"
+            if i in rejected:
+                want = "supports" if (diffs[i] > 0) == (c["expect"] == "greater") else "refutes"
+            assert c["verdict"] == want, (claim["id"], c)
+            got.append(want)
+            # the former rule, kept as secondary information
+            ca, cb = res["cells"][c["a"]][c["metric"]], res["cells"][c["b"]][c["metric"]]
+            if ca["n"] < 2 or cb["n"] < 2 or (ca["ci_low"] <= cb["ci_high"]
+                                              and cb["ci_low"] <= ca["ci_high"]):
+                assert c["overlap"]["verdict"] == "inconclusive"
+            else:
+                assert c["overlap"]["verdict"] == (
+                    "supports" if (ca["mean"] > cb["mean"]) == (c["expect"] == "greater")
+                    else "refutes")
         want = ("refutes" if "refutes" in got else
                 "supports" if set(got) == {"supports"} else "inconclusive")
         assert claim["verdict"] == want

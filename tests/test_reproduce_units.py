@@ -16,7 +16,7 @@ from moe_probe.reproduce import claims
 from moe_probe.reproduce.config import KINDS, make_config
 from moe_probe.reproduce.metrics import METRICS, reduce, window_rows
 from moe_probe.reproduce.runner import build_plan
-from moe_probe.reproduce.table import summarize
+from moe_probe.stats import summarize
 
 
 def test_plan_covers_every_kind_and_seed_once(tmp_path):
@@ -64,20 +64,6 @@ def test_bad_seed_counts(bad):
         make_config(quick=True, seeds=bad)
 
 
-def test_summary_uses_t_interval_and_skips_nan():
-    xs = [0.5, 0.7, 0.6, math.nan]
-    s = summarize(xs)
-    fin = [0.5, 0.7, 0.6]
-    lo, hi = stats.t.interval(0.95, 2, loc=np.mean(fin), scale=stats.sem(fin))
-    assert s["n"] == 3 and math.isclose(s["mean"], 0.6)
-    assert math.isclose(s["ci_low"], lo) and math.isclose(s["ci_high"], hi)
-    one = summarize([0.3])
-    assert one["n"] == 1 and one["ci_low"] is None
-    assert summarize([math.nan])["mean"] is None
-    same = summarize([1.0, 1.0])
-    assert same["ci_low"] == same["ci_high"] == 1.0
-
-
 def test_reductions():
     v = np.array([1.0, 0.5, np.nan, 0.9, 0.8])
     assert reduce(v, "last", 1) == 0.8
@@ -91,19 +77,42 @@ def test_reductions():
                                            "max", "min", "mean"}
 
 
-def _cell(mean, half, n=3):
-    return {"n": n, "mean": mean, "ci_low": mean - half, "ci_high": mean + half}
+def _cells(a_vals, b_vals, metric="text_loss"):
+    def cell(vals):
+        return {**summarize(vals), "values": [{"seed": s, "value": v} for s, v in enumerate(vals)]}
+    return {"x": {metric: cell(a_vals)}, "y": {metric: cell(b_vals)}}
 
 
 @pytest.mark.parametrize("a,b,expect,verdict", [
-    (_cell(0.9, 0.01), _cell(0.5, 0.01), "greater", "supports"),
-    (_cell(0.9, 0.01), _cell(0.5, 0.01), "less", "refutes"),
-    (_cell(0.9, 0.3), _cell(0.5, 0.3), "greater", "inconclusive"),  # CIs overlap
-    (_cell(0.9, 0.01, n=1), _cell(0.5, 0.01), "greater", "inconclusive"),  # n < 2
+    ([0.9, 0.8, 0.85, 0.7], [0.5, 0.45, 0.5, 0.3], "greater", "supports"),
+    ([0.9, 0.8, 0.85, 0.7], [0.5, 0.45, 0.5, 0.3], "less", "refutes"),
+    ([0.9, 0.2, 0.6, 0.4], [0.5, 0.45, 0.5, 0.5], "greater", "inconclusive"),  # p > 0.05
+    ([0.9], [0.5], "greater", "inconclusive"),  # n < 2
 ])
 def test_comparison_verdicts(a, b, expect, verdict):
     c = claims.Comparison(metric="text_loss", a="x", b="y", expect=expect)
-    assert claims.compare(c, {"x": {"text_loss": a}, "y": {"text_loss": b}})["verdict"] == verdict
+    (got,) = claims.decide([claims.compare(c, _cells(a, b))])
+    assert got["verdict"] == verdict
+    if len(a) > 1:
+        assert math.isclose(got["paired"]["p"], stats.ttest_rel(a, b).pvalue)
+
+
+def test_holm_within_a_claim_can_undo_a_lone_significance():
+    """p ≈ 0.03 alone supports; beside a second comparison with p ≈ 0.9 the Holm factor 2
+    makes it inconclusive."""
+    a, b = [1.0, 1.2, 1.1, 1.3, 0.9], [0.8, 1.0, 1.0, 1.0, 0.9]
+    p = stats.ttest_rel(a, b).pvalue
+    assert 0.025 < p < 0.05
+    cmp_ = claims.Comparison(metric="m", a="x", b="y", expect="greater")
+    (alone,) = claims.decide([claims.compare(cmp_, _cells(a, b, "m"))])
+    assert alone["verdict"] == "supports"
+    noise = claims.Comparison(metric="n", a="x", b="y", expect="greater")
+    cells = _cells(a, b, "m")
+    other = _cells([0.5, 0.6, 0.4, 0.5, 0.55], [0.52, 0.5, 0.45, 0.6, 0.5], "n")
+    cells["x"].update(other["x"])
+    cells["y"].update(other["y"])
+    first, _ = claims.decide([claims.compare(cmp_, cells), claims.compare(noise, cells)])
+    assert first["verdict"] == "inconclusive" and math.isclose(first["p_holm"], 2 * p)
 
 
 def test_every_claim_names_known_metrics_and_kinds():
@@ -181,4 +190,21 @@ def test_default_jobs(monkeypatch):
     monkeypatch.delenv("MOE_PROBE_JOBS", raising=False)
     assert make_config(quick=True, seeds=1).jobs == 1
     assert 1 <= make_config(quick=False, seeds=3).jobs <= 2
-    assert make_config(quick=False, seeds=None).seeds == (0, 1, 2)
+    assert make_config(quick=False, seeds=None).seeds == (0, 1, 2, 3, 4)
+
+
+def test_sweep_plan_and_its_directory_are_its_own(tmp_path):
+    from moe_probe.reproduce import sweep
+    from moe_probe.reproduce.runner import prepare_out
+
+    full = make_config(quick=False, seeds=None, sweep=True)
+    assert len(full.seeds) == 3 and len(sweep.cells(False)) == 14
+    assert len(full.kinds) == 28 and len({k.name for k in full.kinds}) == 28
+    assert sweep.CENTER in sweep.cells(False)
+    quick = make_config(quick=True, seeds=None, sweep=True)
+    assert [k.name for k in quick.kinds][:2] == ["moe/p2_t2i0.6_lr1_cf1.25",
+                                                 "symbiotic/p2_t2i0.6_lr1_cf1.25"]
+    out = tmp_path / "o"
+    prepare_out(make_config(quick=True, seeds=1), out)  # a reproduce study's directory
+    with pytest.raises(ValueError, match="another plan"):
+        prepare_out(quick, out)

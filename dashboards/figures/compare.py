@@ -1,8 +1,10 @@
 """Overlay of several runs (data path + figures): the paper's Fig. 5a (capacity rate per
-modality), 5b (generation loss) and 6 (isolated shared-expert probe) for any set of runs."""
+modality), 5b (generation loss) and 6 (isolated shared-expert probe) for any set of runs, and
+the runs grouped by config without the seed as mean ± 95% CI bands over seeds."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -10,9 +12,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dashboards import data
+from dashboards.bucketing import mean_columns
 from dashboards.components import (
     SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_line, line_figure, message_figure,
 )
+from moe_probe import stats
 
 _RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
                "#7f7f7f")
@@ -90,3 +94,73 @@ def isolated_metrics(root, run_ids) -> list[str]:
         if ds is not None:
             out += [str(v) for v in ds["metric"].values]
     return list(dict.fromkeys(out))
+
+
+BAND_SERIES = {
+    **{f"capacity rate · {m}": ("routing", "capacity_rate", {"modality": m}) for m in
+       ("text", "vit", "vae")},
+    **{f"loss · {t}": ("loss", "value", {"term": t}) for t in ("gen", "lm", "mmu", "total")},
+}
+"""What the seed bands can show: label → (group, variable, labels); other dims are averaged."""
+
+
+def seed_groups(root, run_ids) -> list[dict]:
+    """The runs grouped by config without the seed (moe_probe.compare's grouping):
+    ``[{name, runs: [run ids]}]``."""
+    from moe_probe.compare import group_by_config
+
+    ids = {data.resolve_run(root, rid): rid for rid in run_ids}
+    return [{"name": g["name"], "runs": [ids[p] for p in g["runs"]]}
+            for g in group_by_config(list(ids))]
+
+
+def band_rows(root, run_ids, series: str, xrange=None, target: int = SUBPLOT_BUCKETS * 2):
+    """(steps, values (run, step)) of one group on the steps every run has (bucket means
+    when the steps are more than ``target``); None when no run has rows."""
+    group, var, sel = BAND_SERIES[series]
+    per_run = []
+    for rid in run_ids:
+        s = data.read_slice(root, rid, group, var, step_range=xrange, **sel)
+        if s is None or not len(s.steps):
+            continue
+        v = s.values.reshape(len(s.steps), -1).astype(np.float64)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no vae tokens
+            per_run.append((s.steps, np.nanmean(v, axis=1)))
+    if not per_run:
+        return None
+    steps = functools.reduce(np.intersect1d, [st for st, _ in per_run])
+    rows = np.stack([v[np.searchsorted(st, steps)] for st, v in per_run])
+    bsteps, cols, _ = mean_columns(steps, rows.T, target)
+    return bsteps, cols.T
+
+
+def seed_bands(root, run_ids, series="capacity rate · text", xrange=None) -> go.Figure:
+    """Mean ± 95% t interval over seeds per step, one band per config group of the runs."""
+    title = f"{series}: mean ± 95% CI over seeds, per config"
+    if not run_ids:
+        return message_figure("pick runs to compare on the Runs page", title)
+    if series not in BAND_SERIES:
+        return message_figure(f"unknown series {series!r}", title)
+    fig = line_figure(title, ylabel=series, uirevision="cmp/bands")
+    for i, g in enumerate(seed_groups(root, run_ids)):
+        got = band_rows(root, g["runs"], series, xrange)
+        if got is None:
+            continue
+        steps, rows = got
+        n, mean, lo, hi = stats.mean_ci(rows)
+        color, name = _color(i), f"{g['name']} (n={len(rows)})"
+        fig.add_trace(go.Scatter(x=steps, y=hi, mode="lines", line=dict(width=0),
+                                 showlegend=False, legendgroup=name, hoverinfo="skip",
+                                 name=f"{name} ci_high"))
+        fig.add_trace(go.Scatter(x=steps, y=lo, mode="lines", line=dict(width=0), fill="tonexty",
+                                 fillcolor=_rgba(color, 0.2), showlegend=False, legendgroup=name,
+                                 hoverinfo="skip", name=f"{name} ci_low"))
+        fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines", name=name, legendgroup=name,
+                                 line=dict(color=color, width=1.6)))
+    return fig
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"

@@ -1,14 +1,15 @@
-"""Compare page: the paper's Fig. 5a / 5b / 6 overlaid for the runs ticked on the Runs page."""
+"""Compare page: the paper's Fig. 5a / 5b / 6 overlaid for the runs ticked on the Runs page, and
+below them the same runs grouped by config without the seed: mean ± 95% CI bands over seeds."""
 
 from __future__ import annotations
 
 import dash
 from dash import Input, Output, State, callback, dcc, html
 
-from dashboards.components import labelled, row, section
+from dashboards.components import graph, labelled, row, section
 from dashboards.figures import compare as CMP
 from dashboards.pages_common import (
-    figures_or_message, first_screen, first_screen_stale, opened_with_page, register_page, root_of,
+    after_first_screen, figures_or_message, first_screen, first_screen_stale, opened_with_page, register_page, root_of,
     zoom_callback, zoom_range, zoom_store,
 )
 from dashboards.views import View
@@ -27,7 +28,7 @@ def _metrics(root, sel, current=None) -> tuple[list, str | None]:
 
 def _values(root, sel) -> dict:
     return {"run_ids": _runs(sel), "term": "gen", "metric": _metrics(root, sel)[1],
-            "xrange": None}
+            "xrange": None, "series": BAND_DEFAULT}
 
 
 CAPACITY = View(id="compare-capacity", build=CMP.capacity_by_modality, title="capacity rate",
@@ -36,8 +37,11 @@ LOSS = View(id="compare-loss", build=CMP.loss_term, title="loss",
             args=("run_ids", "term", "xrange"), first_screen=True)
 ISOLATED = View(id="compare-isolated", build=CMP.isolated_metric, title="shared-expert probe",
                 args=("run_ids", "metric"), first_screen=True)
+BANDS = View(id="compare-bands", build=CMP.seed_bands, title="seed groups",
+             args=("run_ids", "series"))
+BAND_DEFAULT = next(iter(CMP.BAND_SERIES))
 register_page(__name__, path=PATH, name="Compare", order=4, values=_values,
-              views=(CAPACITY, LOSS, ISOLATED))
+              views=(CAPACITY, LOSS, ISOLATED, BANDS))
 
 
 def _runs_msg(sel) -> str:
@@ -61,6 +65,12 @@ def layout(sel=None, **_query):
                                                     options=metrics, value=metric,
                                                     style={"width": "200px"})),
                     first[ISOLATED.id])),
+        section("Seed groups: runs grouped by config without the seed, mean ± 95% t interval "
+                "over seeds",
+                labelled("series", dcc.Dropdown(id="compare-band-series", clearable=False,
+                                                options=list(CMP.BAND_SERIES),
+                                                value=BAND_DEFAULT, style={"width": "220px"})),
+                graph(BANDS.id)),
         zoom_store("compare-zoom-cap"),
         zoom_store("compare-zoom-loss"),
         *gate,
@@ -98,3 +108,10 @@ def _figures(sel, term, metric, cap_zoom, loss_zoom):
     return (CAPACITY.figure(root_of(), {**v, "xrange": zoom_range(cap_zoom, sel, _runs)}),
             LOSS.figure(root_of(), {**v, "xrange": zoom_range(loss_zoom, sel, _runs)}),
             ISOLATED.figure(root_of(), v))
+
+
+@callback(Output(BANDS.id, "figure"), Input("sel", "data"), Input("compare-band-series", "value"),
+          Input("versions", "data"), after_first_screen(PATH))
+@figures_or_message(1, (BANDS.title,))
+def _bands(sel, series, _v, _fold):
+    return BANDS.figure(root_of(), {"run_ids": _runs(sel), "series": series or BAND_DEFAULT})

@@ -1,23 +1,30 @@
 """The paper's claims, each checked against the measured table with a computed verdict.
 
 A claim is a set of pairwise comparisons ``metric(a) <op> metric(b)`` in the direction the
-paper expects. One comparison's verdict, from the two cells' t-based 95% CIs over seeds:
+paper expects. Every kind of one seed starts from that seed's stage-1 base and sees the same
+data order and evaluation sets, so a comparison is a *paired* t-test on the per-seed
+differences a − b (:func:`moe_probe.stats.paired`: 95% t interval, two-sided p, Cohen's d_z).
+The p-values of one claim's comparisons are corrected together by Holm–Bonferroni
+(family-wise error 5% per claim). One comparison:
 
-- ``inconclusive`` when either side has fewer than 2 seeds with a value, or the CIs overlap;
-- ``supports`` when the CIs are disjoint and the means lie in the expected direction;
-- ``refutes`` when they are disjoint the other way.
+- ``supports`` where its Holm-adjusted p < 0.05 and a − b lies in the expected direction;
+- ``refutes`` where its Holm-adjusted p < 0.05 the other way;
+- ``inconclusive`` otherwise (fewer than 2 seeds with both values, no variance, or p ≥ 0.05).
 
-Disjoint CIs is a deliberately conservative test (stricter than a two-sample t-test at 5%):
-at 3 seeds only clear effects count. A claim ``supports`` only when all its comparisons
-do, ``refutes`` when any comparison refutes, else it is ``inconclusive``.
+A claim ``supports`` where every comparison does, ``refutes`` where any comparison refutes,
+else it is ``inconclusive``. The former rule — disjoint 95% CIs of the two cells, which ignores
+the pairing and is far stricter — is kept beside each comparison as ``overlap``.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 from moe_probe.reproduce.metrics import BY_KEY
-from moe_probe.reproduce.table import fmt, summarize
+from moe_probe import stats
+from moe_probe.reproduce.table import fmt
 
 VERDICTS = ("supports", "refutes", "inconclusive")
 
@@ -93,30 +100,26 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 def compare(c: Comparison, cells: dict) -> dict:
-    """Verdict of one comparison, with the numbers it rests on."""
+    """One comparison's paired test (no verdict yet: that needs the claim's Holm family)."""
     ca, cb = cells.get(c.a, {}).get(c.metric), cells.get(c.b, {}).get(c.metric)
-    out = {"metric": c.metric, "a": c.a, "b": c.b, "expect": c.expect,
-           "a_cell": _brief(ca), "b_cell": _brief(cb), "paired_diff": _paired(ca, cb)}
+    return {"metric": c.metric, "a": c.a, "b": c.b, "expect": c.expect,
+            "a_cell": _brief(ca), "b_cell": _brief(cb),
+            "paired": stats.paired(_by_seed(ca), _by_seed(cb)), "overlap": overlap(c, ca, cb)}
+
+
+def overlap(c: Comparison, ca, cb) -> dict:
+    """The former, secondary rule: the two cells' 95% CIs disjoint in the expected direction."""
     if not ca or not cb or ca["n"] < 2 or cb["n"] < 2:
-        return {**out, "verdict": "inconclusive", "reason": "fewer than 2 seeds with a value"}
+        return {"verdict": "inconclusive", "reason": "fewer than 2 seeds with a value"}
     if ca["ci_low"] <= cb["ci_high"] and cb["ci_low"] <= ca["ci_high"]:
-        return {**out, "verdict": "inconclusive", "reason": "95% CIs overlap"}
-    greater = ca["mean"] > cb["mean"]
-    ok = greater if c.expect == "greater" else not greater
-    return {**out, "verdict": "supports" if ok else "refutes",
+        return {"verdict": "inconclusive", "reason": "95% CIs overlap"}
+    ok = (ca["mean"] > cb["mean"]) == (c.expect == "greater")
+    return {"verdict": "supports" if ok else "refutes",
             "reason": "95% CIs disjoint, " + ("as expected" if ok else "opposite direction")}
 
 
-def _paired(ca, cb):
-    """a − b per seed (runs of a seed share base, data order and evaluation sets), with its
-    t-based CI: shown next to the verdict as the more sensitive view; the verdict itself
-    stays the conservative CI-overlap rule."""
-    if not ca or not cb or "values" not in ca or "values" not in cb:
-        return None
-    b_by_seed = {v["seed"]: v["value"] for v in cb["values"]}
-    diffs = [v["value"] - b_by_seed[v["seed"]] for v in ca["values"]
-             if v["value"] is not None and b_by_seed.get(v["seed"]) is not None]
-    return _brief(summarize(diffs)) if diffs else None
+def _by_seed(cell) -> dict:
+    return {v["seed"]: v["value"] for v in (cell or {}).get("values", [])}
 
 
 def _brief(cell):
@@ -125,11 +128,33 @@ def _brief(cell):
     return {k: cell[k] for k in ("n", "mean", "ci_low", "ci_high")}
 
 
+def decide(comps: list[dict]) -> list[dict]:
+    """Holm across one claim's comparisons, then each comparison's verdict and reason."""
+    adjusted = stats.holm([c["paired"]["p"] for c in comps])
+    out = []
+    for c, p_holm in zip(comps, adjusted):
+        test = c["paired"]
+        want = 1 if c["expect"] == "greater" else -1
+        sign = stats.direction(test, p_holm)
+        if test["p"] is None:
+            verdict = "inconclusive"
+            reason = ("fewer than 2 seeds with both values" if test["n_a"] < 2
+                      else "no variance across seeds")
+        elif sign == 0:
+            verdict, reason = "inconclusive", f"Holm p = {p_holm:.3g} ≥ {stats.ALPHA}"
+        else:
+            verdict = "supports" if sign == want else "refutes"
+            reason = (f"Holm p = {p_holm:.3g} < {stats.ALPHA}, "
+                      + ("as expected" if sign == want else "opposite direction"))
+        out.append({**c, "p_holm": p_holm, "verdict": verdict, "reason": reason})
+    return out
+
+
 def evaluate(cells: dict) -> list[dict]:
     """Every claim with its comparisons and the combined verdict."""
     out = []
     for claim in CLAIMS:
-        comps = [compare(c, cells) for c in claim.comparisons]
+        comps = decide([compare(c, cells) for c in claim.comparisons])
         verdicts = {c["verdict"] for c in comps}
         verdict = ("refutes" if "refutes" in verdicts
                    else "supports" if verdicts == {"supports"} else "inconclusive")
@@ -151,13 +176,50 @@ def markdown(claims: list[dict]) -> str:
         lines.append(f"- expected (paper): {cl['expected']}")
         for c in cl["comparisons"]:
             op = ">" if c["expect"] == "greater" else "<"
-            paired = f"; paired a−b {fmt(c['paired_diff'])}" if c["paired_diff"] else ""
             lines.append(f"- {BY_KEY[c['metric']].label}: {c['a']} {_num(c['a_cell'])} vs "
-                         f"{c['b']} {_num(c['b_cell'])} (expected {op}) → {c['verdict']} "
-                         f"({c['reason']}{paired})")
+                         f"{c['b']} {_num(c['b_cell'])} (expected {op}): paired a−b "
+                         f"{_test(c['paired'], c['p_holm'])} → **{c['verdict']}** "
+                         f"({c['reason']}; CI overlap rule: {c['overlap']['verdict']})")
         lines.append("")
     return "\n".join(lines)
 
 
+def _test(t: dict, p_holm) -> str:
+    """``diff [lo, hi], d_z, p, Holm p`` of one paired test."""
+    if t["diff"] is None:
+        return "–"
+    s = f"{t['diff']:.3g}"
+    if t["ci_low"] is not None:
+        s += f" [{t['ci_low']:.3g}, {t['ci_high']:.3g}]"
+    if t["effect"] is not None:
+        s += f", d_z {t['effect']:.2f}"
+    if t["p"] is not None:
+        s += f", p {t['p']:.3g}, Holm p {p_holm:.3g}"
+    return s + f" (n={t['n_a']})"
+
+
 def _num(cell) -> str:
     return f"{fmt(cell)} (n={cell['n']})" if cell else "–"
+
+
+CSV_FIELDS = ("claim", "claim_verdict", "metric", "a", "b", "expect", "n", "diff", "ci_low",
+              "ci_high", "t", "df", "p", "p_holm", "d_z", "verdict", "overlap_verdict")
+
+
+def write_csv(path: Path, claims: list[dict]) -> None:
+    """One row per comparison: the paired test, Holm p and both verdicts."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for cl in claims:
+            for c in cl["comparisons"]:
+                t = c["paired"]
+                w.writerow([cl["id"], cl["verdict"], c["metric"], c["a"], c["b"], c["expect"],
+                            t["n_a"], *(_cell(t[k]) for k in ("diff", "ci_low", "ci_high", "t",
+                                                               "df", "p")),
+                            _cell(c["p_holm"]), _cell(t["effect"]), c["verdict"],
+                            c["overlap"]["verdict"]])
+
+
+def _cell(v) -> str:
+    return "" if v is None else repr(v)

@@ -2,10 +2,12 @@
 
 1. trains the plan (:mod:`.runner`; resumable, finished runs skipped),
 2. reads every store into the results table (:mod:`.table`; mean and 95% CI over seeds),
-3. checks the paper's claims against it (:mod:`.claims`; computed verdicts),
+3. checks the paper's claims against it (:mod:`.claims`; paired t-tests across seeds,
+   Holm-corrected per claim),
 4. writes the diagnosis HTML report over all runs (:mod:`moe_probe.diagnose`, reused as is).
 
-Outputs in DIR: ``results.md``, ``results.csv``, ``results.json``, ``report.html``.
+Outputs in DIR: ``results.md``, ``results.csv``, ``results.json``, ``claims.csv``,
+``report.html``.
 Bad input raises ValueError (one line, exit 2).
 """
 
@@ -22,12 +24,14 @@ from moe_probe.jsonutil import strict_json
 from moe_probe.reproduce.config import ReproduceConfig, make_config
 from moe_probe.store.location import local_path
 
-RESULTS_MD, RESULTS_CSV, RESULTS_JSON, REPORT_HTML = (
-    "results.md", "results.csv", "results.json", "report.html")
+RESULTS_MD, RESULTS_CSV, RESULTS_JSON, CLAIMS_CSV, REPORT_HTML = (
+    "results.md", "results.csv", "results.json", "claims.csv", "report.html")
 
 
 def reproduce(args) -> int:
-    cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None))
+    sweep = bool(getattr(args, "sweep", False))
+    cfg = make_config(quick=bool(args.quick), seeds=args.seeds, jobs=getattr(args, "jobs", None),
+                      sweep=sweep)
     out = local_path(args.out)
     from moe_probe.reproduce.runner import prepare_out, run_plan
 
@@ -35,13 +39,31 @@ def reproduce(args) -> int:
     t0 = time.perf_counter()
     plan = run_plan(cfg, out)
     train_s = time.perf_counter() - t0
+    if sweep:
+        return _sweep_results(cfg, plan, out, train_s, t0)
     results = write_results(cfg, plan, out, train_s=train_s)
     write_report(plan, out)
     print(_claims_summary(results))
-    print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}; "
+    print(f"results: {out / RESULTS_MD}, {out / RESULTS_CSV}, {out / RESULTS_JSON}, "
+          f"{out / CLAIMS_CSV}; "
           f"report: {out / REPORT_HTML}")
     print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all (sum "
           f"of each run's time in the invocation that finished it: {results['runs_wall_s_sum']} s)")
+    return 0
+
+
+def _sweep_results(cfg, plan, out: Path, train_s: float, t0: float) -> int:
+    from moe_probe.reproduce import sweep_results as sr
+
+    res = sr.write(cfg, plan, out, train_s=train_s)
+    for arch, cells in sr.collapsed(res).items():
+        print(f"{arch}: minimum capacity rate below {sr.COLLAPSE_RATE} in "
+              f"{len(cells)} of {len(res['values'])} cells")
+    png = res["png"]
+    print(f"results: {out / sr.SWEEP_MD}, {out / sr.SWEEP_CSV}, {out / sr.SWEEP_JSON}; heat maps: "
+          f"{out / sr.SWEEP_HTML}" + (f", {', '.join(png)}" if isinstance(png, list) and png
+                                      else f" (no PNG: {png})"))
+    print(f"wall-clock: {train_s:.0f} s training, {time.perf_counter() - t0:.0f} s in all")
     return 0
 
 
@@ -76,6 +98,7 @@ def write_results(cfg: ReproduceConfig, plan, out: Path, *, train_s: float) -> d
     }
     (out / RESULTS_JSON).write_text(json.dumps(strict_json(results), indent=1, allow_nan=False) + "\n")
     write_csv(out / RESULTS_CSV, cfg.kinds, cells)
+    claims_mod.write_csv(out / CLAIMS_CSV, claims)
     md = _markdown(cfg, results, markdown_tables(cfg.kinds, cells, len(cfg.seeds)),
                    claims_mod.markdown(claims))
     (out / RESULTS_MD).write_text(md, encoding="utf-8")
@@ -111,7 +134,14 @@ def _markdown(cfg: ReproduceConfig, results: dict, tables: str, claims: str) -> 
         "the fixed probe batch; Δ = end − start of stage 2. Selectivity: mean over layers of "
         "the vit_digit and text_topic probes. gen/und cos: gradient cosine on shared-expert "
         "weights, mean over layers and sampled steps.\n\n"
-        f"## Results\n\n{tables}\n\n## Claims\n\n{claims}")
+        f"## Results\n\n{tables}\n\n## Claims\n\n"
+        "Each comparison is a paired t-test over seeds on a − b (the kinds of one seed share its "
+        "base, data order and evaluation sets): mean difference with its 95% t interval, Cohen's "
+        "d_z, two-sided p and the Holm–Bonferroni p across the claim's comparisons. *supports* / "
+        "*refutes*: Holm p < 0.05 in / against the paper's direction; a claim is supported when "
+        "every comparison is, refuted when any is. The former rule (disjoint 95% CIs of the two "
+        "cells) is shown as secondary information. One row per comparison: `claims.csv`.\n\n"
+        f"{claims}")
 
 
 def write_report(plan, out: Path) -> None:

@@ -60,6 +60,8 @@ class ReproduceConfig:
     """Run kinds, in table order."""
     jobs: int = 1
     """Runs trained side by side in worker processes (1 = one after the other, in process)."""
+    sweep: bool = False
+    """The collapse map (:mod:`.sweep`) instead of the paper's study; part of the plan."""
 
     def recipe_name(self, kind: RunKind) -> str:
         return f"tiny-{kind.recipe}" if self.quick else kind.recipe
@@ -69,13 +71,18 @@ class ReproduceConfig:
 
     def plan_key(self) -> dict:
         """What a finished run in DIR must agree with (seeds may grow between invocations)."""
-        return {"quick": self.quick, "size_overrides": list(self.size_overrides)}
+        key = {"quick": self.quick, "size_overrides": list(self.size_overrides)}
+        return {**key, "sweep": True} if self.sweep else key
 
 
 QUICK_SEEDS = 2
 """Quick mode default: two seeds, the fewest that give a CI (tiny runs take seconds each)."""
-DEFAULT_SEEDS = 3
-"""Default mode: three seeds (the fewest the brief allows; CIs are wide at n=3)."""
+DEFAULT_SEEDS = 5
+"""Default mode: five seeds (a paired t-test at n=3 has 2 degrees of freedom: only huge
+effects survive Holm; at 5 the verdicts of PAPER_NOTES-sized effects can settle)."""
+
+SWEEP_SEEDS = 3
+"""``--sweep`` default: three seeds per cell (14 cells × 2 architectures; see :mod:`.sweep`)."""
 
 DEFAULT_SIZE: tuple[str, ...] = ()
 """Demo-size overrides of the default mode. Empty = the demo recipes as they are; if the
@@ -83,13 +90,19 @@ measured wall-clock exceeds the budget this is where the steps are scaled down (
 in the report's header, since every run of DIR carries them)."""
 
 
-def make_config(*, quick: bool, seeds: int | None, jobs: int | None = None) -> ReproduceConfig:
+def make_config(*, quick: bool, seeds: int | None, jobs: int | None = None,
+                sweep: bool = False) -> ReproduceConfig:
     """Config for the CLI flags; ValueError (exit 2) for a bad ``--seeds`` or ``--jobs``."""
-    n = (QUICK_SEEDS if quick else DEFAULT_SEEDS) if seeds is None else seeds
+    default = (QUICK_SEEDS if quick else SWEEP_SEEDS if sweep else DEFAULT_SEEDS)
+    n = default if seeds is None else seeds
     if n < 1:
         raise ValueError(f"--seeds must be >= 1, got {n}")
     if n > 50:
         raise ValueError(f"--seeds {n} is more than this CPU-scale study can train (max 50)")
+    if sweep:
+        from moe_probe.reproduce.sweep import sweep_config
+
+        return sweep_config(quick=quick, seeds=tuple(range(n)), jobs=_jobs(quick, jobs))
     return ReproduceConfig(quick=quick, seeds=tuple(range(n)),
                            size_overrides=() if quick else DEFAULT_SIZE, jobs=_jobs(quick, jobs))
 

@@ -175,23 +175,25 @@ def run_plan(cfg: ReproduceConfig, out: Path) -> list[RunSpec]:
 def _run_parallel(todo: list[RunSpec], states: dict, jobs: int, bar, log) -> None:
     """Runs side by side in ``jobs`` worker processes.
 
-    Bases first, one task per seed that still needs one: were they trained lazily by the
-    first stage-2 run of each seed, the other workers would wait on the base lock of the
-    same seed instead of working. A failing run stops the rest (its error is raised)."""
+    Bases first, one task per base that a new run still needs: were they trained lazily by
+    the first stage-2 run of each, the other workers would wait on the base lock instead of
+    working. A failing run stops the rest (its error is raised)."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    first_of_seed = {}
+    from moe_probe.train.stages import base_config, base_key
+
+    first_of_base = {}  # one task per base (a sweep's patch sizes and capacity factors differ)
     for spec in todo:
         if states[spec.label] == "new":
-            first_of_seed.setdefault(spec.seed, spec)
+            first_of_base.setdefault(base_key(base_config(_planned_config(spec))), spec)
     ctx = multiprocessing.get_context("spawn")  # no torch state forked into the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(jobs,)) as pool:
         try:
-            if first_of_seed:
-                bar.set_description(f"stage-1 bases ({len(first_of_seed)})")
-                futs = [pool.submit(_base_task, spec) for spec in first_of_seed.values()]
+            if first_of_base:
+                bar.set_description(f"stage-1 bases ({len(first_of_base)})")
+                futs = [pool.submit(_base_task, spec) for spec in first_of_base.values()]
                 _raise_first(wait(futs, return_when=FIRST_EXCEPTION).done)
                 for f in futs:
                     f.result()

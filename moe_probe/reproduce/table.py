@@ -12,31 +12,10 @@ import csv
 import math
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
 from tqdm import tqdm
 
 from moe_probe.reproduce.metrics import METRICS, measure
-
-CONFIDENCE = 0.95
-
-
-def summarize(values: list[float]) -> dict:
-    """n (finite values), mean, sd and the t-based CI; CI None when n < 2."""
-    x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = len(x)
-    out = {"n": n, "mean": float(x.mean()) if n else None, "sd": None,
-           "ci_low": None, "ci_high": None}
-    if n >= 2:
-        sd = float(x.std(ddof=1))
-        sem = sd / math.sqrt(n)
-        if sem > 0:
-            lo, hi = stats.t.interval(CONFIDENCE, df=n - 1, loc=out["mean"], scale=sem)
-        else:  # identical values: a zero-width interval (scipy refuses scale 0)
-            lo = hi = out["mean"]
-        out.update(sd=sd, ci_low=float(lo), ci_high=float(hi))
-    return out
-
+from moe_probe.stats import summarize
 
 def collect(plan, out: Path) -> dict:
     """``{kind: {metric: cell}}`` read from the stores of ``plan`` (runs relative to ``out``)."""
