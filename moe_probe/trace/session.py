@@ -24,6 +24,7 @@ from moe_probe.trace.isolated import isolated_metrics
 from moe_probe.trace.layout import writer_labels
 from moe_probe.trace.probes import PROBE_TASKS, probe_row
 from moe_probe.trace.snapshot import SnapshotTracer
+from moe_probe.trace.tokens import ProbeTokens, valid_rows
 from moe_probe.trace.watch import ModelRouters, Watch
 
 
@@ -31,13 +32,15 @@ class TraceSession:
     """Per-step tracing for one run; use as a context manager (or call ``close``)."""
 
     def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None, *,
-                 distributed: bool = False, monitor=None):
+                 distributed: bool = False, monitor=None, probe_tokens: ProbeTokens | None = None):
         """``distributed``: under torch.distributed (DDP) every rank runs a session and the rows are
         reduced over ranks (every rank must call begin_step / backward / end_step; only rank 0's
         writer writes). ``model`` is the bare module, not the DDP wrapper. ``monitor``: online
-        findings (``trace.online.FindingMonitor``; ``writer`` then feeds its diagnosis)."""
+        findings (``trace.online.FindingMonitor``; ``writer`` then feeds its diagnosis).
+        ``probe_tokens``: the probe batch's token columns; with them (and the store's
+        ``token_routing`` group) each snapshot also writes the per-token top-k."""
         self.model, self.cfg, self.writer = model, cfg, writer
-        self.probe_batch_fn = probe_batch_fn
+        self.probe_batch_fn, self.probe_tokens = probe_batch_fn, probe_tokens
         self._groups = set(getattr(writer, "groups", ()) or ())
         # The per-step rows (routing, loss, grad) are the one tracing path that moe_probe.watch
         # gives any loop; this session adds the eval-time rows.
@@ -92,6 +95,7 @@ class TraceSession:
         if not self.cfg.enabled or self.probe_batch_fn is None:
             return
         want_snap = self.cfg.snapshot and "snapshot" in self._groups
+        want_tokens = want_snap and self.probe_tokens is not None and "token_routing" in self._groups
         want_probe = "probe" in self._groups and self._probe_due(step, final)
         if not (want_snap or want_probe):
             return
@@ -99,6 +103,10 @@ class TraceSession:
         cap = capture_forward(model, batch, router=want_snap, shared=want_probe)
         if want_snap:
             self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids, step))
+        if want_tokens:
+            self.writer.append("token_routing", step, **self.probe_tokens.row(
+                [valid_rows(batch, t) for t in cap.topk_ids],
+                [valid_rows(batch, g) for g in cap.topk_gates]))
         if want_probe:
             self._last_probe = step
             tasks = tuple(writer_labels(self.writer, "probe", "task") or PROBE_TASKS)
