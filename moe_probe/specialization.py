@@ -64,7 +64,7 @@ class TokenRouting:
     topk_ids: np.ndarray
     """(S, L, N, K) picks."""
     topk_gates: np.ndarray
-    """(S, L, N, K) gate weights (float32 here)."""
+    """(S, L, N, K) gate weights (float32 here; NaN where not recorded)."""
     modalities: list[str]
     """Kind names."""
     label_sets: dict[str, list[str]]
@@ -114,7 +114,8 @@ class TokenRouting:
         return cls(steps=ds.step.values.astype(np.int64), layers=[str(x) for x in ds.layer.values],
                    n_experts=int(model.get("experts") or (ids.max() + 1 if ids.size else 0)),
                    **{k: v.astype(np.int64) for k, v in first.items()},
-                   topk_ids=ids, topk_gates=ds.topk_gates.values.astype(np.float32),
+                   topk_ids=ids, topk_gates=ds.topk_gates.values.astype(np.float32)
+                   if "topk_gates" in ds else np.full(ids.shape, np.nan, np.float32),
                    modalities=list(attrs.get("modalities", [])),
                    label_sets={k: list(v) for k, v in legend.get("labels", {}).items()},
                    vocab=dict(legend.get("vocab", {})),

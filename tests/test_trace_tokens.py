@@ -112,3 +112,25 @@ def test_a_run_without_the_group_still_snapshots(tmp_path, data):
         s.on_eval(0, {"text_loss": 1.0}, model)
     store = open_run(tmp_path)
     assert "token_routing" not in store.groups and store.committed_steps("snapshot") == 1
+
+
+def test_token_every_and_ids_only(tmp_path, data):
+    """``token_every`` thins the rows (the final eval always writes one); without gates the
+    optional array reads NaN and the ids are still the router's."""
+    model = _model(data, "moe")
+    tokens = data_probe_tokens(data)
+    attrs, coords = store_layout(model, eval_metrics=["text_loss"], probe_tokens=tokens)
+    writer = StoreWriter.create(store_path(tmp_path), attrs={"run": {"name": "t"}, **attrs},
+                                coords=coords)
+    cfg = TraceConfig(probe_every=0, token_every=100, token_gates=False)
+    with TraceSession(model, cfg, writer, data.probe_batch, probe_tokens=tokens) as s:
+        for step in (0, 50, 100, 150):
+            s.on_eval(step, {"text_loss": 1.0}, model)
+        s.on_eval(170, {"text_loss": 1.0}, model, final=True)
+    store = open_run(tmp_path)
+    ds = store.dataset("token_routing")
+    assert list(ds.step.values) == [0, 100, 170]
+    assert store.committed_steps("snapshot") == 5
+    assert np.isnan(ds.topk_gates.values.astype(np.float32)).all()
+    want, _ = _own_picks(model, data.probe_batch())
+    np.testing.assert_array_equal(ds.topk_ids.sel(step=170).values, np.stack(want))

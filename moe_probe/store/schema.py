@@ -103,7 +103,7 @@ GROUPS: dict[str, dict[str, ArraySpec]] = {
         "patch": ArraySpec(("token",), "int16"),
         "image": ArraySpec(("token",), "int16"),
         "topk_ids": ArraySpec(("layer", "token", "k"), "int16"),
-        "topk_gates": ArraySpec(("layer", "token", "k"), "float16"),
+        "topk_gates": ArraySpec(("layer", "token", "k"), "float16", required=False),
     },
 }
 

@@ -64,14 +64,16 @@ class ProbeTokens:
         return {"layer": [str(x) for x in layers], "token": [str(i) for i in range(self.n)],
                 "k": [str(i) for i in range(top_k)]}
 
-    def row(self, topk_ids: list, topk_gates: list) -> dict[str, np.ndarray]:
-        """The group's row from each layer's captured (T, K) ids and gates (valid rows only)."""
-        n = self.n
+    def row(self, topk_ids: list, topk_gates: list | None = None) -> dict[str, np.ndarray]:
+        """The group's row from each layer's captured (N, K) ids and gates (the valid rows);
+        without gates the row leaves the optional ``topk_gates`` out (NaN)."""
         ids = np.stack([np.asarray(_host(t), dtype=np.int16) for t in topk_ids])
-        gates = np.stack([np.asarray(_host(g), dtype=np.float16) for g in topk_gates])
-        assert ids.shape[1] == n and gates.shape == ids.shape, (ids.shape, gates.shape, n)
-        return {"token_id": self.token_id, "kind": self.kind, "label": self.label,
-                "patch": self.patch, "image": self.image, "topk_ids": ids, "topk_gates": gates}
+        assert ids.shape[1] == self.n, (ids.shape, self.n)
+        out = {"token_id": self.token_id, "kind": self.kind, "label": self.label,
+               "patch": self.patch, "image": self.image, "topk_ids": ids}
+        if topk_gates is not None:
+            out["topk_gates"] = np.stack([np.asarray(_host(g), dtype=np.float16) for g in topk_gates])
+        return out
 
 
 def _host(t) -> np.ndarray:
