@@ -253,3 +253,29 @@ def specialization(tr: TokenRouting) -> xr.Dataset:
     return xr.Dataset(data, coords={"step": steps, "layer": layers, "expert": experts,
                                     "topic": [tr.label_names[i] for i in topics],
                                     "modality": tr.modalities})
+
+
+def expert_counts(tr: TokenRouting, s: int, li: int, e: int) -> dict[str, np.ndarray]:
+    """What expert ``e`` of layer ``li`` takes at row ``s`` (counts of probe tokens picking it):
+    ``kinds`` (M,); ``labels`` (M, labels) by kind; ``words`` / ``word_counts`` (text ids, most
+    taken first); ``patches`` (M, patches per image); ``images`` / ``image_kinds`` /
+    ``image_counts`` (digits-dataset index and kind of each image with a patch on e, most first)."""
+    chosen = picks(tr.topk_ids[s, li], tr.n_experts)[:, e]
+    M, n_labels = len(tr.modalities), len(tr.label_names)
+    n_patch = int(np.prod(tr.patch_grid)) or int(tr.patch.max() + 1 if tr.patch.size else 0)
+    labels = np.zeros((M, n_labels), dtype=np.int64)
+    patches = np.zeros((M, max(n_patch, 0)), dtype=np.int64)
+    for m in range(M):
+        on = chosen & (tr.kind == m)
+        labels[m] = np.bincount(tr.label[on & (tr.label >= 0)], minlength=n_labels)[:n_labels]
+        if n_patch:
+            patches[m] = np.bincount(tr.patch[on & (tr.patch >= 0)], minlength=n_patch)[:n_patch]
+    words, wc = np.unique(tr.token_id[chosen & (tr.token_id >= 0)], return_counts=True)
+    img_on = chosen & (tr.image >= 0)
+    pairs, ic = np.unique(np.stack([tr.image[img_on], tr.kind[img_on]], 1), axis=0,
+                          return_counts=True)
+    pairs = pairs.reshape(-1, 2)
+    wo, io = np.argsort(-wc, kind="stable"), np.argsort(-ic, kind="stable")
+    return {"kinds": np.bincount(tr.kind[chosen], minlength=M)[:M], "labels": labels,
+            "words": words[wo], "word_counts": wc[wo], "patches": patches,
+            "images": pairs[io, 0], "image_kinds": pairs[io, 1], "image_counts": ic[io]}
