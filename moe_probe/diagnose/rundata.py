@@ -15,6 +15,9 @@ import xarray as xr
 from moe_probe.run import RunInfo
 from moe_probe.store.schema import CORE_GROUPS
 
+DIAGNOSED: tuple[str, ...] = (*CORE_GROUPS, "token_routing")
+"""The groups the detectors read (the extra ``token_routing`` for ``expert_takeover``)."""
+
 
 @dataclass
 class RunData:
@@ -72,11 +75,12 @@ def load_run(run_dir: str | Path) -> RunData:
         attrs = dict(store.attrs)
         groups = {}
         for g in store.groups:
-            if g in CORE_GROUPS and store.committed_steps(g) > 0:
+            if g in DIAGNOSED and store.committed_steps(g) > 0:
                 ds = store.dataset(g)
-                # Everything but the expert-sized arrays now (and bad chunks surface here as
-                # one line); `load`/`coactivation` stay lazy and are read a layer at a time.
-                small = [v for v in ds.data_vars if "expert" not in ds[v].dims]
+                # Everything but the expert- and token-sized arrays now (and bad chunks surface
+                # here as one line); `load`/`coactivation` stay lazy and are read a layer at a
+                # time, token routing a row at a time.
+                small = [v for v in ds.data_vars if not {"expert", "token"} & set(ds[v].dims)]
                 groups[g] = ds.assign({v: ds[v].load() for v in small})
     except StoreError:
         raise
