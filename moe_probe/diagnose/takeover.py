@@ -23,6 +23,8 @@ from moe_probe.specialization import TokenRouting, expert_counts
 
 KIND = "expert_takeover"
 TOP = 3
+SHOWN = 5
+"""Experts spelled out in the explanation (the evidence holds every one)."""
 
 
 def _top(counts: dict[str, int], n: int = TOP) -> dict[str, int]:
@@ -99,6 +101,8 @@ def detect_takeover(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
         evidence={"first_step": first, "last_step": last, "takeover_share": cfg.takeover_share,
                   "taken_over": n_taken, "und_experts_first": n_und, "per_layer": per},
         explanation=(f"Between steps {first} and {last} of the probe set, generation tokens took "
-                     f"over {n_taken} of {n_und} understanding experts. " + "; ".join(sentences)
-                     + "."))
+                     f"over {n_taken} of {n_und} understanding experts. "
+                     + "; ".join(sentences[:SHOWN])
+                     + (f"; and {len(sentences) - SHOWN} more (evidence)" if len(sentences) > SHOWN
+                        else "") + "."))
     return CheckResult(kind=KIND, findings=(finding,))

@@ -108,9 +108,11 @@ class TraceSession:
             self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids, step))
         if want_tokens:
             self._last["token_routing"] = step
-            gates = [valid_rows(batch, g) for g in cap.topk_gates] if self.cfg.token_gates else None
+            n = self.probe_tokens.n
+            gates = [valid_rows(batch, g, n) for g in cap.topk_gates] if self.cfg.token_gates \
+                else None
             self.writer.append("token_routing", step, **self.probe_tokens.row(
-                [valid_rows(batch, t) for t in cap.topk_ids], gates))
+                [valid_rows(batch, t, n) for t in cap.topk_ids], gates))
         if want_probe:
             self._last["probe"] = step
             tasks = tuple(writer_labels(self.writer, "probe", "task") or PROBE_TASKS)

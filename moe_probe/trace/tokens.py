@@ -80,8 +80,12 @@ def _host(t) -> np.ndarray:
     return t.detach().float().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
 
 
-def valid_rows(batch, captured_TK: torch.Tensor) -> torch.Tensor:
-    """The rows of a hook's (T, K) capture that are valid probe tokens, in row-major order."""
+def valid_rows(batch, captured_TK: torch.Tensor, n_valid: int | None = None) -> torch.Tensor:
+    """The rows of a hook's (T, K) capture that are valid probe tokens, in row-major order
+    (``n_valid``: the batch's valid count, when the caller has it)."""
+    n_valid = int(batch.valid_BS.sum()) if n_valid is None else n_valid
+    if captured_TK.shape[0] == n_valid:  # the model routed the valid tokens only
+        return captured_TK
     rows = token_rows(batch, captured_TK.shape[0])
     keep = batch.valid_BS.cpu()[rows[:, 0], rows[:, 1]]
     return captured_TK[keep.to(captured_TK.device)]
