@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench_tracing import interleaved
+from bench_tracing import interleaved, report
 from moe_probe.data import MultimodalData
 from moe_probe.model import MultimodalMoE
 from moe_probe.run import store_path
@@ -95,14 +94,7 @@ def main() -> None:
     for s in sessions.values():
         s.close()
     tmp.cleanup()
-    for clock, times in (("cpu", cpu), ("wall", wall)):
-        med = {n: statistics.median(t) for n, t in times.items()}
-        for n in names:
-            print(f"{clock:>4} {n:>8}: median {med[n] * 1e3:7.1f} ms per snapshot")
-        for n in names[1:]:
-            paired = statistics.median(a / b for a, b in zip(times[n], times["snapshot"]))
-            print(f"{clock:>4} ratio {n}/snapshot: {med[n] / med['snapshot']:.3f} (median of "
-                  f"paired ratios {paired:.3f}; target <= 1.10)")
+    report(cpu, wall, names, "snapshot", {n: 1.10 for n in names[1:]}, "ms per snapshot")
 
 
 if __name__ == "__main__":
