@@ -118,6 +118,31 @@ def probe_tokens(batch, *, tokenizer, topic_names, images_B, patch_size: int,
         patch_grid=(side, side), patch_size=patch_size)
 
 
+def text_probe_tokens(ids_N, kind_N, label_N, labels: dict[str, list[str]], decode) -> ProbeTokens:
+    """The token columns of a text-only probe set (HF scans and watched runs): ``decode(ids)``
+    is the run's tokenizer; ``label_N`` indexes the concatenated ``labels`` (-1 = none)."""
+    ids = np.asarray(ids_N, dtype=np.int64).reshape(-1)
+    n = ids.size
+    return ProbeTokens(
+        token_id=ids.astype(np.int32), kind=np.asarray(kind_N).reshape(-1).astype(np.int8),
+        label=np.asarray(label_N).reshape(-1).astype(np.int16),
+        patch=np.full(n, -1, np.int16), image=np.full(n, -1, np.int16),
+        labels={k: [str(x) for x in v] for k, v in labels.items()},
+        vocab={str(i): decode([int(i)]) for i in np.unique(ids)})
+
+
+def padded_picks(records, top_k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each record's (T, K_l) ids and gates, padded to ``top_k`` columns (-1 ids, NaN gates) where
+    a layer picks fewer."""
+    ids, gates = [], []
+    for r in records:
+        pad = top_k - r.topk_ids_TK.shape[1]
+        ids.append(torch.nn.functional.pad(r.topk_ids_TK.detach(), (0, pad), value=-1))
+        gates.append(torch.nn.functional.pad(r.topk_weights_TK.detach().float(), (0, pad),
+                                             value=float("nan")))
+    return ids, gates
+
+
 def data_probe_tokens(data) -> ProbeTokens:
     """:func:`probe_tokens` of a ``MultimodalData``'s probe batch."""
     return probe_tokens(data.probe_batch(), tokenizer=data.tokenizer,
