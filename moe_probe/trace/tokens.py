@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moe_probe.model.hooks import hooks
 from moe_probe.modalities import TEXT
 from moe_probe.trace.capture import token_rows
 
@@ -148,3 +149,60 @@ def data_probe_tokens(data) -> ProbeTokens:
     return probe_tokens(data.probe_batch(), tokenizer=data.tokenizer,
                         topic_names=data.topic_names[:data.cfg.n_text_classes],
                         images_B=data.probe_images(), patch_size=data.cfg.patch_size)
+
+
+class TokenProbe:
+    """Token-level routing of a fixed probe batch for ``moe_probe.watch``: at a token step, one
+    no-grad eval-mode forward ``model(**inputs)`` with the adapter's router hooks (the training
+    forwards are never touched)."""
+
+    def __init__(self, routers, inputs: dict, *, kind_names, kinds=None, labels=None,
+                 label_names=None, decode=None):
+        """``kinds``: watch's callable on the forward's arguments (None: kind 0); ``labels``: the
+        sample's label per sample (B,) or token (B, S), or the name of an ``inputs`` entry
+        holding them (left out of the forward), -1 = none; ``label_names``: their names;
+        ``decode(ids) -> str``: the run's tokenizer (None: ``#id``). Tokens with attention mask 0
+        or kind -1 are left out."""
+        from moe_probe.trace.watch import token_kinds  # watch -> layout -> this module
+
+        inputs = dict(inputs)
+        if isinstance(labels, str):
+            if labels not in inputs:
+                raise ValueError(f"probe labels: no {labels!r} in the probe inputs ({sorted(inputs)})")
+            labels = inputs.pop(labels)
+        self.routers, self.inputs = routers, inputs
+        shape_BS, _ = routers.tokens((), inputs)
+        kind_T = token_kinds(kinds(**inputs), shape_BS, kind_names) if kinds is not None \
+            else torch.zeros(shape_BS[0] * shape_BS[1], dtype=torch.long)
+        names = [str(x) for x in (label_names or ())]
+        label_T = token_kinds(labels, shape_BS, names, what="probe labels") \
+            if labels is not None else torch.full_like(kind_T, -1)
+        mask = inputs.get("attention_mask")
+        keep = kind_T.cpu() >= 0
+        if mask is not None:
+            keep &= torch.as_tensor(mask).reshape(-1).cpu().bool()
+        self.keep = keep
+        ids = torch.as_tensor(inputs["input_ids"]).reshape(-1).cpu()[keep]
+        self.top_k = max(i.top_k for i in routers.infos)
+        self.tokens = text_probe_tokens(
+            ids, kind_T.cpu()[keep], label_T.cpu()[keep], {"label": names},
+            decode or (lambda ids: " ".join(f"#{int(i)}" for i in ids)))
+
+    def row(self, model) -> dict[str, np.ndarray]:
+        records: dict[int, object] = {}
+        fns = self.routers.hook_fns(
+            lambda li, out: records.__setitem__(li, self.routers.record(li, out)))
+        p = next(model.parameters(), None)
+        inputs = {k: v.to(p.device) if torch.is_tensor(v) and p is not None else v
+                  for k, v in self.inputs.items()}
+        was = model.training
+        try:
+            model.eval()
+            with hooks(model, fns), torch.no_grad():
+                model(**inputs)
+        finally:
+            model.train(was)
+        ids, gates = padded_picks([records[i] for i in range(len(records))], self.top_k)
+        keep = self.keep
+        return self.tokens.row([t[keep.to(t.device)] for t in ids],
+                               [g[keep.to(g.device)] for g in gates])
