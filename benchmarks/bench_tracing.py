@@ -122,18 +122,26 @@ def main() -> None:
         session.close()
     tmp.cleanup()
 
+    report(cpu, wall, names, "plain", {"routing": 1.02, "grad": 1.7}, "ms/step",
+           f" x {args.steps} steps")
+
+
+def report(cpu: dict, wall: dict, names: list[str], base: str, targets: dict[str, float],
+           unit: str, per: str = "") -> None:
+    """Medians (p25, p75) of each variant per clock, and the ratios against ``base``: of the
+    medians, and the median of paired ratios (variants run back to back)."""
     for clock, times in (("cpu", cpu), ("wall", wall)):
         med = {n: statistics.median(t) for n, t in times.items()}
         for name in names:
             q = sorted(times[name])
-            print(f"{clock:>4} {name:>8}: median {med[name] * 1e3:7.1f} ms/step  (p25 "
+            print(f"{clock:>4} {name:>8}: median {med[name] * 1e3:7.1f} {unit}  (p25 "
                   f"{q[len(q) // 4] * 1e3:.1f}, p75 {q[3 * len(q) // 4] * 1e3:.1f}; "
-                  f"{len(q)} x {args.steps} steps)")
-        # ratio of medians, and median of per-repeat ratios (variants run back to back)
-        for name, target in (("routing", 1.02), ("grad", 1.7)):
-            paired = statistics.median(a / b for a, b in zip(times[name], times["plain"]))
-            print(f"{clock:>4} ratio {name}/plain: {med[name] / med['plain']:.3f} (median of paired "
+                  f"{len(q)}{per})")
+        for name, target in targets.items():
+            paired = statistics.median(a / b for a, b in zip(times[name], times[base]))
+            print(f"{clock:>4} ratio {name}/{base}: {med[name] / med[base]:.3f} (median of paired "
                   f"ratios {paired:.3f}; target <= {target})")
+
 
 if __name__ == "__main__":
     main()

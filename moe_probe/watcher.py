@@ -27,6 +27,7 @@ from moe_probe.run import Run
 from moe_probe.store.schema import default_coords
 from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.online import check_on_finding, monitored
+from moe_probe.trace.tokens import ATTR as TOKEN_ATTR, TokenProbe
 from moe_probe.trace.watch import ModelRouters, NullWriter, Watch, check_settings
 
 
@@ -36,7 +37,9 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
           use_table: bool = True, resume_after: int | None = None, on_finding=None,
           diagnose_every: int = 10, fail_on: str = "collapse",
           report_to: str | Sequence[str] = (), report_dir=None,
-          mlflow_uri: str | None = None) -> Watch:
+          mlflow_uri: str | None = None, probe: dict | None = None, probe_every: int = 0,
+          probe_labels=None, label_names: Sequence[str] | None = None,
+          decode: Callable | None = None) -> Watch:
     """Trace ``model``'s training into a new run at ``out``; use it as a context manager (hooks
     are removed on exit, also on an exception; queued rows are written).
 
@@ -77,6 +80,13 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       (default ``out/tb``), MLflow at ``mlflow_uri`` (default ``MLFLOW_TRACKING_URI``), W&B by
       its own settings (``WANDB_PROJECT``, ``WANDB_MODE``, ...). A missing client is refused
       before anything is created.
+    - ``probe``: a fixed probe batch (the model's keyword inputs, e.g. ``input_ids`` and
+      ``attention_mask``): every ``probe_every`` steps one no-grad forward on it records
+      token-level routing (the ``token_routing`` group: per token its id, kind, label and the
+      top-k ids and gates per layer). ``probe_labels``: the sample's label per sample (B,) or
+      token (B, S), or the name of a ``probe`` entry holding them (e.g. a topic column; not
+      passed to the model), -1 = none; ``label_names`` their names; ``decode``: the tokenizer's
+      ``decode`` for the words (default ``#id``). Tokens with attention mask 0 are left out.
 
     Under torch.distributed every rank calls ``watch`` and the same ``step`` / ``backward``; counts
     are summed over ranks; rank 0 alone writes.
@@ -100,6 +110,13 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
     names = list(kind_names or routers.kind_names or ("text",))
     coords = default_coords(layers=routers.layers, n_experts=max(i.n_experts for i in routers.infos),
                             groups=("routing", "loss", "grad") if grad_every else ("routing", "loss"))
+    token_probe = None
+    if probe is not None and not (isinstance(probe_every, int) and probe_every >= 1):
+        raise ValueError(f"probe_every={probe_every!r}: a probe needs a step interval >= 1")
+    if probe is not None:
+        token_probe = TokenProbe(routers, probe, kind_names=names, kinds=kinds, labels=probe_labels,
+                                 label_names=label_names, decode=decode)
+        coords["token_routing"] = token_probe.tokens.coords(routers.layers, token_probe.top_k)
     coords["routing"]["modality"] = names
     coords["loss"]["term"] = list(dict.fromkeys([*LOSS_TERMS, *loss_terms]))
     settings = {"every": every, "grad_every": grad_every, "tasks": list(tasks or []),
@@ -107,6 +124,8 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
     attrs = {"run": {"name": Path(out).name, "recipe": "watch", "config": json.dumps(settings)},
              "model": {**routers.attrs(), "nominal_capacity": capacity_factor},
              "modalities": names}
+    if token_probe is not None:
+        attrs[TOKEN_ATTR] = token_probe.tokens.attrs()
     distributed, rank = _distributed()
     report = _report(report_to, report_dir, mlflow_uri)  # every rank: all refuse together
     if rank == 0:
@@ -129,7 +148,8 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
                                     every=diagnose_every, fail_on=fail_on, distributed=distributed)
     w = Watch(bare, routers, writer, every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
               kind_names=kind_names, capacity_factor=capacity_factor, distributed=distributed,
-              start_step=start_step, monitor=monitor)
+              start_step=start_step, monitor=monitor, token_probe=token_probe,
+              token_every=probe_every)
     w.begin_step(start_step)
     return w
 

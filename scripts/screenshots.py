@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dashboards.testing import Server, dash_idle, make_driver, quit_driver, severe_logs, wait_for  # noqa: E402
 
-PAGES = ("runs", "routing", "conflicts", "probes", "compare", "live")
+PAGES = ("runs", "routing", "conflicts", "probes", "experts", "compare", "live")
 
 
 def _full_page(driver, path: Path) -> None:

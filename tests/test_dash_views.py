@@ -15,9 +15,11 @@ import pytest
 from dash import dcc
 
 from dashboards import cache, views
+from fixtures.tokens import build_tokens
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
 SEL = {"focus": "healthy", "layer": "1", "modality": "vit", "runs": ["healthy", "collapse"]}
+TOKENS_SEL = {**SEL, "focus": "tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,7 @@ def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("viewsroot")
     for name in ("healthy", "collapse", "und_only_control"):
         shutil.copytree(FIXTURES / name, root / name)
+    build_tokens(root / "tokens", takeover=True)  # the Experts page needs token-level routing
     old = os.environ.get("MOE_PROBE_DASH_PREWARM")
     os.environ["MOE_PROBE_DASH_PREWARM"] = "0"  # start-up warming is timed by the benchmark
     try:
@@ -51,15 +54,16 @@ def _graph_ids(component) -> list[str]:
 
 def test_every_registered_view_builds_with_its_named_arguments(app):
     root = _root(app)
-    assert set(views.PAGES) == {"/", "/routing", "/conflicts", "/probes", "/compare", "/live"}
+    assert set(views.PAGES) == {"/", "/routing", "/conflicts", "/probes", "/compare", "/live",
+                                "/experts"}
     built = 0
     for page in views.PAGES.values():
-        values = page.values(root, SEL)
+        values = page.values(root, TOKENS_SEL if page.path == "/experts" else SEL)
         for v in page.views:
             fig = v.figure(root, values)
             assert fig.data, f"{v.id}: {fig.layout.annotations}"  # data, not a message
             built += 1
-    assert built == len(views.VIEWS) == 16
+    assert built == len(views.VIEWS) == 21
 
 
 def test_every_graph_of_a_page_is_a_registered_view_of_it(app):

@@ -49,7 +49,7 @@ def qwen_run(tmp_path_factory):
 def test_scan_store_reads_and_follows_schema(qwen_run):
     d, _, _, out = qwen_run
     run = open_run(out)
-    assert set(run.groups) == {"routing", "loss", "grad", "probe", "grad_expert"}
+    assert set(run.groups) == {"routing", "loss", "grad", "probe", "grad_expert", "token_routing"}
     assert run.attrs["model"]["arch"] == "qwen2_moe"
     assert run.attrs["model"]["shared_experts"] == 1
     assert run.attrs["modalities"] == ["text", "text_b"]
@@ -103,6 +103,33 @@ def test_scan_counts_equal_model_router_logits(qwen_run):
     np.testing.assert_array_equal(open_run(out).dataset("routing")["load"].values, ref)
 
 
+def test_scan_token_routing_is_the_models_own_topk_on_the_probe_windows(qwen_run):
+    from moe_probe.hf.scan import PROBE_WINDOWS
+
+    _, a, b, out = qwen_run
+    model, tok, _ = load_model(str(FIX / "qwen2_moe.json"), seed=0)
+    wa = read_windows(str(a), tok, model.config.vocab_size, 32)[:PROBE_WINDOWS]
+    wb = read_windows(str(b), tok, model.config.vocab_size, 32)[:PROBE_WINDOWS]
+    ids = torch.cat([wa, wb])
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    run = open_run(out)
+    ds = run.dataset("token_routing")
+    assert list(ds.step.values) == [3]  # the scan's last step
+    np.testing.assert_array_equal(ds.token_id.values[0], ids.reshape(-1).numpy())
+    kind = np.r_[np.zeros(wa.numel()), np.ones(wb.numel())]
+    np.testing.assert_array_equal(ds.kind.values[0], kind)
+    np.testing.assert_array_equal(ds.label.values[0], kind)  # label = the text set
+    assert run.attrs["token_routing"]["labels"] == {"source": ["text", "text_b"]}
+    for li, lg in enumerate(logits):
+        want = torch.softmax(lg.float(), -1).topk(2, -1)
+        np.testing.assert_array_equal(ds.topk_ids.values[0, li], want.indices.numpy())
+    # no tokenizer in the fixture: ids are hashed words (hf/loading.py), decoded back to them
+    assert tok is None
+    vocab = run.attrs["token_routing"]["vocab"]
+    assert set(vocab.values()) <= set(WORDS[:19]) and len(vocab) == len(np.unique(ids))
+
+
 def test_advice_is_choose_groups_of_text_counts(qwen_run):
     from moe_probe.model.convert import choose_groups
 
@@ -125,7 +152,7 @@ def test_single_text_scan_without_shared_experts(tmp_path):
                "--batch-size", "2", "--seq-len", "16", "--max-batches", "2", "--quiet"])
     assert rc == 0
     run = open_run(out)
-    assert set(run.groups) == {"routing", "loss"}  # no text-b: no grad; no shared: no probe
+    assert set(run.groups) == {"routing", "loss", "token_routing"}  # no text-b: no grad; no shared: no probe
     assert list(run.dataset("routing")["modality"].values) == ["text"]
 
 

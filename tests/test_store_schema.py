@@ -74,7 +74,7 @@ def _small(tmp_path, version):
 def test_a_newer_minor_with_unknown_groups_and_arrays_opens(tmp_path):
     run, root = _small(tmp_path, "1.9")
     # What a later 1.x might add: a group and an array this version does not declare.
-    extra = root.create_group("token_routing")
+    extra = root.create_group("attention_heads")
     extra.attrs["committed_steps"] = 0
     a = root["loss"].create_array("value_ema", shape=(1, 6), dtype="float32",
                                   dimension_names=("step", "term"))

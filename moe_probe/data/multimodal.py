@@ -126,6 +126,7 @@ class MultimodalData:
                            "val": torch.from_numpy(np.concatenate(val))}
         self.text_labels = {"train": torch.tensor(train_lab), "val": torch.tensor(val_lab)}
         self._probe: Batch | None = None
+        self._probe_images: torch.Tensor | None = None
 
     @property
     def mix_probs(self) -> torch.Tensor:
@@ -188,5 +189,12 @@ class MultimodalData:
             self.layout.fill_lm(b, torch.arange(2 * nd, 2 * nd + nl), self.text_split["val"][text_idx],
                                 tl[text_idx])
             self._probe = b
+            self._probe_images = torch.cat([idx, idx, torch.full((nl,), -1, dtype=torch.long)])
         # a copy: callers may move or edit it in place without touching the cached one
         return self._probe.select(torch.arange(len(self._probe)))
+
+    def probe_images(self) -> torch.Tensor:
+        """(B,) index into sklearn's ``load_digits`` of each probe-batch row's image (-1 for LM
+        rows): token-level routing shows the real digits an expert takes."""
+        self.probe_batch()
+        return self._probe_images.clone()

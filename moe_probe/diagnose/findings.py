@@ -23,7 +23,8 @@ JSON schema (``schema`` = ``"moe_probe.diagnose/1"``)::
                "evidence": {...numbers...}, "explanation": str, "remedy": str}
 
 Kinds: see :data:`KINDS`; `--fail-on collapse` matches :data:`COLLAPSE_KINDS`, `conflict`
-matches :data:`CONFLICT_KINDS`.
+matches :data:`CONFLICT_KINDS` (``expert_takeover``, which names the tokens behind a takeover
+from the token-level snapshots, only ``any``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ SCHEMA = "moe_probe.diagnose/1"
 
 KINDS: tuple[str, ...] = (
     "routing_collapse", "dead_experts", "modality_dominance", "load_imbalance",
-    "gradient_domination", "gradient_conflict", "shared_regression",
+    "gradient_domination", "gradient_conflict", "shared_regression", "expert_takeover",
 )
 COLLAPSE_KINDS = frozenset({"routing_collapse", "dead_experts", "modality_dominance",
                             "load_imbalance"})
@@ -78,6 +79,9 @@ REMEDIES: dict[str, str] = {
         "Protect the shared experts: gradient shielding (`--set train.shielding=true`), a lower LR "
         "for what the base model knows (`--set train.lr_base=1e-4`, `train.differential_lr=true`); "
         "`--recipe symbiotic` applies both."),
+    "expert_takeover": (
+        "Keep generation tokens off the understanding experts: `--recipe symbiotic` routes vae "
+        "tokens only into the generation group; the Experts page shows what each expert takes."),
 }
 
 REMEDIES_GROUPED: dict[str, str] = {
@@ -100,6 +104,9 @@ REMEDIES_GROUPED: dict[str, str] = {
     "shared_regression": (
         "Protect the shared experts: longer or stronger shielding (`--set train.shield_steps=…`, "
         "`train.shield_release=0.05`) and a lower `--set train.lr_base=…` for what the base knows."),
+    "expert_takeover": (
+        "Check the expert partition (`moe-probe info RUN`): generation tokens should only reach "
+        "the generation group; the Experts page shows what each expert takes."),
 }
 """Remedies for runs whose layers already have und/gen groups (symbiotic, mot)."""
 

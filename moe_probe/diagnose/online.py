@@ -9,7 +9,8 @@ onsets are the ones ``diagnose`` reports on the store once those rows are commit
 reading the store again.
 
 Memory: per routed step ``L·M·(E + 1)`` int32 + ``L·M`` float32 (``load``, ``tokens``,
-``capacity_rate``); per grad step ``3·L'·C`` float32. The other groups keep their steps only.
+``capacity_rate``); per grad step ``3·L'·C`` float32; per token-routing row ``N·(L·K + 5)``
+small ints (the probe set's picks). The other groups keep their steps only.
 Torch-free, like every reader.
 """
 
@@ -22,15 +23,16 @@ import xarray as xr
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import RunDiagnosis
-from moe_probe.diagnose.rundata import RunData
+from moe_probe.diagnose.rundata import DIAGNOSED, RunData
 from moe_probe.diagnose.runner import diagnose_run
 from moe_probe.run import RunInfo
-from moe_probe.store.schema import CORE_GROUPS, GROUPS, LABEL_DIMS
+from moe_probe.store.schema import GROUPS, LABEL_DIMS
 
 NEEDED: dict[str, tuple[str, ...]] = {
     "routing": ("tokens", "capacity_rate", "load"),
     "grad": ("cosine", "norm_und", "norm_gen"),
     "probe": ("selectivity", "isolated"),
+    "token_routing": ("token_id", "kind", "label", "patch", "image", "topk_ids"),
 }
 """Arrays the detectors (and the report's final capacity rate) read; other groups: steps only."""
 
@@ -64,7 +66,7 @@ class OnlineDiagnosis:
         self.cfg = cfg or DiagnoseConfig()
         self.attrs, self.run_dir = dict(attrs), str(run_dir)
         self._labels = {g: {d: [str(x) for x in v] for d, v in dims.items()}
-                        for g, dims in labels.items() if g in CORE_GROUPS}
+                        for g, dims in labels.items() if g in DIAGNOSED}
         self._steps = {g: _Rows((), np.int64) for g in self._labels}
         self._arrays: dict[str, dict[str, _Rows]] = {}
         for g, dims in self._labels.items():
@@ -81,7 +83,7 @@ class OnlineDiagnosis:
 
         store = Run(run_dir).store()
         labels = {g: {d: store.labels(g, d) for d in LABEL_DIMS[g]}
-                  for g in store.groups if g in CORE_GROUPS}
+                  for g in store.groups if g in DIAGNOSED}
         run = load_run(run_dir)
         online = cls(attrs=run.attrs, labels=labels, run_dir=str(run_dir), cfg=cfg)
         for g, ds in run.groups.items():

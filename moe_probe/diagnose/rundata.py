@@ -18,6 +18,8 @@ from moe_probe.store.schema import CORE_GROUPS
 
 SCREENED = ("routing",)
 """Groups the detectors read through rollup levels (the others are small: read whole)."""
+DIAGNOSED: tuple[str, ...] = (*CORE_GROUPS, "token_routing")
+"""The groups the detectors read (the extra ``token_routing`` for ``expert_takeover``)."""
 
 
 @dataclass
@@ -88,16 +90,17 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
         attrs = dict(store.attrs)
         groups, lv = {}, {}
         for g in store.groups:
-            if g in CORE_GROUPS and store.committed_steps(g) > 0:
+            if g in DIAGNOSED and store.committed_steps(g) > 0:
                 ds = store.dataset(g)
                 if g in SCREENED:
                     groups[g] = ds
                     if levels:
                         lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
                     continue
-                # Everything but the expert-sized arrays now (and bad chunks surface here as
-                # one line); `coactivation` stays lazy.
-                small = [v for v in ds.data_vars if "expert" not in ds[v].dims]
+                # Everything but the expert- and token-sized arrays now (and bad chunks surface
+                # here as one line); `coactivation` stays lazy, token routing is read a row at a
+                # time.
+                small = [v for v in ds.data_vars if not {"expert", "token"} & set(ds[v].dims)]
                 groups[g] = ds.assign({v: ds[v].load() for v in small})
     except StoreError:
         raise

@@ -13,9 +13,10 @@ from moe_probe.diagnose.gradients import detect_conflict, detect_domination
 from moe_probe.diagnose.probes import detect_regression
 from moe_probe.diagnose.routing import detect_collapse, detect_dead_experts, detect_imbalance
 from moe_probe.diagnose.rundata import RunData
+from moe_probe.diagnose.takeover import detect_takeover
 
 DETECTORS = (detect_collapse, detect_dead_experts, detect_dominance, detect_imbalance,
-             detect_domination, detect_conflict)
+             detect_domination, detect_conflict, detect_takeover)
 
 
 def final_capacity_rate(ds) -> dict:

@@ -88,6 +88,19 @@ def encode(text: str, tokenizer, vocab_size: int) -> list[int]:
             for w in _WORD.findall(text)]
 
 
+def decoder(tokenizer, vocab_size: int, paths):
+    """``decode(ids) -> str`` of the run's tokens: its tokenizer's; else the inverse of the
+    word-hash fallback over the words of the files at ``paths`` (pieces sharing an id joined
+    with '|')."""
+    if tokenizer is not None:
+        return tokenizer.decode
+    words: dict[int, dict[str, None]] = {}  # id -> pieces, in order of appearance
+    for path in paths:
+        for w in _WORD.findall(Path(path).read_text(encoding="utf-8", errors="replace")):
+            words.setdefault(encode(w, None, vocab_size)[0], {})[w] = None
+    return lambda ids: " ".join("|".join(words.get(int(i), [f"#{int(i)}"])) for i in ids)
+
+
 _KIND = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 
 

@@ -21,7 +21,10 @@ the typed segments' kinds):
 - ``probe`` at the last step, for models with shared experts: ``probes.py``;
 - extra group ``grad_expert`` (declared in the schema; only with ``--text-b``): per-expert
   cosine / norm_und / norm_gen (step, layer, expert) of the routed experts' fused parameters,
-  at the ``grad`` rows' steps.
+  at the ``grad`` rows' steps;
+- extra group ``token_routing`` at the last step: per token of the probe windows (the first
+  ``PROBE_WINDOWS`` of each set) its id, kind and top-k ids and gates per layer; its label is
+  its set or segment type (label set ``source``: OLMoE's domains are data sources too).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ import torch
 
 from moe_probe.hf.capture import RouterCapture, layer_routing, lm_loss
 from moe_probe.hf.discover import find_moe_layers
-from moe_probe.hf.loading import load_model, read_typed_windows, read_windows
+from moe_probe.hf.loading import decoder, load_model, read_typed_windows, read_windows
 from moe_probe.hf.routers import model_attrs as hf_model_attrs
 from moe_probe.run import Run
+from moe_probe.trace.tokens import ATTR as TOKEN_ATTR, padded_picks, text_probe_tokens
 
 GRAD_ROWS = 8
 """Gradient-conflict rows per scan (two backward passes each)."""
@@ -125,10 +129,18 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
                             tasks=probe_task_names(two),
                             groups=("routing", "loss", "grad", "probe", "grad_expert"))
     coords["routing"]["modality"] = modalities
+    probe_sets = [w[:PROBE_WINDOWS] for w in sets]
+    probe_kind = _kinds(probe_sets, None if kind_a is None else kind_a[:PROBE_WINDOWS])
+    tokens = text_probe_tokens(torch.cat(probe_sets), probe_kind, probe_kind,
+                               {"source": modalities},
+                               decoder(tokenizer, V, [p for p in (args.text, args.text_b) if p]))
+    top_k = max(x.top_k for x in layers)
+    coords["token_routing"] = tokens.coords(names, top_k)
     if not two:
         coords.pop("grad")
         coords.pop("grad_expert")
-    attrs = _attrs(args, model, layers, how, source, modalities, seed)
+    attrs = {**_attrs(args, model, layers, how, source, modalities, seed),
+             TOKEN_ATTR: tokens.attrs()}
     counter = RoutingCounter(names, [layer_routing(x) for x in layers], args.capacity_factor,
                              modalities=modalities)
     grad = GradConflict(model, layers) if two else None
@@ -142,11 +154,7 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
         for step in tqdm(range(n_steps), desc="scan", unit="batch", disable=args.quiet):
             parts = [w[step * B:(step + 1) * B] for w in sets]
             ids = torch.cat(parts)
-            if kind_a is not None:
-                mod_T = kind_a[step * B:(step + 1) * B].reshape(-1)
-            else:
-                mod_T = torch.cat([torch.full((p.numel(),), m, dtype=torch.long)
-                                   for m, p in enumerate(parts)])
+            mod_T = _kinds(parts, None if kind_a is None else kind_a[step * B:(step + 1) * B])
             got = cap.capture(ids, mod_T, want_logits=True)
             for li, rec in enumerate(got.records):
                 counter.add(li, rec)
@@ -162,8 +170,9 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
                 g_row, e_row = grad.measure(parts[0], parts[1])
                 writer.append("grad", step, **g_row)
                 writer.append("grad_expert", step, **e_row)
+        writer.append("token_routing", n_steps - 1,
+                      **tokens.row(*_probe_picks(cap, torch.cat(probe_sets), probe_kind, B, top_k)))
         if has_shared:
-            probe_sets = [w[:PROBE_WINDOWS] for w in sets]
             iso = isolated_row(cap, probe_sets, B)
             writer.append("probe", n_steps - 1, isolated=iso, **probe_rows(cap, probe_sets, B))
     summary = {"steps": n_steps, "layers": names, "experts": E, "discovery": how,
@@ -174,6 +183,25 @@ def run_scan(args, *, use_table: bool | None = None, seed: int = 0) -> dict:
         summary["advice"] = write_advice(args.advise_groups, load_text, names, args.und_fraction,
                                          attrs["model"], n_steps)
     return summary
+
+
+def _kinds(parts: list[torch.Tensor], kind_BS: torch.Tensor | None) -> torch.Tensor:
+    """Kind of each token of ``cat(parts)`` flattened: the typed segments' own, else the set's."""
+    if kind_BS is not None:
+        return kind_BS.reshape(-1)
+    return torch.cat([torch.full((p.numel(),), m, dtype=torch.long) for m, p in enumerate(parts)])
+
+
+def _probe_picks(cap, ids_NS: torch.Tensor, kind_T: torch.Tensor, batch: int, top_k: int):
+    """Per layer the (N·S, K) picks and gates of the probe windows, ``batch`` windows a forward."""
+    ids, gates = [], []
+    S = ids_NS.shape[1]
+    for i in range(0, ids_NS.shape[0], batch):
+        got = cap.capture(ids_NS[i:i + batch], kind_T[i * S:(i + batch) * S])
+        i_l, g_l = padded_picks(got.records, top_k)
+        ids.append(i_l)
+        gates.append(g_l)
+    return [torch.cat(c) for c in zip(*ids)], [torch.cat(c) for c in zip(*gates)]
 
 
 def _attrs(args, model, layers, how, source, modalities, seed) -> dict:

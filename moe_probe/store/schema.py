@@ -33,7 +33,9 @@ History:
   scans wrote it by hand, unchunked and without checksums, which 1.1 readers still read);
   ``run.package_version`` (1.0 training runs wrote ``run.version``).
 - 1.2: rollups (:func:`rollup_path`): coarser levels of the step-sampled groups, optional; a store
-  without them (or with levels behind its rows) reads as before, from the rows."""
+  without them (or with levels behind its rows) reads as before, from the rows. The extra group
+  ``token_routing`` (per-token top-k of the probe set at snapshot steps, with the root attr
+  ``token_routing`` naming its labels; stores without it are read as "not measured")."""
 
 
 class StoreError(ValueError):
@@ -95,10 +97,26 @@ GROUPS: dict[str, dict[str, ArraySpec]] = {
         "norm_und": ArraySpec(("layer", "expert"), _F),
         "norm_gen": ArraySpec(("layer", "expert"), _F),
     },
+    # Per token of the fixed probe set, at snapshot steps. The token columns repeat every row
+    # (the probe set is fixed; repeated rows cost nothing after zstd) so a row reads alone.
+    "token_routing": {
+        "token_id": ArraySpec(("token",), "int32"),
+        "kind": ArraySpec(("token",), "int8"),
+        "label": ArraySpec(("token",), "int16"),
+        "patch": ArraySpec(("token",), "int16"),
+        "image": ArraySpec(("token",), "int16"),
+        "topk_ids": ArraySpec(("layer", "token", "k"), "int16"),
+        "topk_gates": ArraySpec(("layer", "token", "k"), "float16", required=False),
+    },
 }
 
-EXTRA_GROUPS: tuple[str, ...] = ("grad_expert",)
-"""Declared groups outside the core set: per-expert gradient conflict (HF scans with two text sets)."""
+EXTRA_GROUPS: tuple[str, ...] = ("grad_expert", "token_routing")
+"""Declared groups outside the core set: per-expert gradient conflict (HF scans with two text
+sets); token-level routing of the probe set (``token_routing``: ``token_id`` the text id or -1,
+``kind`` the index into root attrs ``modalities``, ``label`` the index into the concatenated label
+sets of root attrs ``token_routing.labels`` or -1, ``patch`` the patch index in its image
+(row-major over the patch grid) or -1, ``image`` the sklearn digits index of its image or -1;
+``topk_ids`` the picks in the router's order and ``topk_gates`` their gate weights)."""
 
 CORE_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g not in EXTRA_GROUPS)
 """The groups of ARCHITECTURE.md's store, in their usual order."""
@@ -149,7 +167,7 @@ LABEL_DIMS: dict[str, tuple[str, ...]] = {
 
 CHUNK_STEPS: dict[str, int] = {
     "routing": 512, "loss": 1024, "grad": 256, "probe": 64, "eval": 64, "snapshot": 16,
-    "grad_expert": 256,
+    "grad_expert": 256, "token_routing": 8,
 }
 """Rows per chunk. Sized so a chunk spans a similar stretch of training whatever a group's rate
 (routing every step, grad every 10, probe/eval/snapshot every 50): a dashboard reading 50k steps of
@@ -159,7 +177,7 @@ each append, rewrites at most ~200 KB per array of a 32-layer × 64-expert run."
 # Arrays with an expert dim are chunked one layer at a time: the dashboard's heavy read is one
 # layer's (step, modality, expert) history, which then touches 1/L of the bytes; per-step reads of
 # all layers (a heat map at one step) stay cheap because a step-chunk of one layer is small.
-_PER_LAYER = {"load", "coactivation"}
+_PER_LAYER = {"load", "coactivation", "topk_ids", "topk_gates"}
 
 
 def chunk_shape(group: str, name: str, sizes: dict[str, int], chunk_steps: int) -> tuple[int, ...]:

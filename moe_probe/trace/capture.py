@@ -22,6 +22,8 @@ class Captured:
     """The model's forward output (``ModelOutput``)."""
     topk_ids: list[torch.Tensor | None] = field(default_factory=list)
     """Top-k ids (T, K) of each layer's last router call."""
+    topk_gates: list[torch.Tensor | None] = field(default_factory=list)
+    """Gate weights (T, K) of those picks."""
     shared: list[torch.Tensor | None] = field(default_factory=list)
     """Shared-expert output (T, D) of each layer; None where the layer has no shared experts."""
 
@@ -30,10 +32,11 @@ def capture_forward(model, batch, *, router: bool = True, shared: bool = True,
                     mask_routed: bool = False) -> Captured:
     """Run ``model(batch, mask_routed=...)`` under no_grad and return the captured values."""
     n = len(model.moe_layers())
-    cap = Captured(topk_ids=[None] * n, shared=[None] * n)
+    cap = Captured(topk_ids=[None] * n, topk_gates=[None] * n, shared=[None] * n)
 
     def on_router(li, record):
         cap.topk_ids[li] = record.topk_ids_TK.detach()
+        cap.topk_gates[li] = record.topk_weights_TK.detach()
 
     def on_shared(li, h_TD):
         cap.shared[li] = h_TD.detach()

@@ -23,6 +23,12 @@ class TraceConfig:
     """Shared-expert probes every this many steps; None = at every eval (and at the end); 0 = never."""
     snapshot: bool = True
     """Record a routing snapshot (saturation, co-activation) on the fixed probe batch at each eval."""
+    token_every: int | None = None
+    """Token-level routing (``token_routing``) at a snapshot every this many steps (and at the
+    end); None = at every snapshot; 0 = never."""
+    token_gates: bool = True
+    """Keep the gate weights of the token-level picks (float16); off = ids only (a third of
+    the bytes: gates barely compress)."""
     nominal_capacity: float = 1.0
     """C used to count the nominal ``kept`` of dropless layers (ARCHITECTURE, metric definitions)."""
     probe_C: float = 1.0
@@ -40,8 +46,9 @@ class TraceConfig:
         for name in ("routing_every", "grad_every", "probe_max_iter", "probe_max_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trace.{name} must be >= 0, got {getattr(self, name)}")
-        if self.probe_every is not None and self.probe_every < 0:
-            raise ValueError(f"trace.probe_every must be >= 0 or none, got {self.probe_every}")
+        for name in ("probe_every", "token_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"trace.{name} must be >= 0 or none, got {getattr(self, name)}")
         if self.nominal_capacity <= 0:
             raise ValueError(f"trace.nominal_capacity must be positive, got {self.nominal_capacity}")
         if self.probe_C <= 0:

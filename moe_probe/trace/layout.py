@@ -16,6 +16,7 @@ from moe_probe.model.params import n_params
 from moe_probe.modalities import ISOLATED_METRICS, MODALITIES
 from moe_probe.store.schema import default_coords
 from moe_probe.trace.probes import PROBE_TASKS
+from moe_probe.trace.tokens import ATTR as TOKEN_ATTR, ProbeTokens
 
 
 def model_attrs(model) -> dict:
@@ -42,9 +43,11 @@ def model_attrs(model) -> dict:
 def store_layout(model, *, eval_metrics: list[str] | tuple[str, ...],
                  isolated_metrics: tuple[str, ...] = ISOLATED_METRICS,
                  probe_tasks: tuple[str, ...] = PROBE_TASKS,
-                 modalities: Sequence[str] = MODALITIES) -> tuple[dict, dict]:
+                 modalities: Sequence[str] = MODALITIES,
+                 probe_tokens: ProbeTokens | None = None) -> tuple[dict, dict]:
     """``({"model": ...}, coords)``; the ``probe`` group only when some layer has shared experts.
-    ``modalities`` labels the routing ``modality`` dim (the run's names; the counter's width)."""
+    ``modalities`` labels the routing ``modality`` dim (the run's names; the counter's width).
+    ``probe_tokens``: adds the ``token_routing`` group and its root attrs legend."""
     layers = model.moe_layers()
     infos = [m.routing_info() for _, m in layers]
     has_shared = any(i.n_shared > 0 for i in infos)
@@ -56,7 +59,11 @@ def store_layout(model, *, eval_metrics: list[str] | tuple[str, ...],
         tasks=list(probe_tasks),
     )
     coords["routing"]["modality"] = list(modalities)
-    return {"model": model_attrs(model)}, coords
+    attrs = {"model": model_attrs(model)}
+    if probe_tokens is not None:
+        coords["token_routing"] = probe_tokens.coords([str(n) for n, _ in layers], infos[0].top_k)
+        attrs[TOKEN_ATTR] = probe_tokens.attrs()
+    return attrs, coords
 
 
 def writer_labels(writer, group: str, dim: str) -> list[str] | None:

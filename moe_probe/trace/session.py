@@ -24,6 +24,7 @@ from moe_probe.trace.isolated import isolated_metrics
 from moe_probe.trace.layout import writer_labels
 from moe_probe.trace.probes import PROBE_TASKS, probe_row
 from moe_probe.trace.snapshot import SnapshotTracer
+from moe_probe.trace.tokens import ProbeTokens, valid_rows
 from moe_probe.trace.watch import ModelRouters, Watch
 
 
@@ -31,13 +32,15 @@ class TraceSession:
     """Per-step tracing for one run; use as a context manager (or call ``close``)."""
 
     def __init__(self, model, cfg: TraceConfig, writer, probe_batch_fn=None, *,
-                 distributed: bool = False, monitor=None):
+                 distributed: bool = False, monitor=None, probe_tokens: ProbeTokens | None = None):
         """``distributed``: under torch.distributed (DDP) every rank runs a session and the rows are
         reduced over ranks (every rank must call begin_step / backward / end_step; only rank 0's
         writer writes). ``model`` is the bare module, not the DDP wrapper. ``monitor``: online
-        findings (``trace.online.FindingMonitor``; ``writer`` then feeds its diagnosis)."""
+        findings (``trace.online.FindingMonitor``; ``writer`` then feeds its diagnosis).
+        ``probe_tokens``: the probe batch's token columns; with them (and the store's
+        ``token_routing`` group) each snapshot also writes the per-token top-k."""
         self.model, self.cfg, self.writer = model, cfg, writer
-        self.probe_batch_fn = probe_batch_fn
+        self.probe_batch_fn, self.probe_tokens = probe_batch_fn, probe_tokens
         self._groups = set(getattr(writer, "groups", ()) or ())
         # The per-step rows (routing, loss, grad) are the one tracing path that moe_probe.watch
         # gives any loop; this session adds the eval-time rows.
@@ -50,8 +53,9 @@ class TraceSession:
         # A resumed store already holds probe rows: keep their cadence rather than probing again
         # at the resume step (a resumed run must write the rows an uninterrupted one would).
         last_step = getattr(writer, "last_step", None)
-        self._last_probe: int | None = \
-            last_step("probe") if callable(last_step) and "probe" in self._groups else None
+        self._last: dict[str, int | None] = {
+            g: last_step(g) if callable(last_step) and g in self._groups else None
+            for g in ("probe", "token_routing")}
         self._probe_batch = None
 
     # ------------------------------------------------------------------ per step
@@ -82,7 +86,8 @@ class TraceSession:
         """Eval row; with tracing on, the routing snapshot and (when due) the probe rows.
 
         Probes run at every eval when ``probe_every`` is None, else when ``probe_every`` steps
-        have passed since the last probe, and at ``final``.
+        have passed since the last probe, and at ``final``; token-level routing likewise by
+        ``token_every``.
         """
         model = model if model is not None else self.model
         if "eval" in self._groups:
@@ -92,28 +97,38 @@ class TraceSession:
         if not self.cfg.enabled or self.probe_batch_fn is None:
             return
         want_snap = self.cfg.snapshot and "snapshot" in self._groups
-        want_probe = "probe" in self._groups and self._probe_due(step, final)
+        want_tokens = want_snap and self.probe_tokens is not None \
+            and "token_routing" in self._groups and self._due("token_routing", step, final)
+        want_probe = "probe" in self._groups and self._due("probe", step, final)
         if not (want_snap or want_probe):
             return
         batch = self._batch(model)
         cap = capture_forward(model, batch, router=want_snap, shared=want_probe)
         if want_snap:
             self.writer.append("snapshot", step, **self._snapshot.row(cap.topk_ids, step))
+        if want_tokens:
+            self._last["token_routing"] = step
+            n = self.probe_tokens.n
+            gates = [valid_rows(batch, g, n) for g in cap.topk_gates] if self.cfg.token_gates \
+                else None
+            self.writer.append("token_routing", step, **self.probe_tokens.row(
+                [valid_rows(batch, t, n) for t in cap.topk_ids], gates))
         if want_probe:
-            self._last_probe = step
+            self._last["probe"] = step
             tasks = tuple(writer_labels(self.writer, "probe", "task") or PROBE_TASKS)
             iso_names = writer_labels(self.writer, "probe", "metric") or list(ISOLATED_METRICS)
             iso = isolated_metrics(model, batch)
             self.writer.append("probe", step, **probe_row(batch, cap.shared, self.cfg, tasks),
                                isolated=np.array([iso.get(n, math.nan) for n in iso_names]))
 
-    def _probe_due(self, step: int, final: bool) -> bool:
-        every = self.cfg.probe_every
+    def _due(self, group: str, step: int, final: bool) -> bool:
+        every = self.cfg.probe_every if group == "probe" else self.cfg.token_every
         if every == 0:
             return False
-        if every is None or final or self._last_probe is None:
+        last = self._last[group]
+        if every is None or final or last is None:
             return True
-        return step - self._last_probe >= every
+        return step - last >= every
 
     def _batch(self, model):
         if self._probe_batch is None:

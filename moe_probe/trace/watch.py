@@ -79,27 +79,29 @@ class ModelRouters:
         return model_attrs(self.model)
 
 
-def token_kinds(labels, shape_BS: tuple[int, int], kind_names: Sequence[str]) -> torch.Tensor:
+def token_kinds(labels, shape_BS: tuple[int, int], kind_names: Sequence[str],
+                what: str = "kinds") -> torch.Tensor:
     """``(N,)`` int64 kind ids from per-token ``(B, S)`` or per-sample ``(B,)`` labels (a bool
-    mask is kinds 0/1). ValueError (one line) for another shape, dtype or an id out of range."""
+    mask is kinds 0/1). ValueError (one line, naming ``what``) for another shape, dtype or an id
+    out of range."""
     labels = torch.as_tensor(labels)
     B, S = shape_BS
     if labels.dtype == torch.bool:
         labels = labels.long()
     elif labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"kinds: labels must be integer kind ids or a bool mask, got {labels.dtype}")
+        raise ValueError(f"{what}: labels must be integer kind ids or a bool mask, got {labels.dtype}")
     if tuple(labels.shape) == (B, S):
         kind_N = labels.reshape(-1)
     elif tuple(labels.shape) == (B,):
         kind_N = labels.repeat_interleave(S)
     else:
-        raise ValueError(f"kinds: labels of shape {tuple(labels.shape)} for inputs of shape ({B}, {S}); "
+        raise ValueError(f"{what}: labels of shape {tuple(labels.shape)} for inputs of shape ({B}, {S}); "
                          "give one kind per token (B, S) or per sample (B,)")
     kind_N = kind_N.long()
     if kind_N.numel():
         lo, hi = int(kind_N.min()), int(kind_N.max())
         if lo < -1 or hi >= len(kind_names):
-            raise ValueError(f"kinds: label {lo if lo < -1 else hi} is not -1 (not counted) or a "
+            raise ValueError(f"{what}: label {lo if lo < -1 else hi} is not -1 (not counted) or a "
                              f"kind id in [0, {len(kind_names)}) of {list(kind_names)}")
     return kind_N
 
@@ -137,12 +139,15 @@ class Watch:
     def __init__(self, model, routers, writer, *, every: int = 1, grad_every: int = 0,
                  tasks: Sequence[str] | None = None, kinds: Callable | None = None,
                  kind_names: Sequence[str] | None = None, capacity_factor: float = 1.0,
-                 distributed: bool = False, start_step: int = 0, monitor=None):
+                 distributed: bool = False, start_step: int = 0, monitor=None,
+                 token_probe=None, token_every: int = 0):
         """``model`` is the bare module (not a DDP wrapper); ``routers`` its adapter
         (:class:`ModelRouters` or ``moe_probe.hf.routers.HFRouters``). ``tasks``: the names of the
         two task losses ``backward`` gets at grad steps (stored as und / gen, in this order);
         None = no gradient conflict. ``monitor``: a :class:`~moe_probe.trace.online.FindingMonitor`
-        run after each closed step (online findings). See :func:`moe_probe.watch` for the rest."""
+        run after each closed step (online findings). ``token_probe``: a
+        :class:`~moe_probe.trace.tokens.TokenProbe` whose row is written every ``token_every``
+        steps. See :func:`moe_probe.watch` for the rest."""
         check_settings(every=every, grad_every=grad_every, tasks=tasks, kinds=kinds,
                        kind_names=kind_names, capacity_factor=capacity_factor)
         self.model, self.routers, self.writer = model, routers, writer
@@ -170,6 +175,8 @@ class Watch:
         self._kind_T: torch.Tensor | None = None
         self._keep_T: torch.Tensor | None = None
         self.monitor = monitor
+        self._token_probe = token_probe if "token_routing" in self._groups else None
+        self.token_every = token_every
 
     @property
     def should_stop(self) -> bool:
@@ -240,6 +247,8 @@ class Watch:
         if self._grad_on:
             self._grad_on = False
             self.writer.append("grad", step, **self._grad.finish())
+        if self._token_probe is not None and due(step, self.token_every):
+            self.writer.append("token_routing", step, **self._token_probe.row(self.model))
         if self.monitor is not None and self.monitor.after_step(step):
             self.writer.flush()  # the loop stops here: every row up to this step is committed
 

@@ -56,8 +56,11 @@ def _demo(arch: str, seed: int) -> RunConfig:
     train = TrainConfig(stage=2, steps=300, batch_size=32, lr_base=2e-4, lr_new=2e-3,
                         lr_backbone=2e-3, warmup=20, shield_steps=50, shield_release=0.1,
                         eval_every=50, checkpoint_every=100, gen_per_class=10, seed=seed)
+    # Token-level routing at steps 0, 150, 300, ids only: gates (float16) barely compress, and
+    # at this size they alone would be a third of the store (README, "Cost").
     return RunConfig(recipe="", model=model, data=data, train=train,
-                     trace=TraceConfig(grad_every=10), base=base, base_mix=STAGE1_MIX)
+                     trace=TraceConfig(grad_every=10, token_every=150, token_gates=False),
+                     base=base, base_mix=STAGE1_MIX)
 
 
 def _tiny(arch: str, seed: int) -> RunConfig:

@@ -37,6 +37,7 @@ from moe_probe.model import MultimodalMoE, choose_groups, convert, und_expert_co
 from moe_probe.model.params import n_params
 from moe_probe.run import BASE_CACHE, Run
 from moe_probe.trace.layout import store_layout
+from moe_probe.trace.tokens import data_probe_tokens
 from moe_probe.train import checkpoint
 from moe_probe.train.config import RunConfig, run_config_from_json, to_dict, to_json
 from moe_probe.train.distributed import SINGLE, Dist
@@ -221,7 +222,8 @@ def run_stage(cfg: RunConfig, run_dir: Path, *, how: str, quiet: bool = False,
         else:
             summary.update({"recipe": cfg.recipe, "arch": cfg.model.arch, "stage": cfg.train.stage,
                             "seed": cfg.train.seed, "n_params": n_params(model), "groups": groups})
-            attrs, coords = store_layout(model, eval_metrics=list(evaluator.metric_names))
+            attrs, coords = store_layout(model, eval_metrics=list(evaluator.metric_names),
+                                         probe_tokens=data_probe_tokens(data))
             run_attrs = {"name": run.path.name, "recipe": cfg.recipe, "seed": cfg.train.seed,
                          "stage": cfg.train.stage, "config": to_json(cfg)}
             files = dict(store_attrs={"run": run_attrs, **attrs}, store_coords=coords,

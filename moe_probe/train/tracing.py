@@ -10,6 +10,7 @@ from moe_probe.store.writer import StoreWriter
 from moe_probe.trace.layout import store_layout
 from moe_probe.trace.online import monitored
 from moe_probe.trace.session import TraceSession
+from moe_probe.trace.tokens import data_probe_tokens
 from moe_probe.trace.watch import NullWriter
 from moe_probe.train.config import RunConfig
 from moe_probe.train.distributed import SINGLE, Dist
@@ -35,8 +36,9 @@ def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
     ``report`` (``moe_probe.export.live.Report``, checked): rank 0 also sends each step's summary
     to those tools.
     """
+    tokens = data_probe_tokens(data)
     if not dist.is_main:
-        _, coords = store_layout(model, eval_metrics=list(metric_names))
+        _, coords = store_layout(model, eval_metrics=list(metric_names), probe_tokens=tokens)
         writer = NullWriter(coords)
     else:
         writer, _ = StoreWriter.resume(run.store_path, after_step=resume_step - 1)
@@ -47,4 +49,4 @@ def open_session(cfg: RunConfig, run: Run, model, data, metric_names, *,
         writer, monitor = monitored(writer, run.path if dist.is_main else None, on_finding="stop",
                                     every=DIAGNOSE_EVERY, fail_on=fail_on, distributed=dist.enabled)
     return TraceSession(model, cfg.trace, writer, data.probe_batch, distributed=dist.enabled,
-                        monitor=monitor)
+                        monitor=monitor, probe_tokens=tokens)
