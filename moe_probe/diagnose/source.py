@@ -143,18 +143,22 @@ def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: 
     st = {s: src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")}
     if any(v is None for v in st.values()):
         return None
-    lo, hi, mean, count, pos = st["min"], st["max"], st["mean"], st["count"], st["positive"]
+    lo, hi, mean, count, pos = (np.asarray(st[k], np.float64)
+                                for k in ("min", "max", "mean", "count", "positive"))
+    # a float32 mean is the float64 one rounded once: widen the gap by more than that rounding
+    eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
     with np.errstate(invalid="ignore", divide="ignore"):
         if above is not None:
             t = max(above, quantum) if above >= 0 else above
-            k = np.where(lo > above, count, count * (mean - lo) / (t - lo))
+            k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
             k = np.where(hi > above, k, 0)
             if above >= 0:
                 k = np.minimum(k, pos)
         else:
-            k = np.where(hi < below, count, count * (hi - mean) / (hi - below))
+            k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
             k = np.where(lo < below, k, 0)
-    k = np.ceil(np.nan_to_num(k, nan=0.0) * (1 + 1e-9) + 1e-6)  # rounding of mean·count
+    k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
+    k = np.where(np.isfinite(k), k, count)
     return np.minimum(k, count).astype(np.int64)
 
 

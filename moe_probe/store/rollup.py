@@ -92,6 +92,7 @@ class GroupRollup:
             self.levels.append(_Level(root[rollup_path(group, f)], group, f, f // prev))
             prev = f
         self.names = [n for n in GROUPS[group] if n in self.levels[0].arrays]
+        self._dtypes = {k: a.dtype for k, a in self.levels[0].arrays.items()}
         model = attrs.get("model") if isinstance(attrs.get("model"), dict) else {}
         self.top_k = model.get("top_k")
         self._pools = None
@@ -172,7 +173,8 @@ class GroupRollup:
         if self.group == "routing" and self.top_k and "kept" in out and "tokens" in out:
             out["window_capacity_rate"] = mt.capacity_rate(out["kept"], out["tokens"],
                                                            int(self.top_k))
-        return out
+        # as stored: the coarser levels fold what a resume would read back, bit for bit
+        return {k: v.astype(self._dtypes[k], copy=False) for k, v in out.items()}
 
     def _dead_frac(self, load_SLME: np.ndarray) -> np.ndarray:
         """(S, L, M) group_dead_frac rows: the detector's pooled dead fraction of the group each
