@@ -1,7 +1,7 @@
 """A group's rows for the detectors, read where needed, screened by its rollup levels.
 
 The detectors look for the first stretch of ``window`` rows where a (smoothed) per-row series is
-beyond a threshold. :func:`first_runs` finds it exactly as :func:`windows.sustained` does on the
+beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series does on the
 whole series, reading only the rows the finest rollup level cannot rule out: a window whose rows
 cannot be beyond the bound (its minimum capacity rate is above the collapse threshold), or whose
 stretch of candidate windows holds too few rows that can (:func:`rows_beyond`), is never read; the
@@ -226,7 +226,7 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
                prefetch=None) -> list[int | None]:
     """Per cell, the first row of the first ``window`` consecutive rows where the running median
     (width ``smooth``) of its series is beyond the bound, NaN rows breaking a stretch; else None
-    (:func:`windows.sustained`, cell by cell).
+    (a centred running median, then the first run of `window` rows, cell by cell).
 
     ``values(a, b) -> (b - a, n_cells)``: the series' rows [a, b), for ``n`` rows.
     ``beyond_WC``: per window of ``src``'s finest level and cell, at most how many rows are
