@@ -18,7 +18,7 @@ import xarray as xr
 
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
-BLOCK = 4096
+BLOCK = 2048
 """Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
 _FIRST = 256
 
@@ -54,9 +54,9 @@ class GroupSource:
         """Rows [a, b) of ``var`` in stored dim order (one ``layer`` selected first: the stored
         chunks of ``load`` hold one layer, so that read touches only its bytes)."""
         a, b = max(0, a), min(self.n, b)
-        got = self._cache.get(("rows", var, layer))
-        if got is not None and b > a:
-            idx, x = got
+        got = self._cache.get("prefetched")
+        if got is not None and got[0] == (var, layer) and b > a:
+            _, idx, x = got
             i = np.searchsorted(idx, a)
             if i + (b - a) <= idx.size and idx[i] == a and idx[i + b - a - 1] == b - 1:
                 return x[i:i + b - a]
@@ -65,11 +65,12 @@ class GroupSource:
 
     def prefetch(self, var: str, ranges, layer: int | None = None) -> None:
         """Read the rows of scattered ranges [a, b) in one go (each chunk decoded once);
-        :meth:`rows` then serves any range inside one of them."""
+        :meth:`rows` then serves any range inside one of them, until the next prefetch."""
         idx = np.unique(np.concatenate([np.arange(max(0, a), min(self.n, b)) for a, b in ranges]))
+        self._cache.pop("prefetched", None)
         if idx.size:
             self.rows_read += idx.size
-            self._cache[("rows", var, layer)] = (idx, self._read(var, idx, layer))
+            self._cache["prefetched"] = ((var, layer), idx, self._read(var, idx, layer))
 
     def _read(self, var, step, layer):
         da = self.ds[var]
@@ -107,15 +108,19 @@ class GroupSource:
         out = None
         for lo, hi, f in _pieces(a, b, [(f, int(lv.sizes["step"])) for f, lv in
                                         reversed(self.levels.items())]):
-            key = ("total", var, lo, hi, f)
-            if key not in self._cache:
-                if f == 1:
-                    x = self.rows(var, lo, hi).astype(np.float64)
-                    self._cache[key] = np.nansum(x, axis=0)
-                else:
+            if f == 1:  # rows: a block at a time, one layer (all of them would not fit)
+                key = ("total", var, lo, hi, layer)
+                if key not in self._cache:
+                    self._cache[key] = sum(
+                        np.nansum(self.rows(var, r, min(hi, r + BLOCK), layer)
+                                  .astype(np.float64), axis=0) for r in range(lo, hi, BLOCK))
+                part = self._cache[key]
+            else:  # windows: every layer at once (small), kept for the next layer's question
+                key = ("total", var, lo, hi, f)
+                if key not in self._cache:
                     self._cache[key] = self.levels[f][var].isel(step=slice(lo, hi)).values \
                         .astype(np.float64).sum(axis=0)
-            part = self._cache[key] if layer is None else self._cache[key][layer]
+                part = self._cache[key] if layer is None else self._cache[key][layer]
             out = part if out is None else out + part
         return out
 
@@ -238,7 +243,7 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     onset = np.full(n_cells, -1, dtype=np.int64)
     regions = _regions(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
     h = max(1, smooth)
-    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 4 * BLOCK:
+    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 8 * BLOCK:
         prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
     for r0, r1 in regions:
         run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond

@@ -20,8 +20,8 @@ import zarr
 
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
-    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS, rollup_arrays,
-    rollup_path,
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
+    rollup_arrays, rollup_chunks, rollup_path,
 )
 
 __all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
@@ -50,7 +50,7 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                 continue
             fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
-                             chunks=(ROLLUP_CHUNK, *(max(1, sizes[d]) for d in spec.dims)),
+                             chunks=rollup_chunks(name, spec.dims, sizes),
                              fill_value=fill, dimension_names=("step", *spec.dims),
                              compressors=compressors, overwrite=True)
         lvl.create_array("step", shape=(0,), dtype="int64", chunks=(ROLLUP_CHUNK,), fill_value=-1,

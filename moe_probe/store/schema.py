@@ -17,7 +17,7 @@ __all__ = [
     "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
     "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
-    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays",
+    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays", "rollup_chunks",
 ]
 
 SCHEMA_VERSION = "1.2"
@@ -224,6 +224,14 @@ COUNTS: frozenset[str] = frozenset({"tokens", "load", "kept"})
 ROLLUP_CHUNK = 256
 """Windows per chunk of a level (x16: 4096 rows). The writer writes whole chunks as they fill
 (and the rest on a flush or close), so a level costs a few writes per 4096 rows."""
+
+
+def rollup_chunks(name: str, dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """Chunk shape of a level's array: :data:`ROLLUP_CHUNK` windows, and, like the rows, one
+    layer at a time for arrays with an expert dim (a reader of one layer's window sums decodes
+    only its bytes)."""
+    return (ROLLUP_CHUNK, *(1 if d == "layer" and name in _PER_LAYER else max(1, sizes[d])
+                            for d in dims))
 
 
 def rollup_path(group: str, factor: int) -> str:
