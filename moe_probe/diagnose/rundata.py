@@ -17,7 +17,10 @@ from moe_probe.run import RunInfo
 from moe_probe.store.schema import CORE_GROUPS
 
 SCREENED = ("routing",)
-"""Groups the detectors read through rollup levels (the others are small: read whole)."""
+"""Groups the detectors read through rollup levels."""
+READ_WHOLE = ("grad", "probe")
+"""Groups the detectors read every row of (small: ~1/10 and ~1/50 of the steps); the others
+(`loss`, `eval`, `snapshot`) stay lazy: only reports' figures read them."""
 
 
 @dataclass
@@ -98,8 +101,10 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
                     if levels:
                         lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
                     continue
-                # Everything but the expert-sized arrays now (and bad chunks surface here as
-                # one line); `coactivation` stays lazy.
+                if g not in READ_WHOLE:
+                    groups[g] = ds
+                    continue
+                # Every array now (and bad chunks surface here as one line).
                 small = [v for v in ds.data_vars if "expert" not in ds[v].dims]
                 groups[g] = ds.assign({v: ds[v].load() for v in small})
     except StoreError:

@@ -185,18 +185,19 @@ def running_median(x_RC: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
-             nan_free: bool = False):
-    """Row ranges [a, b) outside which no ``window``-row stretch of a cell's smoothed series can
-    be beyond the bound (``beyond_WC``: rows of each window that can be, :func:`rows_beyond`).
+def _candidates(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
+                nan_free: bool = False):
+    """(windows, cells) bool: the windows of the finest level where a ``window``-row stretch of
+    a cell's smoothed series can be beyond the bound (``beyond_WC``: rows of each window that
+    can be, :func:`rows_beyond`); rows past the level's windows always can. None: every row.
 
     A row's median sees rows [i - w//2, i + (w-1)//2]: a stretch and the rows its medians see
     span ``window + w - 1`` rows, and hold ceil(window / w) rows with disjoint medians, each
     needing at least one row beyond (ceil(w/2) when the series has no NaN and the median sees
-    all w rows). Windows that no such span with enough rows beyond can touch are never read."""
+    all w rows). A window that no such span with enough rows beyond touches is never read."""
     f, cov = src.factor, min(src.covered, n)
     if beyond_WC is None or f is None:
-        return [(0, n)]
+        return None
     w = max(1, smooth)
     n_win = -(-n // f)
     tail = np.array([min(f, n - i * f) for i in range(cov // f, n_win)], dtype=np.int64)
@@ -205,7 +206,7 @@ def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
     starts = np.arange(n_win)
     edge = (starts * f < w) | ((starts + span) * f > n - w)
     need = np.where(edge | (not nan_free), 1, -(-w // 2)) * -(-window // w)
-    keep = np.zeros(n_win, dtype=bool)
+    keep = np.zeros((n_win, beyond_WC.shape[1]), dtype=bool)
     for c in range(beyond_WC.shape[1]):
         k = np.concatenate([beyond_WC[:cov // f, c], tail, np.zeros(span, np.int64)])
         for o in range(f):  # a span starting o rows into window i: the rows it has in each
@@ -216,11 +217,16 @@ def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
                 mark = np.zeros(n_win + span + 1, dtype=np.int64)
                 np.add.at(mark, ok, 1)
                 np.add.at(mark, ok + sum(e > 0 for e in ell), -1)
-                keep |= np.cumsum(mark)[:n_win] > 0
-    idx = np.flatnonzero(keep)
+                keep[:, c] |= np.cumsum(mark)[:n_win] > 0
+    return keep
+
+
+def _regions(keep_W: np.ndarray, f: int, n: int):
+    """Row ranges of the windows in ``keep_W``; ranges closer than a store chunk are one (a
+    read costs about a chunk anyway)."""
+    idx = np.flatnonzero(keep_W)
     if idx.size == 0:
         return []
-    # Ranges closer than a store chunk are read as one: a read costs about a chunk anyway.
     breaks = np.flatnonzero(np.diff(idx) * f > 512)
     return [(int(idx[i]) * f, min(n, (int(idx[j]) + 1) * f))
             for i, j in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
@@ -241,8 +247,9 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     window = max(1, int(window))
     h = max(1, smooth)  # rows each side that a row's median can see (and then some)
     onset = np.full(n_cells, -1, dtype=np.int64)
-    regions = _regions(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
-    h = max(1, smooth)
+    keep = _candidates(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
+    f = src.factor
+    regions = [(0, n)] if keep is None else _regions(keep.any(axis=1), f, n)
     if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 8 * BLOCK:
         prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
     for r0, r1 in regions:
@@ -253,6 +260,12 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
             size = min(BLOCK, 2 * size)
             lo, hi = max(0, a - h), min(n, b + h)
             active = onset < 0
+            if keep is not None:  # cells found already may have been why this block is read
+                live = active & keep[lo // f:(hi - 1) // f + 1].any(axis=0)
+                if not live.any():
+                    run[:] = 0
+                    a = b
+                    continue
             x = np.asarray(values(lo, hi), dtype=np.float64)[:, active]
             s = running_median(x, smooth)
             with np.errstate(invalid="ignore"):
