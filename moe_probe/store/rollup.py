@@ -118,17 +118,30 @@ class GroupRollup:
 
     def _fold(self, li: int, items: dict, *, from_rows: bool = False) -> None:
         lvl = self.levels[li]
-        if lvl.pending is not None:
-            items = {k: np.concatenate([lvl.pending[k], v]) for k, v in items.items()}
+        parts = []
+        if lvl.pending is not None:  # finish the partial window first (no copy of the batch)
+            need = lvl.ratio - len(lvl.pending["step"])
+            head = {k: np.concatenate([lvl.pending[k], v[:need]]) for k, v in items.items()}
+            items = {k: v[need:] for k, v in items.items()}
+            lvl.pending = None
+            if len(head["step"]) < lvl.ratio:
+                lvl.pending = head
+                return
+            parts.append(self._combine(head, 1, lvl.ratio, from_rows))
         n = len(items["step"])
         n_win = n // lvl.ratio
         cut = n_win * lvl.ratio
-        lvl.pending = {k: v[cut:] for k, v in items.items()} if cut < n else None
-        if not n_win:
+        if cut < n:
+            lvl.pending = {k: v[cut:].copy() for k, v in items.items()}
+        if n_win:
+            parts.append(self._combine({k: v[:cut] for k, v in items.items()}, n_win, lvl.ratio,
+                                       from_rows))
+        if not parts:
             return
-        win = self._combine({k: v[:cut] for k, v in items.items()}, n_win, lvl.ratio, from_rows)
+        win = parts[0] if len(parts) == 1 else \
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         lvl.out.append(win)
-        lvl.n_out += n_win
+        lvl.n_out += len(win["step"])
         if li + 1 < len(self.levels):
             self._fold(li + 1, win)
 
