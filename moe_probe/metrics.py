@@ -94,7 +94,7 @@ def pooled_dead(load_SME: np.ndarray, ids: Sequence[int], mis: Sequence[int]):
     share = tot.sum(-1, keepdims=True) / len(ids)
     with np.errstate(invalid="ignore"):
         dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
-    return dead_SE, dead_SE.mean(-1)
+    return dead_SE, dead_SE.sum(-1) / dead_SE.shape[-1]  # = .mean(-1), without a float copy
 
 
 def _div(a, b):

@@ -118,3 +118,36 @@ def test_levels_that_disagree_with_the_rows_are_not_used(tmp_path):
     fast = load_run(run)
     assert fast.levels["routing"] and not fast.source("routing").levels
     _both(run)
+
+
+def _reference(x, *, below, window, smooth):
+    """The detectors' definition on one whole series: pandas' centred running median (NaN rows
+    stay NaN), then the first row of the first run of `window` rows below the bound."""
+    import pandas as pd
+
+    s = pd.Series(x).rolling(smooth, center=True, min_periods=1).median().to_numpy().copy()
+    s[np.isnan(x)] = np.nan
+    run = 0
+    for i, m in enumerate((s < below) & ~np.isnan(s)):
+        run = run + 1 if m else 0
+        if run >= window:
+            return i - window + 1
+    return None
+
+
+def test_first_runs_is_the_whole_series_definition():
+    import xarray as xr
+
+    from moe_probe.diagnose.source import GroupSource, first_runs
+
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        n, c = int(rng.integers(1, 700)), 3
+        x = rng.random((n, c))
+        x[rng.random((n, c)) < 0.1] = np.nan
+        smooth, window = int(rng.integers(1, 6)), int(rng.integers(1, 25))
+        src = GroupSource(xr.Dataset({"v": (("step", "layer"), x)},
+                                     coords={"step": np.arange(n)}))
+        got = first_runs(src, n, c, lambda a, b: x[a:b], below=0.3, window=window, smooth=smooth)
+        assert got == [_reference(x[:, j], below=0.3, window=window, smooth=smooth)
+                       for j in range(c)]

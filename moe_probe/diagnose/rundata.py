@@ -17,7 +17,11 @@ from moe_probe.run import RunInfo
 from moe_probe.store.schema import CORE_GROUPS
 
 SCREENED = ("routing",)
-"""Groups the detectors read through rollup levels (the others are small: read whole)."""
+"""Groups the detectors read through rollup levels."""
+READ_WHOLE = ("grad", "probe")
+"""Groups the detectors read every row of (small: ~1/10 and ~1/50 of the steps); the others
+(`loss`, `eval`, `snapshot`, `token_routing`) stay lazy: reports' figures and `expert_takeover`
+read what they need."""
 DIAGNOSED: tuple[str, ...] = (*CORE_GROUPS, "token_routing")
 """The groups the detectors read (the extra ``token_routing`` for ``expert_takeover``)."""
 
@@ -97,9 +101,10 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
                     if levels:
                         lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
                     continue
-                # Everything but the expert- and token-sized arrays now (and bad chunks surface
-                # here as one line); `coactivation` stays lazy, token routing is read a row at a
-                # time.
+                if g not in READ_WHOLE:
+                    groups[g] = ds
+                    continue
+                # Every array now (and bad chunks surface here as one line).
                 small = [v for v in ds.data_vars if not {"expert", "token"} & set(ds[v].dims)]
                 groups[g] = ds.assign({v: ds[v].load() for v in small})
     except StoreError:

@@ -1,7 +1,7 @@
 """A group's rows for the detectors, read where needed, screened by its rollup levels.
 
 The detectors look for the first stretch of ``window`` rows where a (smoothed) per-row series is
-beyond a threshold. :func:`first_runs` finds it exactly as :func:`windows.sustained` does on the
+beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series does on the
 whole series, reading only the rows the finest rollup level cannot rule out: a window whose rows
 cannot be beyond the bound (its minimum capacity rate is above the collapse threshold), or whose
 stretch of candidate windows holds too few rows that can (:func:`rows_beyond`), is never read; the
@@ -18,7 +18,7 @@ import xarray as xr
 
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
-BLOCK = 4096
+BLOCK = 2048
 """Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
 _FIRST = 256
 
@@ -54,9 +54,9 @@ class GroupSource:
         """Rows [a, b) of ``var`` in stored dim order (one ``layer`` selected first: the stored
         chunks of ``load`` hold one layer, so that read touches only its bytes)."""
         a, b = max(0, a), min(self.n, b)
-        got = self._cache.get(("rows", var, layer))
-        if got is not None and b > a:
-            idx, x = got
+        got = self._cache.get("prefetched")
+        if got is not None and got[0] == (var, layer) and b > a:
+            _, idx, x = got
             i = np.searchsorted(idx, a)
             if i + (b - a) <= idx.size and idx[i] == a and idx[i + b - a - 1] == b - 1:
                 return x[i:i + b - a]
@@ -65,11 +65,12 @@ class GroupSource:
 
     def prefetch(self, var: str, ranges, layer: int | None = None) -> None:
         """Read the rows of scattered ranges [a, b) in one go (each chunk decoded once);
-        :meth:`rows` then serves any range inside one of them."""
+        :meth:`rows` then serves any range inside one of them, until the next prefetch."""
         idx = np.unique(np.concatenate([np.arange(max(0, a), min(self.n, b)) for a, b in ranges]))
+        self._cache.pop("prefetched", None)
         if idx.size:
             self.rows_read += idx.size
-            self._cache[("rows", var, layer)] = (idx, self._read(var, idx, layer))
+            self._cache["prefetched"] = ((var, layer), idx, self._read(var, idx, layer))
 
     def _read(self, var, step, layer):
         da = self.ds[var]
@@ -107,15 +108,19 @@ class GroupSource:
         out = None
         for lo, hi, f in _pieces(a, b, [(f, int(lv.sizes["step"])) for f, lv in
                                         reversed(self.levels.items())]):
-            key = ("total", var, lo, hi, f)
-            if key not in self._cache:
-                if f == 1:
-                    x = self.rows(var, lo, hi).astype(np.float64)
-                    self._cache[key] = np.nansum(x, axis=0)
-                else:
+            if f == 1:  # rows: a block at a time, one layer (all of them would not fit)
+                key = ("total", var, lo, hi, layer)
+                if key not in self._cache:
+                    self._cache[key] = sum(
+                        np.nansum(self.rows(var, r, min(hi, r + BLOCK), layer)
+                                  .astype(np.float64), axis=0) for r in range(lo, hi, BLOCK))
+                part = self._cache[key]
+            else:  # windows: every layer at once (small), kept for the next layer's question
+                key = ("total", var, lo, hi, f)
+                if key not in self._cache:
                     self._cache[key] = self.levels[f][var].isel(step=slice(lo, hi)).values \
                         .astype(np.float64).sum(axis=0)
-            part = self._cache[key] if layer is None else self._cache[key][layer]
+                part = self._cache[key] if layer is None else self._cache[key][layer]
             out = part if out is None else out + part
         return out
 
@@ -143,18 +148,22 @@ def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: 
     st = {s: src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")}
     if any(v is None for v in st.values()):
         return None
-    lo, hi, mean, count, pos = st["min"], st["max"], st["mean"], st["count"], st["positive"]
+    lo, hi, mean, count, pos = (np.asarray(st[k], np.float64)
+                                for k in ("min", "max", "mean", "count", "positive"))
+    # a float32 mean is the float64 one rounded once: widen the gap by more than that rounding
+    eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
     with np.errstate(invalid="ignore", divide="ignore"):
         if above is not None:
             t = max(above, quantum) if above >= 0 else above
-            k = np.where(lo > above, count, count * (mean - lo) / (t - lo))
+            k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
             k = np.where(hi > above, k, 0)
             if above >= 0:
                 k = np.minimum(k, pos)
         else:
-            k = np.where(hi < below, count, count * (hi - mean) / (hi - below))
+            k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
             k = np.where(lo < below, k, 0)
-    k = np.ceil(np.nan_to_num(k, nan=0.0) * (1 + 1e-9) + 1e-6)  # rounding of mean·count
+    k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
+    k = np.where(np.isfinite(k), k, count)
     return np.minimum(k, count).astype(np.int64)
 
 
@@ -176,18 +185,19 @@ def running_median(x_RC: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
-             nan_free: bool = False):
-    """Row ranges [a, b) outside which no ``window``-row stretch of a cell's smoothed series can
-    be beyond the bound (``beyond_WC``: rows of each window that can be, :func:`rows_beyond`).
+def _candidates(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
+                nan_free: bool = False):
+    """(windows, cells) bool: the windows of the finest level where a ``window``-row stretch of
+    a cell's smoothed series can be beyond the bound (``beyond_WC``: rows of each window that
+    can be, :func:`rows_beyond`); rows past the level's windows always can. None: every row.
 
     A row's median sees rows [i - w//2, i + (w-1)//2]: a stretch and the rows its medians see
     span ``window + w - 1`` rows, and hold ceil(window / w) rows with disjoint medians, each
     needing at least one row beyond (ceil(w/2) when the series has no NaN and the median sees
-    all w rows). Windows that no such span with enough rows beyond can touch are never read."""
+    all w rows). A window that no such span with enough rows beyond touches is never read."""
     f, cov = src.factor, min(src.covered, n)
     if beyond_WC is None or f is None:
-        return [(0, n)]
+        return None
     w = max(1, smooth)
     n_win = -(-n // f)
     tail = np.array([min(f, n - i * f) for i in range(cov // f, n_win)], dtype=np.int64)
@@ -196,7 +206,7 @@ def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
     starts = np.arange(n_win)
     edge = (starts * f < w) | ((starts + span) * f > n - w)
     need = np.where(edge | (not nan_free), 1, -(-w // 2)) * -(-window // w)
-    keep = np.zeros(n_win, dtype=bool)
+    keep = np.zeros((n_win, beyond_WC.shape[1]), dtype=bool)
     for c in range(beyond_WC.shape[1]):
         k = np.concatenate([beyond_WC[:cov // f, c], tail, np.zeros(span, np.int64)])
         for o in range(f):  # a span starting o rows into window i: the rows it has in each
@@ -207,11 +217,16 @@ def _regions(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
                 mark = np.zeros(n_win + span + 1, dtype=np.int64)
                 np.add.at(mark, ok, 1)
                 np.add.at(mark, ok + sum(e > 0 for e in ell), -1)
-                keep |= np.cumsum(mark)[:n_win] > 0
-    idx = np.flatnonzero(keep)
+                keep[:, c] |= np.cumsum(mark)[:n_win] > 0
+    return keep
+
+
+def _regions(keep_W: np.ndarray, f: int, n: int):
+    """Row ranges of the windows in ``keep_W``; ranges closer than a store chunk are one (a
+    read costs about a chunk anyway)."""
+    idx = np.flatnonzero(keep_W)
     if idx.size == 0:
         return []
-    # Ranges closer than a store chunk are read as one: a read costs about a chunk anyway.
     breaks = np.flatnonzero(np.diff(idx) * f > 512)
     return [(int(idx[i]) * f, min(n, (int(idx[j]) + 1) * f))
             for i, j in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
@@ -222,7 +237,7 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
                prefetch=None) -> list[int | None]:
     """Per cell, the first row of the first ``window`` consecutive rows where the running median
     (width ``smooth``) of its series is beyond the bound, NaN rows breaking a stretch; else None
-    (:func:`windows.sustained`, cell by cell).
+    (a centred running median, then the first run of `window` rows, cell by cell).
 
     ``values(a, b) -> (b - a, n_cells)``: the series' rows [a, b), for ``n`` rows.
     ``beyond_WC``: per window of ``src``'s finest level and cell, at most how many rows are
@@ -232,9 +247,10 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     window = max(1, int(window))
     h = max(1, smooth)  # rows each side that a row's median can see (and then some)
     onset = np.full(n_cells, -1, dtype=np.int64)
-    regions = _regions(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
-    h = max(1, smooth)
-    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 4 * BLOCK:
+    keep = _candidates(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
+    f = src.factor
+    regions = [(0, n)] if keep is None else _regions(keep.any(axis=1), f, n)
+    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 8 * BLOCK:
         prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
     for r0, r1 in regions:
         run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond
@@ -244,6 +260,12 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
             size = min(BLOCK, 2 * size)
             lo, hi = max(0, a - h), min(n, b + h)
             active = onset < 0
+            if keep is not None:  # cells found already may have been why this block is read
+                live = active & keep[lo // f:(hi - 1) // f + 1].any(axis=0)
+                if not live.any():
+                    run[:] = 0
+                    a = b
+                    continue
             x = np.asarray(values(lo, hi), dtype=np.float64)[:, active]
             s = running_median(x, smooth)
             with np.errstate(invalid="ignore"):

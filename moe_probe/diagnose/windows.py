@@ -1,41 +1,9 @@
-"""Time-series helpers shared by the detectors: smoothing, sustained windows, phases."""
+"""Time-series helpers shared by the detectors: phases, first and last values. (The sustained
+stretches the routing detectors look for are :func:`moe_probe.diagnose.source.first_runs`.)"""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-
-
-def running_median(x_S: np.ndarray, width: int) -> np.ndarray:
-    """Centred running median along the step axis, NaN-aware (NaN rows stay NaN)."""
-    if width <= 1:
-        return np.asarray(x_S, dtype=float)
-    s = pd.Series(np.asarray(x_S, dtype=float))
-    out = s.rolling(width, center=True, min_periods=1).median().to_numpy().copy()
-    out[np.isnan(s.to_numpy())] = np.nan
-    return out
-
-
-def first_window(mask_S: np.ndarray, window: int) -> int | None:
-    """Index of the first row of the first run of `window` consecutive True rows, else None."""
-    window = max(1, int(window))
-    run = 0
-    for i, m in enumerate(np.asarray(mask_S, dtype=bool)):
-        run = run + 1 if m else 0
-        if run >= window:
-            return i - window + 1
-    return None
-
-
-def sustained(x_S: np.ndarray, above: float | None = None, below: float | None = None, *,
-              window: int, smooth: int) -> int | None:
-    """First row of the first `window`-long stretch where the smoothed series is beyond a bound.
-
-    NaN rows (modality absent from a step) break a stretch: absence is not evidence."""
-    s = running_median(x_S, smooth)
-    with np.errstate(invalid="ignore"):
-        mask = (s > above) if above is not None else (s < below)
-    return first_window(mask & ~np.isnan(s), window)
 
 
 def phases(n: int, fraction: float) -> tuple[slice, slice]:

@@ -20,8 +20,8 @@ import zarr
 
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
-    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS, rollup_arrays,
-    rollup_path,
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
+    rollup_arrays, rollup_chunks, rollup_path,
 )
 
 __all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
@@ -50,7 +50,7 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                 continue
             fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
-                             chunks=(ROLLUP_CHUNK, *(max(1, sizes[d]) for d in spec.dims)),
+                             chunks=rollup_chunks(name, spec.dims, sizes),
                              fill_value=fill, dimension_names=("step", *spec.dims),
                              compressors=compressors, overwrite=True)
         lvl.create_array("step", shape=(0,), dtype="int64", chunks=(ROLLUP_CHUNK,), fill_value=-1,
@@ -92,6 +92,7 @@ class GroupRollup:
             self.levels.append(_Level(root[rollup_path(group, f)], group, f, f // prev))
             prev = f
         self.names = [n for n in GROUPS[group] if n in self.levels[0].arrays]
+        self._dtypes = {k: a.dtype for k, a in self.levels[0].arrays.items()}
         model = attrs.get("model") if isinstance(attrs.get("model"), dict) else {}
         self.top_k = model.get("top_k")
         self._pools = None
@@ -117,17 +118,30 @@ class GroupRollup:
 
     def _fold(self, li: int, items: dict, *, from_rows: bool = False) -> None:
         lvl = self.levels[li]
-        if lvl.pending is not None:
-            items = {k: np.concatenate([lvl.pending[k], v]) for k, v in items.items()}
+        parts = []
+        if lvl.pending is not None:  # finish the partial window first (no copy of the batch)
+            need = lvl.ratio - len(lvl.pending["step"])
+            head = {k: np.concatenate([lvl.pending[k], v[:need]]) for k, v in items.items()}
+            items = {k: v[need:] for k, v in items.items()}
+            lvl.pending = None
+            if len(head["step"]) < lvl.ratio:
+                lvl.pending = head
+                return
+            parts.append(self._combine(head, 1, lvl.ratio, from_rows))
         n = len(items["step"])
         n_win = n // lvl.ratio
         cut = n_win * lvl.ratio
-        lvl.pending = {k: v[cut:] for k, v in items.items()} if cut < n else None
-        if not n_win:
+        if cut < n:
+            lvl.pending = {k: v[cut:].copy() for k, v in items.items()}
+        if n_win:
+            parts.append(self._combine({k: v[:cut] for k, v in items.items()}, n_win, lvl.ratio,
+                                       from_rows))
+        if not parts:
             return
-        win = self._combine({k: v[:cut] for k, v in items.items()}, n_win, lvl.ratio, from_rows)
+        win = parts[0] if len(parts) == 1 else \
+            {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         lvl.out.append(win)
-        lvl.n_out += n_win
+        lvl.n_out += len(win["step"])
         if li + 1 < len(self.levels):
             self._fold(li + 1, win)
 
@@ -172,7 +186,8 @@ class GroupRollup:
         if self.group == "routing" and self.top_k and "kept" in out and "tokens" in out:
             out["window_capacity_rate"] = mt.capacity_rate(out["kept"], out["tokens"],
                                                            int(self.top_k))
-        return out
+        # as stored: the coarser levels fold what a resume would read back, bit for bit
+        return {k: v.astype(self._dtypes[k], copy=False) for k, v in out.items()}
 
     def _dead_frac(self, load_SLME: np.ndarray) -> np.ndarray:
         """(S, L, M) group_dead_frac rows: the detector's pooled dead fraction of the group each

@@ -17,7 +17,7 @@ __all__ = [
     "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
     "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
-    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays",
+    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays", "rollup_chunks",
 ]
 
 SCHEMA_VERSION = "1.2"
@@ -239,8 +239,17 @@ rows (the weights that make a coarser level's mean exact from a finer one's), an
 rows above 0 (bounds how many rows can pass a threshold >= 0: the dead-experts detector's)."""
 COUNTS: frozenset[str] = frozenset({"tokens", "load", "kept"})
 """Arrays that hold counts: their windows hold sums (int64; ``kept`` float64)."""
-ROLLUP_CHUNK = 64
-"""Windows per chunk of a level (x16: 1024 rows; the writer writes whole chunks as they fill)."""
+ROLLUP_CHUNK = 256
+"""Windows per chunk of a level (x16: 4096 rows). The writer writes whole chunks as they fill
+(and the rest on a flush or close), so a level costs a few writes per 4096 rows."""
+
+
+def rollup_chunks(name: str, dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    """Chunk shape of a level's array: :data:`ROLLUP_CHUNK` windows, and, like the rows, one
+    layer at a time for arrays with an expert dim (a reader of one layer's window sums decodes
+    only its bytes)."""
+    return (ROLLUP_CHUNK, *(1 if d == "layer" and name in _PER_LAYER else max(1, sizes[d])
+                            for d in dims))
 
 
 def rollup_path(group: str, factor: int) -> str:
@@ -252,7 +261,8 @@ def rollup_path(group: str, factor: int) -> str:
 def rollup_arrays(group: str) -> dict[str, ArraySpec]:
     """The arrays of a level of ``group``, each with ``step`` (the window's first step) first.
 
-    Counts: the window's sum, same dims. Rates: dims ``(stat, *dims)`` (:data:`ROLLUP_STATS`).
+    Counts: the window's sum, same dims. Rates: dims ``(stat, *dims)`` (:data:`ROLLUP_STATS`),
+    float32 like the rows, except ``group_dead_frac`` (float64: its values are the detector's).
     Also ``step_last`` (the window's last step) and, for ``routing``: ``window_capacity_rate`` =
     kept / (k · tokens) over the window (needs ``model.top_k``), and ``group_dead_frac`` (stats of
     the per-row fraction of the experts of the group a modality routes into that get under 1% of
@@ -263,8 +273,8 @@ def rollup_arrays(group: str) -> dict[str, ArraySpec]:
         if name in COUNTS:
             out[name] = ArraySpec(spec.dims, "float64" if spec.dtype == _F else "int64",
                                   spec.required)
-        else:
-            out[name] = ArraySpec(("stat", *spec.dims), "float64", spec.required)
+        else:  # float32 like the rows (min/max exact; counts exact below 2**24 rows)
+            out[name] = ArraySpec(("stat", *spec.dims), _F, spec.required)
     if group == "routing":
         out["window_capacity_rate"] = ArraySpec(("layer", "modality"), "float64", False)
         out["group_dead_frac"] = ArraySpec(("stat", "layer", "modality"), "float64", False)
