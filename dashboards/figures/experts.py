@@ -19,7 +19,8 @@ from dashboards.components import MODALITY_COLORS, TEMPLATE, message_figure
 from moe_probe import specialization as sp
 
 _routing = Cache("token_routing", entries=8)
-_DASH = {"a": "rgba(120,120,120,0.55)"}
+STEP_A_COLOR = "rgba(120,120,120,0.55)"
+"""Bars of the earlier snapshot (step A) beside the later one's colour."""
 TOP_WORDS = 15
 TOP_IMAGES = 6
 
@@ -150,7 +151,7 @@ def expert_words(root, run_id, layer, expert, step_a, step_b) -> go.Figure:
         d = dict(zip(c["words"].tolist(), c["word_counts"].tolist()))
         return [d.get(int(i), 0) for i in ids]
     fig = go.Figure([go.Bar(y=words, x=counts(ca), orientation="h", name=f"step {a}",
-                            marker_color=_DASH["a"]),
+                            marker_color=STEP_A_COLOR),
                      go.Bar(y=words, x=counts(cb), orientation="h", name=f"step {b}",
                             marker_color=MODALITY_COLORS["text"])])
     fig.update_layout(template=TEMPLATE, height=max(300, 22 * len(ids) + 110), barmode="group",

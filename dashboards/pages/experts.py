@@ -24,9 +24,13 @@ def _choices(root, sel, expert=None, step_a=None, step_b=None) -> dict:
     tr, _ = X.token_routing(root, run_id)
     steps = [int(s) for s in tr.steps]
     experts = list(range(tr.n_experts))
-    pick = lambda v, opts, d: v if v in opts else d  # noqa: E731
-    return {"experts": experts, "expert": pick(expert, experts, 0), "steps": steps,
-            "step_a": pick(step_a, steps, steps[0]), "step_b": pick(step_b, steps, steps[-1])}
+    return {"experts": experts, "expert": _offered(expert, experts, 0), "steps": steps,
+            "step_a": _offered(step_a, steps, steps[0]),
+            "step_b": _offered(step_b, steps, steps[-1])}
+
+
+def _offered(value, options, default):
+    return value if value in options else default
 
 
 def _values(root, sel, expert=None, step_a=None, step_b=None) -> dict:
