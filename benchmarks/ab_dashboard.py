@@ -30,7 +30,6 @@ import argparse
 import collections
 import contextlib
 import json
-import os
 import statistics
 import subprocess
 import sys

@@ -6,7 +6,6 @@ What the graphs draw is compared with counts made here from the group read with 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -15,7 +15,6 @@ from fixtures import synth
 from moe_probe import open_run
 from moe_probe.cli import main
 from moe_probe.store import NotMeasured, StoreError, StoreWriter, default_coords
-from moe_probe.store.rollup import add_rollups
 from moe_probe.store.schema import ROLLUP_FACTORS, rollup_path
 
 FROZEN = Path(__file__).resolve().parents[1] / "fixtures" / "frozen" / "v1.0-healthy"

@@ -11,7 +11,6 @@ diagnosis, hand-built Datasets) every row is read: the same code, so the same an
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import xarray as xr
