@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,13 +14,16 @@ import pytest
 from scipy import stats
 
 import moe_probe
+from moe_probe.cli import main
 from fixtures.groups import SEEDS, SHIFT, build_groups
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "moe_probe", "compare", *map(str, args)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=120)
+def _cli(capsys, *args):
+    """(exit code, stdout, stderr) of ``moe-probe compare ARGS`` run in this process."""
+    capsys.readouterr()
+    rc = main(["compare", *map(str, args)])
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,16 @@ def _final_text_loss(run):
     return float(moe_probe.open_run(run).read("eval", "value", metric="text_loss").values[-1])
 
 
-def _json(tmp_path, *args):
+def _json(capsys, tmp_path, *args):
     path = tmp_path / "out.json"
-    proc = _cli(*args, "--json", path)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(path.read_text()), proc.stdout
+    rc, out, err = _cli(capsys, *args, "--json", path)
+    assert rc == 0, err
+    return json.loads(path.read_text()), out
 
 
-def test_paired_groups_find_the_planted_shift(paired_runs, tmp_path):
+def test_paired_groups_find_the_planted_shift(paired_runs, tmp_path, capsys):
     out, runs = paired_runs
-    res, md = _json(tmp_path, out / "base", f"ablation={out}/lr_x*", "--var", "eval/value",
+    res, md = _json(capsys, tmp_path, out / "base", f"ablation={out}/lr_x*", "--var", "eval/value",
                     "--sel", "metric=text_loss")
     base = [_final_text_loss(r) for r in runs["base"]]
     abl = [_final_text_loss(r) for r in runs["lr_x3"]]
@@ -68,10 +70,10 @@ def test_paired_groups_find_the_planted_shift(paired_runs, tmp_path):
     assert "| ablation | paired | 5 |" in md
 
 
-def test_unpaired_groups_use_welch(unpaired_runs, tmp_path):
+def test_unpaired_groups_use_welch(unpaired_runs, tmp_path, capsys):
     """No shared seed: Welch, which the seed-to-seed spread keeps from seeing the small shift."""
     out, runs = unpaired_runs
-    res, _ = _json(tmp_path, out / "base", out / "lr_x3", "--var", "eval/value", "--sel",
+    res, _ = _json(capsys, tmp_path, out / "base", out / "lr_x3", "--var", "eval/value", "--sel",
                    "metric=text_loss")
     base = [_final_text_loss(r) for r in runs["base"]]
     abl = [_final_text_loss(r) for r in runs["lr_x3"]]
@@ -85,11 +87,11 @@ def test_unpaired_groups_use_welch(unpaired_runs, tmp_path):
     assert lo < SHIFT < hi and c["result"] == "no significant difference"
 
 
-def test_by_config_groups_runs_without_the_seed(paired_runs, tmp_path):
+def test_by_config_groups_runs_without_the_seed(paired_runs, tmp_path, capsys):
     """Grouped by config minus seed; routing selection by modality and layer labels, mean over
     the last 5 rows, recomputed here; the CSV carries the same comparison."""
     out, runs = paired_runs
-    res, _ = _json(tmp_path, out, "--by-config", "--var", "routing/capacity_rate",
+    res, _ = _json(capsys, tmp_path, out, "--by-config", "--var", "routing/capacity_rate",
                    "--modality", "text", "--layer", "1", "--reduce", "mean", "--last", "5",
                    "--csv", tmp_path / "out.csv")
     names = [g["name"] for g in res["groups"]]
@@ -107,14 +109,14 @@ def test_by_config_groups_runs_without_the_seed(paired_runs, tmp_path):
     assert math.isclose(float(row["mean_group"]), np.mean(a))
 
 
-def test_min_reduction_and_metric_keys(paired_runs, tmp_path):
+def test_min_reduction_and_metric_keys(paired_runs, tmp_path, capsys):
     out, runs = paired_runs
-    res, _ = _json(tmp_path, out / "base", out / "lr_x3", "--var", "eval/value",
+    res, _ = _json(capsys, tmp_path, out / "base", out / "lr_x3", "--var", "eval/value",
                    "--sel", "metric=digit_acc", "--reduce", "min")
     want = [float(moe_probe.open_run(r).read("eval", "value", metric="digit_acc").values.min())
             for r in runs["base"]]
     assert [v["value"] for v in res["groups"][0]["runs"]] == pytest.approx(want, rel=1e-12)
-    res, _ = _json(tmp_path, out / "base", out / "lr_x3", "--var", "text_loss")
+    res, _ = _json(capsys, tmp_path, out / "base", out / "lr_x3", "--var", "text_loss")
     assert res["selection"]["sel"] == {"metric": ["text_loss"]}
     assert [v["value"] for v in res["groups"][0]["runs"]] == pytest.approx(
         [_final_text_loss(r) for r in runs["base"]], rel=1e-12)
@@ -129,11 +131,11 @@ def test_min_reduction_and_metric_keys(paired_runs, tmp_path):
     (("{out}/base", "--var", "eval/value"), "at least two groups"),
     (("{out}/base", "{out}/lr_x3", "--var", "eval/value", "--last", "0"), "--last"),
 ])
-def test_bad_input_is_one_line_exit_2(paired_runs, args, needle):
+def test_bad_input_is_one_line_exit_2(paired_runs, args, needle, capsys):
     out, _ = paired_runs
-    proc = _cli(*(a.format(out=out) for a in args))
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    rc, _, err = _cli(capsys, *(a.format(out=out) for a in args))
+    assert rc == 2, err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moe-probe compare: error:") and needle in lines[0]
 
 

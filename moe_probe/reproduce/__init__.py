@@ -1,6 +1,6 @@
 """moe_probe.reproduce: the paper's experiment at CPU scale (``moe-probe reproduce``).
 
-``moe-probe reproduce [--quick] [--seeds N] --out DIR``
+``moe-probe reproduce [--quick] [--seeds N] [--sweep] --out DIR``
 
 - Plan (:mod:`.config`): per seed one cached stage-1 base, then stage 2 for ``moe``, ``mot``,
   ``symbiotic``, ``und_only`` and the Symbiotic ablations (no shielding, no differential LR,
@@ -14,4 +14,6 @@
   and store sources, and each paper claim with a verdict from paired t-tests across seeds
   (Holm-corrected per claim; ``claims.csv`` has one row per comparison); ``report.html`` is
   ``moe-probe diagnose`` over all runs.
+- ``--sweep`` (:mod:`.sweep`, :mod:`.sweep_results`, :mod:`.sweep_report`): the map of where
+  collapse appears, through the same runner.
 """

@@ -78,8 +78,9 @@ class ReproduceConfig:
 QUICK_SEEDS = 2
 """Quick mode default: two seeds, the fewest that give a CI (tiny runs take seconds each)."""
 DEFAULT_SEEDS = 5
-"""Default mode: five seeds (a paired t-test at n=3 has 2 degrees of freedom: only huge
-effects survive Holm; at 5 the verdicts of PAPER_NOTES-sized effects can settle)."""
+"""Default mode: five seeds. The verdicts are paired t-tests, Holm-corrected per claim: at 3
+seeds (2 degrees of freedom, t quantile 4.30) only very large effects pass; at 5 (t 2.78)
+moderate ones can."""
 
 SWEEP_SEEDS = 3
 """``--sweep`` default: three seeds per cell (14 cells × 2 architectures; see :mod:`.sweep`)."""
