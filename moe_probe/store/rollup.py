@@ -15,8 +15,11 @@ the rows past it); :meth:`GroupRollup.catch_up` rebuilds what is missing from wh
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
@@ -27,6 +30,19 @@ from moe_probe.store.schema import (
 __all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
 
 _BATCH = 1024
+"""Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
+_GROW = 8
+"""Chunks a level's arrays grow by at once."""
+
+
+def _gather(coros) -> None:
+    """Run zarr's async writes of one level together: its ~15 small arrays each cost a few ms of
+    event-loop round trip when written one after another, more than their bytes."""
+    coros = list(coros)
+    if coros:
+        async def _all():
+            await asyncio.gather(*coros)
+        sync(_all())
 """Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
 
 
@@ -223,17 +239,25 @@ class GroupRollup:
         win = {k: np.concatenate([w[k] for w in lvl.out]) for k in lvl.out[0]}
         rest = {k: v[n:] for k, v in win.items()}
         w0, w1 = lvl.committed, lvl.committed + n
-        for name, a in lvl.arrays.items():
-            if a.shape[0] < w1:
-                a.resize((w1, *a.shape[1:]))
-        for name, a in lvl.arrays.items():
-            if name != "step" and name in win:
-                a[w0:w1] = win[name][:n]
+        if lvl.arrays["step"].shape[0] < w1:
+            # Grown _GROW chunks at a time (trimmed back on close): a resize rewrites each
+            # array's metadata, as costly as writing the chunk itself.
+            cap = -(-w1 // (_GROW * ROLLUP_CHUNK)) * _GROW * ROLLUP_CHUNK
+            _gather(a.async_array.resize((cap, *a.shape[1:])) for a in lvl.arrays.values())
+        _gather(a.async_array.setitem(slice(w0, w1), win[name][:n])
+                for name, a in lvl.arrays.items() if name != "step" and name in win)
         lvl.arrays["step"][w0:w1] = win["step"][:n]
         lvl.grp.attrs["committed_steps"] = w1  # the commit: strictly after the data
         lvl.committed = w1
         lvl.out = [rest] if len(rest["step"]) else []
         lvl.n_out -= n
+
+    def trim(self) -> None:
+        """Cut every level's arrays back to its committed windows (a clean close), so plain
+        xarray reads exactly the windows, as for the rows."""
+        for lvl in self.levels:
+            grow = [a for a in lvl.arrays.values() if a.shape[0] != lvl.committed]
+            _gather(a.async_array.resize((lvl.committed, *a.shape[1:])) for a in grow)
 
     # ---------------------------------------------------------------- resume / rebuild
     def catch_up(self, n_rows: int, read_rows) -> None:
@@ -293,6 +317,7 @@ def add_rollups(store_path) -> dict[str, int]:
         ru.catch_up(store.committed_steps(g),
                     rows_reader({k: grp[k] for k in [*present, "step"]}))
         ru.write(force=True)
+        ru.trim()
         out[g] = ru.levels[0].committed * ru.levels[0].ratio
     return out
 

@@ -288,6 +288,8 @@ class StoreWriter:
                 for a in arrays.values():
                     if a.shape[0] != n:
                         a.resize((n, *a.shape[1:]))
+            for ru in self._rollups.values():
+                ru.trim()
         except BaseException as e:  # noqa: BLE001 - surfaced like any other write failure
             self._error = e
 
