@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from dash import dcc, html
 
-from dashboards.bucketing import TARGET_BUCKETS, mean_columns, minmax_line
+from dashboards.bucketing import TARGET_BUCKETS, minmax_line
 from dashboards.cache import Cache
 
 MODALITY_COLORS = {"text": "#1f77b4", "vit": "#2ca02c", "vae": "#ff7f0e"}
@@ -77,10 +77,9 @@ def label_axis(labels) -> tuple[list | np.ndarray, dict]:
 
 def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
             colorscale: str = "Viridis", zmid=None, zmin=None, zmax=None,
-            bucket_note: int = 1, uirevision=None) -> go.Figure:
-    """Heatmap with rows y (see `label_axis`) and columns x."""
-    if bucket_note > 1:
-        title = f"{title}  <span style='font-size:11px'>(mean of {bucket_note} steps per column)</span>"
+            bucket_note: str = "", uirevision=None) -> go.Figure:
+    """Heatmap with rows y (see `label_axis`) and columns x; `bucket_note` (e.g. from
+    `bucket_note`) is added to the title in small print."""
     # float32 halves what travels to the browser (plotly ships numpy arrays as typed binary)
     z_YX = np.asarray(z_YX, dtype=np.float32)
     y, y_axis = label_axis(y)
@@ -89,39 +88,65 @@ def heatmap(z_YX, x, y, *, title: str, xlabel: str = "step", ylabel: str = "",
                                colorbar=dict(thickness=12,
                                              ticklabeloverflow="allow")))
     fig.update_layout(**{**_BASE, "margin": dict(_BASE["margin"], r=85)},  # r: the colour bar
-                      title=title, xaxis_title=xlabel, yaxis_title=ylabel, uirevision=uirevision)
+                      title=with_note(title, bucket_note), xaxis_title=xlabel, yaxis_title=ylabel,
+                      uirevision=uirevision)
     fig.update_yaxes(**y_axis)
     return fig
 
 
-def step_heatmap(steps, values_SY, y, *, target: int = TARGET_BUCKETS, **kw) -> go.Figure:
-    """Heatmap of a (step, Y) block with steps bucket-averaged to screen width."""
-    xs, m, b = mean_columns(steps, values_SY, target)
-    return heatmap(np.asarray(m).T, xs, y, bucket_note=b, **kw)
+def with_note(title: str, note: str) -> str:
+    return f"{title}  <span style='font-size:11px'>({note})</span>" if note else title
+
+
+def bucket_note(b, what: str, per: str = "bucket") -> str:
+    """What a column or a line point of `b` (dashboards.bucketing.Buckets) stands for: '' for
+    single rows; else `what` of its rows and, when read from rollup windows, how exact the steps
+    of the drawn extremes are."""
+    if b is None or b.size == 1:
+        return ""
+    note = f"{what} of {b.size} rows per {per}"
+    return note + (f"; steps to within {b.factor}" if b.factor > 1 and what.startswith("min")
+                   else "")
+
+
+def bucket_heatmap(b, z_BY, y, *, what: str = "mean", **kw) -> go.Figure:
+    """Heatmap of a (bucket, Y) block of `b` (dashboards.bucketing.Buckets), a column per
+    bucket at its first step; `what` a column is of its rows (for the title's note)."""
+    return heatmap(np.asarray(z_BY).T, b.step, y, bucket_note=bucket_note(b, what, "column"),
+                   **kw)
 
 
 def line_figure(title: str, *, xlabel: str = "step", ylabel: str = "", uirevision=None,
-                height: int | None = None) -> go.Figure:
+                height: int | None = None, note: str = "") -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(**{**_BASE, **LEGEND_BELOW}, title=title, xaxis_title=xlabel,
+    fig.update_layout(**{**_BASE, **LEGEND_BELOW}, title=with_note(title, note), xaxis_title=xlabel,
                       yaxis_title=ylabel, uirevision=uirevision)
     if height:
         fig.update_layout(height=height)
     return fig
 
 
-def add_line(fig: go.Figure, steps, values, name: str, *, color=None, dash="solid",
-             row=None, col=None, mode="lines", showlegend=True, legendgroup=None,
-             target: int = TARGET_BUCKETS) -> None:
+def add_line(fig: go.Figure, steps, values, name: str, *, target: int = TARGET_BUCKETS,
+             **kw) -> None:
     """A min/max-bucketed series: extremes of every bucket are drawn exactly. Narrow subplots
     pass a smaller `target`: SVG lines cost the browser per point, and a third of the width
     cannot show more buckets anyway."""
-    x, y = minmax_line(steps, values, target)
+    _trace(fig, *minmax_line(steps, values, target), name, **kw)
+
+
+def add_bucket_line(fig: go.Figure, b, at, name: str, **kw) -> None:
+    """Column `at` of `b` (dashboards.bucketing.Buckets, read with the graph's bucket target)
+    as a line through each bucket's min and max."""
+    _trace(fig, *b.line(at), name, **kw)
+
+
+def _trace(fig, x, y, name, *, color=None, dash="solid", row=None, col=None, mode="lines",
+           showlegend=True, legendgroup=None) -> None:
     x, y = np.asarray(x, dtype=np.int64 if np.asarray(x).dtype.kind in "iu" else np.float64), \
         np.asarray(y, dtype=np.float32)
     trace = go.Scatter(x=x, y=y, name=name, mode=mode, showlegend=showlegend,
-                         legendgroup=legendgroup or name,
-                         line=dict(color=color, dash=dash, width=1.6))
+                       legendgroup=legendgroup or name,
+                       line=dict(color=color, dash=dash, width=1.6))
     if row is not None:
         fig.add_trace(trace, row=row, col=col)
     else:

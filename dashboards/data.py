@@ -19,10 +19,12 @@ import numpy as np
 import pandas  # noqa: F401
 import xarray  # noqa: F401
 
+from dashboards.bucketing import TARGET_BUCKETS, Buckets, Pieces, bucket, bucket_rows
 from dashboards.cache import Cache
 from moe_probe.modalities import MODALITIES
 from moe_probe.run import RunInfo, find_runs, open_run, store_path
 from moe_probe.store import NotMeasured
+from moe_probe.store.schema import COUNTS, ROLLUP_GROUPS, rollup_path
 from moe_probe.store.location import RemotePath, as_path, is_url
 
 
@@ -238,14 +240,42 @@ def read_slice(root, run_id: str, group: str, var: str, *, step_range=None, **se
 
 
 def _read(store, run_id, group, var, step_range, sel, committed) -> Slice | None:
+    got = _locate(store, run_id, group, var, step_range, sel)
+    if got is None:
+        return None
+    ds, da, idx, steps, a, b = got
+    values = _take(store, group, da, idx, a, b, committed)
+    dims = tuple(d for d in da.dims if d not in idx)
+    return Slice(steps=steps[a:b], values=values, dims=dims, coords=_coords(ds, dims))
+
+
+def _locate(store, run_id, group, var, step_range, sel):
+    """(rows Dataset, variable, label positions of `sel`, steps, first row, end row) of a read,
+    or None while there is nothing to read."""
     ds = _dataset(store, group)
     if ds is None:
         return None
+    da = _variable(store, ds, group, var)
+    if da is None:
+        return None
+    idx = _label_index(ds, da, sel, run_id, group)
+    steps = np.asarray(ds["step"].values, dtype=np.int64)
+    a, b = _row_range(steps, step_range)
+    return ds, da, idx, steps, a, b
+
+
+def _variable(store, ds, group, var):
+    """`var` of the group's Dataset; None if the run has the array but the Dataset does not (yet);
+    NotMeasured for a declared optional array the run did not record."""
     if var not in ds:
         if store.measured(group, var):
             return None
         raise NotMeasured(f"{group}/{var}: not measured in this run")
-    da = ds[var]
+    return ds[var]
+
+
+def _label_index(ds, da, sel, run_id, group) -> dict:
+    """Positions of the labels `sel` along the dims of `da` they name."""
     idx = {}
     for dim, label in sel.items():
         if label is None or dim not in da.dims:
@@ -254,23 +284,131 @@ def _read(store, run_id, group, var, step_range, sel, committed) -> Slice | None
         if str(label) not in labels:
             raise DataError(f"{run_id}: {dim} {label!r} not in {group}")
         idx[dim] = labels.index(str(label))
-    steps = np.asarray(ds["step"].values, dtype=np.int64)
-    a, b = 0, len(steps)
-    if step_range is not None:
-        lo, hi = step_range
-        a = int(np.searchsorted(steps, lo, side="left"))
-        b = int(np.searchsorted(steps, hi, side="right"))
-        steps = steps[a:b]
+    return idx
+
+
+def _row_range(steps, step_range) -> tuple[int, int]:
+    """Row indices [a, b) of the steps inside the inclusive `step_range` (all rows: None)."""
+    if step_range is None:
+        return 0, len(steps)
+    lo, hi = step_range
+    return int(np.searchsorted(steps, lo, side="left")), int(np.searchsorted(steps, hi, side="right"))
+
+
+def _coords(ds, dims) -> dict:
+    return {d: [str(v) for v in ds[d].values] for d in dims if d != "step" and d in ds.coords}
+
+
+def _take(store, path: str, da, idx: dict, a: int, b: int, committed) -> np.ndarray:
+    """Rows [a, b) of `da` (rows of a group, or windows of a level at `path`) at the label
+    positions `idx`. The step window and (for per-layer-chunked arrays) the label positions index
+    the lazy backend array directly, so only the chunks covering the cut are fetched."""
     if set(da.dims) & _PER_LAYER_DIMS:
-        values = np.asarray(da.isel({**idx, "step": slice(a, b)}).values)
-    else:
-        block = _blocks.get((str(store.store_path), group, var, step_range), committed,
-                            lambda: np.asarray(da.isel(step=slice(a, b)).values),
-                            size=lambda v: v.nbytes)
-        values = block[tuple(idx.get(d, slice(None)) for d in da.dims)]
-    dims = tuple(d for d in da.dims if d not in idx)
-    coords = {d: [str(v) for v in ds[d].values] for d in dims if d != "step" and d in ds.coords}
-    return Slice(steps=steps, values=values, dims=dims, coords=coords)
+        return np.asarray(da.isel({**idx, "step": slice(a, b)}).values)
+    block = _blocks.get((str(store.store_path), path, da.name, (a, b)), committed,
+                        lambda: np.asarray(da.isel(step=slice(a, b)).values),
+                        size=lambda v: v.nbytes)
+    return block[tuple(idx.get(d, slice(None)) for d in da.dims)]
+
+
+# ------------------------------------------------------------------------------- buckets
+def read_buckets(root, run_id: str, group: str, var: str, *, step_range=None,
+                 target: int = TARGET_BUCKETS, levels: bool = True, **sel) -> Buckets | None:
+    """One variable over an inclusive `step_range` (None: all steps), cut to labels `sel`,
+    reduced to at most ~`target` buckets of whole rollup windows (:class:`Buckets`): the one
+    data path of every time-series view. None while the group holds no rows; NotMeasured as
+    :func:`read_slice`.
+
+    Buckets hold `bucket_rows` rows each (a multiple of the coarsest rollup factor f that fits,
+    aligned on row indices). They are built from the coarsest level with factor <= f the store
+    has (schema 1.2: `rollup/<group>/x<f>`), reading only its windows that cover the range, and
+    from finer levels and then rows for the edges and for the tail no committed window covers
+    yet (a level may lag its rows). So a view reads ~`target`·16 values per series at any zoom,
+    not one per row, and gets the same buckets as from the rows alone (`levels=False`, also what
+    a store without levels gets): min and max exact, means equal to float32 rounding of the
+    window means; only the step of an extreme is the first step of its window when it comes
+    from a level.
+    """
+    store = open_store(root, run_id)
+    committed = _committed(store, group)
+    rng = tuple(step_range) if step_range else None
+    key = ("buckets", str(store.store_path), group, var, tuple(sorted(sel.items())), rng, target,
+           levels)
+    return _slices.get(key, committed,
+                       lambda: _read_buckets(store, run_id, group, var, rng, sel, committed,
+                                             target, levels),
+                       size=lambda b: 0 if b is None else b.nbytes)
+
+
+def _read_buckets(store, run_id, group, var, step_range, sel, committed, target, levels):
+    got = _locate(store, run_id, group, var, step_range, sel)
+    if got is None:
+        return None
+    ds, da, idx, steps, a, b = got
+    size = bucket_rows(b - a, target)
+    lvl = {f: l for f, l in (_levels(store, group) if levels else {}).items()
+           if f <= size and var in l}
+    counts = var in COUNTS
+    parts, read = [], {}
+    for f, lo, hi in _cover(a, b, sorted(((f, l.sizes["step"]) for f, l in lvl.items()),
+                                         reverse=True)) or [(1, a, b)]:
+        read[f] = read.get(f, 0) + hi - lo
+        if f == 1:
+            parts.append(Pieces.of_rows(lo, steps[lo:hi], _take(store, group, da, idx, lo, hi,
+                                                                committed), counts=counts))
+            continue
+        level = lvl[f]
+        v = _take(store, rollup_path(group, f), level[var], idx, lo, hi, committed)
+        rows, wsteps = np.arange(lo, hi) * f, np.asarray(level["step"].values[lo:hi])
+        if counts:
+            parts.append(Pieces(rows, wsteps, sum=v))
+        else:
+            stat = [str(x) for x in level["stat"].values]
+            mn, mx, mean, count = (v[:, stat.index(k)] for k in ("min", "max", "mean", "count"))
+            parts.append(Pieces(rows, wsteps, min=mn, max=mx, mean=mean, count=count))
+    dims = tuple(d for d in da.dims if d not in idx and d != "step")
+    return bucket(Pieces.concat(parts), size, factor=max(read), dims=dims,
+                  coords=_coords(ds, dims), read={("rows" if f == 1 else f"x{f}"): n
+                                                  for f, n in read.items()})
+
+
+def _cover(a: int, b: int, levels: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Rows [a, b) as segments (f, lo, hi) in row order: windows [lo, hi) of the coarsest of
+    `levels` ((factor, committed windows), coarsest first) that fit whole, then finer levels and
+    finally rows (f = 1) for what is left at either side."""
+    if a >= b:
+        return []
+    if not levels:
+        return [(1, a, b)]
+    (f, n), finer = levels[0], levels[1:]
+    w0, w1 = -(-a // f), min(b // f, n)
+    if w0 >= w1:
+        return _cover(a, b, finer)
+    return [*_cover(a, w0 * f, finer), (f, w0, w1), *_cover(w1 * f, b, finer)]
+
+
+def _levels(store, group: str) -> dict:
+    """{factor: lazy Dataset of its committed windows} of a group's rollup levels ({} for a
+    store without them), reused while the group's commit marker is unchanged: a level that
+    commits more windows meanwhile is only read less far (rows cover the rest)."""
+    if group not in ROLLUP_GROUPS:
+        return {}
+    run = store.attrs.get("run")
+    created = run.get("created") if isinstance(run, dict) else None
+    return _datasets.get((str(store.store_path), group, "levels"),
+                         (_committed(store, group), created), lambda: _open_levels(store, group))
+
+
+def _open_levels(store, group: str) -> dict:
+    out = {}
+    for f in store.levels(group):
+        try:
+            ds = store.dataset(group, level=f)
+        except (ValueError, KeyError, OSError):
+            continue  # a level that cannot be read: the rows hold the same data
+        if ds.sizes.get("step", 0):
+            out[f] = ds
+    return out
 
 
 def step_bounds(root, run_id: str, group: str) -> tuple[int, int] | None:

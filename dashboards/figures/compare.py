@@ -14,7 +14,8 @@ from plotly.subplots import make_subplots
 from dashboards import data
 from dashboards.bucketing import mean_columns
 from dashboards.components import (
-    SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_line, line_figure, message_figure,
+    SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS, TEMPLATE, add_bucket_line, add_line, bucket_note,
+    line_figure, message_figure,
 )
 from moe_probe import stats
 
@@ -60,12 +61,15 @@ def loss_term(root, run_ids, term="gen", xrange=None, title=None) -> go.Figure:
     """Fig. 5b: a loss term (default the flow-matching generation loss) per run."""
     if not run_ids:
         return message_figure("pick runs to compare on the Runs page", f"{term} loss")
+    got = [(i, rid, data.read_buckets(root, rid, "loss", "value", term=term, step_range=xrange))
+           for i, rid in enumerate(run_ids)]
+    got = [g for g in got if g[2] is not None]
+    notes = {bucket_note(b, "min & max") for _, _, b in got}  # one note when the runs agree
     fig = line_figure(title or f"{term} loss — Fig. 5b", ylabel=f"{term} loss",
-                      uirevision="cmp/loss")
-    for i, rid in enumerate(run_ids):
-        s = data.read_slice(root, rid, "loss", "value", term=term, step_range=xrange)
-        if s is not None:
-            add_line(fig, s.steps, s.values, rid, color=_color(i))
+                      uirevision="cmp/loss", note=notes.pop() if len(notes) == 1 else
+                      "min & max per bucket" if notes else "")
+    for i, rid, b in got:
+        add_bucket_line(fig, b, (), rid, color=_color(i))
     return fig
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from dashboards import data
-from dashboards.components import add_line, line_figure, message_figure, step_heatmap
+from dashboards.components import add_line, bucket_heatmap, line_figure, message_figure
 
 
 def components(root, run_id) -> list[str]:
@@ -26,13 +26,13 @@ def components(root, run_id) -> list[str]:
 
 def cosine_heatmap(root, run_id, component, xrange=None) -> go.Figure:
     """cos(∇_c L_und, ∇_c L_gen), layer × step: red = the tasks pull the component apart."""
-    s = data.read_slice(root, run_id, "grad", "cosine", component=component, step_range=xrange)
-    if s is None or len(s.steps) == 0:
+    b = data.read_buckets(root, run_id, "grad", "cosine", component=component, step_range=xrange)
+    if b is None or len(b.step) == 0:
         return message_figure("no gradient rows committed yet", "gradient cosine")
-    return step_heatmap(s.steps, s.values, s.coords["layer"],
-                        title=f"{run_id} · gradient cosine und·gen — {component}", ylabel="layer",
-                        colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0,
-                        uirevision=f"{run_id}/cos")
+    return bucket_heatmap(b, b.mean, b.coords["layer"],
+                          title=f"{run_id} · gradient cosine und·gen — {component}",
+                          ylabel="layer", colorscale="RdBu", zmid=0.0, zmin=-1.0, zmax=1.0,
+                          uirevision=f"{run_id}/cos")
 
 
 def norm_ratio(root, run_id, component, layers, xrange=None) -> go.Figure:

@@ -1,6 +1,8 @@
 """Routing views of one run (data path + figure building, no Dash): what the Routing page draws.
 
-Each function reads only the slice it plots (one layer and/or modality, the visible step range).
+Each function reads only the slice it plots (one layer and/or modality, the visible step range);
+the views over steps read it as buckets (`data.read_buckets`: rollup windows where the zoom allows,
+rows otherwise), so what they read is in proportion to the graph's width, not to the run's length.
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ from plotly.subplots import make_subplots
 from dashboards import data
 from dashboards.components import (
     HALF_BUCKETS, LEGEND_BELOW, MODALITY_COLORS, SUBPLOTS_LEGEND_BELOW, SUBPLOT_BUCKETS,
-    TEMPLATE, add_line, heatmap, label_axis, line_figure, message_figure, step_heatmap,
+    TEMPLATE, add_bucket_line, add_line, bucket_heatmap, bucket_note, heatmap, with_note,
+    label_axis, line_figure, message_figure,
 )
 
 
 def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
     """Capacity rate of each modality at one layer over steps (min/max per bucket)."""
-    fig = line_figure(f"{run_id} · capacity rate per modality — layer {layer}", ylabel="capacity rate",
-                      uirevision=f"{run_id}/cap")
     # One read of the layer's (step, modality) block: a chunk holds every modality anyway.
-    s = data.read_slice(root, run_id, "routing", "capacity_rate", layer=layer, step_range=xrange)
-    if s is None:
+    b = data.read_buckets(root, run_id, "routing", "capacity_rate", layer=layer,
+                          step_range=xrange, target=HALF_BUCKETS)
+    if b is None:
         return message_figure("no routing rows committed yet", "capacity rate")
-    for j, m in enumerate(s.coords["modality"]):
-        add_line(fig, s.steps, s.values[:, j], m, color=MODALITY_COLORS.get(m), target=HALF_BUCKETS)
+    fig = line_figure(f"{run_id} · capacity rate per modality — layer {layer}",
+                      ylabel="capacity rate", uirevision=f"{run_id}/cap",
+                      note=bucket_note(b, "min & max"))
+    for j, m in enumerate(b.coords["modality"]):
+        add_bucket_line(fig, b, j, m, color=MODALITY_COLORS.get(m))
     if xrange:
         fig.update_xaxes(range=list(xrange))
     return fig
@@ -33,31 +38,34 @@ def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
 
 def capacity_heatmap(root, run_id, modality, xrange=None) -> go.Figure:
     """Capacity rate, layer × step, for one modality: where in depth the collapse starts."""
-    s = data.read_slice(root, run_id, "routing", "capacity_rate", modality=modality,
-                        step_range=xrange)
-    if s is None or len(s.steps) == 0:
+    b = data.read_buckets(root, run_id, "routing", "capacity_rate", modality=modality,
+                          step_range=xrange, target=HALF_BUCKETS)  # half-width graph
+    if b is None or len(b.step) == 0:
         return message_figure("no routing rows committed yet", "capacity rate by layer")
-    return step_heatmap(s.steps, s.values, s.coords["layer"],
-                        title=f"{run_id} · capacity rate by layer — {modality}", ylabel="layer",
-                        colorscale="RdYlGn", zmin=0.0, zmax=1.0, uirevision=f"{run_id}/caph",
-                        target=HALF_BUCKETS)  # half-width graph (next to the capacity lines)
+    return bucket_heatmap(b, b.mean, b.coords["layer"],
+                          title=f"{run_id} · capacity rate by layer — {modality}", ylabel="layer",
+                          colorscale="RdYlGn", zmin=0.0, zmax=1.0, uirevision=f"{run_id}/caph")
 
 
 def load_heatmap(root, run_id, layer, modality, xrange=None) -> go.Figure:
     """Share of the modality's assignments going to each expert, expert × step.
 
     Shares (not raw counts) so batches of different sizes compare; a collapsing router shows as
-    one bright band, a blurry uniform one as flat colour."""
-    s = data.read_slice(root, run_id, "routing", "load", layer=layer, modality=modality,
-                        step_range=xrange)
-    if s is None or len(s.steps) == 0:
+    one bright band, a blurry uniform one as flat colour. A column of several rows is the share
+    of the bucket's assignments (Σ load_e / Σ load over its rows): the same from rows and from
+    rollup windows (which hold the sums), so the picture does not change with the zoom's level.
+    A step without tokens (0/0) is NaN, a gap."""
+    b = data.read_buckets(root, run_id, "routing", "load", layer=layer, modality=modality,
+                          step_range=xrange)
+    if b is None or len(b.step) == 0:
         return message_figure("no routing rows committed yet", "expert load")
-    share = s.values.astype(np.float64)  # a copy (the slice is cached): divided in place
+    share = b.sum.astype(np.float64)  # a copy (the buckets are cached): divided in place
     with np.errstate(invalid="ignore"):
-        share /= share.sum(axis=1, keepdims=True)  # a step without tokens: 0/0, NaN
-    return step_heatmap(s.steps, share, s.coords["expert"],
-                        title=f"{run_id} · expert load share — layer {layer}, {modality}", ylabel="expert",
-                        colorscale="Viridis", uirevision=f"{run_id}/load")
+        share /= share.sum(axis=1, keepdims=True)
+    return bucket_heatmap(b, share, b.coords["expert"],
+                          title=f"{run_id} · expert load share — layer {layer}, {modality}",
+                          ylabel="expert", colorscale="Viridis", uirevision=f"{run_id}/load",
+                          what="share of the assignments")
 
 
 def modality_share(root, run_id, layer, step) -> go.Figure:
@@ -88,21 +96,25 @@ def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
     written before the metric existed) lacks it."""
     fig = make_subplots(rows=1, cols=len(BALANCE_VARS), subplot_titles=BALANCE_VARS,
                         horizontal_spacing=0.07)
+    note = ""
     for j, var in enumerate(BALANCE_VARS, start=1):
         try:
-            s = data.read_slice(root, run_id, "routing", var, layer=layer, step_range=xrange)
+            b = data.read_buckets(root, run_id, "routing", var, layer=layer, step_range=xrange,
+                                  target=SUBPLOT_BUCKETS)
         except data.NotMeasured:
             fig.add_annotation(text="not measured", showarrow=False, font=dict(color="#a33"),
                                xref=f"x{j if j > 1 else ''} domain",
                                yref=f"y{j if j > 1 else ''} domain", x=0.5, y=0.5)
             continue
-        if s is None:
+        if b is None:
             return message_figure("no routing rows committed yet", "balance")
-        for i, m in enumerate(s.coords["modality"]):
-            add_line(fig, s.steps, s.values[:, i], m, color=MODALITY_COLORS.get(m), row=1, col=j,
-                     showlegend=(j == 1), legendgroup=m, target=SUBPLOT_BUCKETS)
+        note = bucket_note(b, "min & max")
+        for i, m in enumerate(b.coords["modality"]):
+            add_bucket_line(fig, b, i, m, color=MODALITY_COLORS.get(m), row=1, col=j,
+                            showlegend=(j == 1), legendgroup=m)
     fig.update_layout(template=TEMPLATE, height=330, **SUBPLOTS_LEGEND_BELOW,
-                      title=f"{run_id} · balance — layer {layer}", uirevision=f"{run_id}/bal")
+                      title=with_note(f"{run_id} · balance — layer {layer}", note),
+                      uirevision=f"{run_id}/bal")
     fig.update_xaxes(matches="x")
     return fig
 
