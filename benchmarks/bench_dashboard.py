@@ -134,18 +134,23 @@ def _section(table, title, items):
     table.ms(title, "wall (serial)", time.perf_counter() - t)
 
 
-def bench_server_side(root, rid, layer="5", repeat=1) -> Table:
+def _app(root):
+    """The dashboard app (one per process): it registers the pages' views, pays plotly's lazy
+    imports (as a running server has) and sets the server's zarr read settings; its start-up
+    warming is off (timed cold here). Other stores are read through the same app's code."""
     from dashboards.app import create_app
-    # The app registers the pages' views, pays plotly's lazy imports (as a running server has)
-    # and sets the server's zarr read settings; its start-up warming is off (timed cold here).
     old = os.environ.get("MOE_PROBE_DASH_PREWARM")
     os.environ["MOE_PROBE_DASH_PREWARM"] = "0"
     try:
-        root = create_app(root).server.config["MOE_PROBE_ROOT"]
+        create_app(root)
     finally:
         os.environ.pop("MOE_PROBE_DASH_PREWARM")
         if old is not None:
             os.environ["MOE_PROBE_DASH_PREWARM"] = old
+
+
+def bench_server_side(root, rid, layer="5", repeat=1) -> Table:
+    root = str(data.check_root(root))
     table = Table()
     meta = data.run_meta(root, rid)
     last = meta["last_step"]
@@ -404,6 +409,7 @@ def main(argv=None) -> int:
         build_large(tmp.name, n_steps=a.steps, name=a.run)
     print(f"machine: {os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     tables = {}
+    _app(roots[0])
     try:
         for root in roots:
             if not (Path(root) / a.run).is_dir():
