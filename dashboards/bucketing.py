@@ -90,12 +90,17 @@ def bucket_rows(n: int, target: int = TARGET_BUCKETS) -> int:
     return f * -(-b // f)
 
 
+_FIELDS = ("row0", "step", "min", "max", "mean", "count", "sum", "min_step", "max_step")
+
+
 @dataclass(frozen=True)
 class Pieces:
-    """Consecutive rows and/or rollup windows of one variable, in row order (what `bucket`
-    reduces). `row0`: first row index of each piece (window w of level f starts at row w·f);
-    `step`: its first step. Rates: `min`, `max`, `mean`, `count` (finite rows) per piece, a row
-    being a piece with min = max = mean = its value; counts: `sum` only."""
+    """Consecutive stretches of rows of one variable, in row order, each inside one bucket (what
+    `bucket` reduces): rollup windows, or rows already reduced per bucket (`of_rows`).
+    `row0`: first row index of each piece (window w of level f starts at row w·f); `step`: its
+    first step. Rates: `min`, `max`, `mean` (of the finite rows), `count` (finite rows) and the
+    steps of the min and max (`min_step`, `max_step`; a window's: its first step); counts: `sum`.
+    Arrays are (piece, *dims)."""
     row0: np.ndarray
     step: np.ndarray
     min: np.ndarray | None = None
@@ -103,22 +108,65 @@ class Pieces:
     mean: np.ndarray | None = None
     count: np.ndarray | None = None
     sum: np.ndarray | None = None
+    min_step: np.ndarray | None = None
+    max_step: np.ndarray | None = None
 
     @classmethod
-    def of_rows(cls, row0: int, steps, values, *, counts: bool) -> "Pieces":
-        rows = np.arange(row0, row0 + len(steps))
+    def of_windows(cls, w0: int, factor: int, steps, *, sum=None, stats=None) -> "Pieces":
+        """Windows w0, w0+1, … of a level (`stats`: (window, stat, …) in ROLLUP_STATS order)."""
+        rows, steps = np.arange(w0, w0 + len(steps)) * factor, np.asarray(steps)
+        if stats is None:
+            return cls(rows, steps, sum=sum)
+        at = np.broadcast_to(steps.reshape(-1, *[1] * (stats.ndim - 2)), stats[:, 0].shape)
+        return cls(rows, steps, min=stats[:, 0], max=stats[:, 1], mean=stats[:, 2],
+                   count=stats[:, 3], min_step=at, max_step=at)
+
+    @classmethod
+    def of_rows(cls, row0: int, steps, values, size: int, *, counts: bool) -> "Pieces":
+        """Rows row0, row0+1, … reduced to one piece per bucket of `size` rows they touch:
+        blocks of whole buckets are reshaped, not copied, and reduced along the rows."""
+        n, parts = len(steps), []
+        head = min(n, -row0 % size)
+        full = (n - head) // size * size
+        for a, b, m in ((0, head, head), (head, head + full, size), (head + full, n, n - head - full)):
+            if b > a:
+                parts.append(cls._reduce(row0 + a, steps[a:b], values[a:b], m, counts))
+        if not parts:  # no rows: empty pieces of the right shapes
+            parts.append(cls._reduce(row0, steps[:0], values[:0], 1, counts))
+        return cls.concat(parts)
+
+    @classmethod
+    def _reduce(cls, row0, steps, v, m, counts) -> "Pieces":
+        k, rest = len(steps) // m, v.shape[1:]
+        x = v.reshape(k, m, *rest)
+        rows, first = row0 + np.arange(k) * m, steps[::m][:k]
         if counts:
-            return cls(rows, steps, sum=values)
-        return cls(rows, steps, min=values, max=values, mean=values,
-                   count=np.isfinite(values).astype(np.float64))
+            return cls(rows, first, sum=x.sum(axis=1, dtype=np.float64 if v.dtype.kind == "f"
+                                                  else np.int64))
+        fin = np.isfinite(x)
+        if fin.all():  # the usual case: no masked copies
+            lo, hi, count = x.argmin(axis=1), x.argmax(axis=1), np.full((k, *rest), float(m))
+            mean = x.mean(axis=1, dtype=np.float64)
+        else:
+            lo = np.where(fin, x, np.inf).argmin(axis=1)
+            hi = np.where(fin, x, -np.inf).argmax(axis=1)
+            count = fin.sum(axis=1).astype(np.float64)
+            mean = np.full(count.shape, np.nan)
+            np.divide(np.where(fin, x, 0.0).sum(axis=1, dtype=np.float64), count, out=mean,
+                      where=count > 0)
+        at = np.broadcast_to(steps.reshape(k, m, *[1] * len(rest)), x.shape)
+
+        def pick(a, i):  # (k, m, …)[bucket, i, …]; an all-NaN bucket picks a NaN row
+            return np.take_along_axis(a, i[:, None], axis=1)[:, 0]
+        return cls(rows, first, min=pick(x, lo), max=pick(x, hi), mean=mean, count=count,
+                   min_step=pick(at, lo), max_step=pick(at, hi))
 
     @staticmethod
     def concat(parts: list["Pieces"]) -> "Pieces":
         if len(parts) == 1:
             return parts[0]
         return Pieces(*(None if getattr(parts[0], f) is None
-                        else np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("row0", "step", "min", "max", "mean", "count", "sum")))
+                        else np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
 
 
 @dataclass(frozen=True)
@@ -170,30 +218,28 @@ def bucket(p: Pieces, size: int, **meta) -> Buckets:
     """Reduce pieces (none straddling a multiple of `size` rows) to buckets of `size` rows."""
     bid = p.row0 // size
     n = len(bid)
-    starts = np.flatnonzero(np.r_[True, bid[1:] != bid[:-1]]) if n else np.zeros(0, np.int64)
-    step = p.step[starts]
     if not n:  # an empty range: empty arrays of the right shapes
-        if p.sum is not None:
-            return Buckets(step, size, **meta, sum=p.sum)
-        at = np.zeros(p.min.shape, np.int64)
-        return Buckets(step, size, **meta, min=p.min, max=p.max, min_step=at, max_step=at,
-                       mean=p.mean, count=p.count)
+        return Buckets(p.step, size, **meta, min=p.min, max=p.max, min_step=p.min_step,
+                       max_step=p.max_step, mean=p.mean, count=p.count, sum=p.sum)
+    starts = np.flatnonzero(np.r_[True, bid[1:] != bid[:-1]])
+    step = p.step[starts]
     if p.sum is not None:
         return Buckets(step, size, **meta, sum=np.add.reduceat(p.sum, starts, axis=0))
     which = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))  # piece → bucket
     pos = np.arange(n).reshape(-1, *([1] * (p.min.ndim - 1)))
-    steps_ext = np.r_[p.step, -1]
 
-    def extreme(ufunc, v):
+    def extreme(ufunc, v, at):
         ext = ufunc.reduceat(v, starts, axis=0)
         first = np.minimum.reduceat(np.where(v == ext[which], pos, n), starts, axis=0)
-        return ext, steps_ext[first]  # first piece holding it (-1: an all-NaN bucket)
+        at = np.concatenate([at, np.full((1, *at.shape[1:]), -1)])  # -1: an all-NaN bucket
+        return ext, np.take_along_axis(at, first, axis=0)  # the first piece holding it
 
-    mn, mn_step = extreme(np.fmin, p.min)
-    mx, mx_step = extreme(np.fmax, p.max)
-    count = np.add.reduceat(p.count, starts, axis=0)
+    mn, mn_step = extreme(np.fmin, p.min, p.min_step)
+    mx, mx_step = extreme(np.fmax, p.max, p.max_step)
+    count = np.add.reduceat(p.count, starts, axis=0, dtype=np.float64)
     with np.errstate(invalid="ignore"):  # NaN·0 of empty pieces, left out by the where
-        total = np.add.reduceat(np.where(p.count > 0, p.mean * p.count, 0.0), starts, axis=0)
+        total = np.add.reduceat(np.where(p.count > 0, p.mean * p.count, 0.0), starts, axis=0,
+                                dtype=np.float64)
     mean = np.full(count.shape, np.nan)
     np.divide(total, count, out=mean, where=count > 0)
     return Buckets(step, size, **meta, min=mn, max=mx, min_step=mn_step, max_step=mx_step,

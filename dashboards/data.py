@@ -355,17 +355,17 @@ def _read_buckets(store, run_id, group, var, step_range, sel, committed, target,
         read[f] = read.get(f, 0) + hi - lo
         if f == 1:
             parts.append(Pieces.of_rows(lo, steps[lo:hi], _take(store, group, da, idx, lo, hi,
-                                                                committed), counts=counts))
+                                                                committed), size, counts=counts))
             continue
         level = lvl[f]
         v = _take(store, rollup_path(group, f), level[var], idx, lo, hi, committed)
-        rows, wsteps = np.arange(lo, hi) * f, np.asarray(level["step"].values[lo:hi])
+        wsteps = level["step"].values[lo:hi]
         if counts:
-            parts.append(Pieces(rows, wsteps, sum=v))
+            parts.append(Pieces.of_windows(lo, f, wsteps, sum=v))
         else:
             stat = [str(x) for x in level["stat"].values]
-            mn, mx, mean, count = (v[:, stat.index(k)] for k in ("min", "max", "mean", "count"))
-            parts.append(Pieces(rows, wsteps, min=mn, max=mx, mean=mean, count=count))
+            order = [stat.index(k) for k in ("min", "max", "mean", "count")]
+            parts.append(Pieces.of_windows(lo, f, wsteps, stats=v[:, order]))
     dims = tuple(d for d in da.dims if d not in idx and d != "step")
     return bucket(Pieces.concat(parts), size, factor=max(read), dims=dims,
                   coords=_coords(ds, dims), read={("rows" if f == 1 else f"x{f}"): n
