@@ -1,8 +1,13 @@
 """Reduce long step series to what a screen can show without lying about extremes.
 
 Lines keep, per bucket, the points where the minimum and the maximum occur (in step order), so a
-spike or a collapse is drawn at its exact height and step at any zoom; heatmaps average each bucket
-(a cell cannot show two values) and say so in their title.
+spike or a collapse is drawn at its exact height at any zoom; heatmaps average each bucket (a cell
+cannot show two values) and say so in their title.
+
+`minmax_line` / `mean_columns` bucket rows in memory (series without rollup levels); `Pieces` /
+`bucket` / `Buckets` are the arithmetic of `dashboards.data.read_buckets`, which builds buckets
+from rollup windows and rows alike (window stats combine exactly: min of minima, max of maxima,
+count-weighted mean, sums).
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def bucket_rows(n: int, target: int = TARGET_BUCKETS) -> int:
     """Rows per bucket for `n` visible rows: at least `bucket_size`, rounded up to a whole
     multiple of the coarsest rollup factor that fits (schema ROLLUP_FACTORS). The size does not
     depend on which levels a store has, so a store without levels draws the same buckets from its
-    rows as one with levels draws from its windows."""
+    rows as one with levels draws from its windows. The rounding up leaves between target/2 and
+    target buckets (e.g. 500k rows, target 1500: 334 → 512 rows, 977 buckets)."""
     b = bucket_size(n, target)
     f = max((f for f in ROLLUP_FACTORS if f <= b), default=1)
     return f * -(-b // f)
