@@ -327,7 +327,8 @@ def read_buckets(root, run_id: str, group: str, var: str, *, step_range=None,
     not one per row, and gets the same buckets as from the rows alone (`levels=False`, also what
     a store without levels gets): min and max exact, means equal to float32 rounding of the
     window means; only the step of an extreme is the first step of its window when it comes
-    from a level.
+    from a level. When whole windows cover all steps (no `step_range`), the rows' Dataset is
+    not even opened.
     """
     store = open_store(root, run_id)
     committed = _committed(store, group)
