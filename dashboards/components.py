@@ -98,21 +98,20 @@ def with_note(title: str, note: str) -> str:
     return f"{title}  <span style='font-size:11px'>({note})</span>" if note else title
 
 
-def bucket_note(b, what: str, per: str = "bucket") -> str:
+def bucket_note(b, what: str, *, per: str = "bucket", steps: bool = False) -> str:
     """What a column or a line point of `b` (dashboards.bucketing.Buckets) stands for: '' for
-    single rows; else `what` of its rows and, when read from rollup windows, how exact the steps
-    of the drawn extremes are."""
+    single rows; else `what` of its rows and, with `steps` (lines: extremes drawn at their step),
+    how exact those steps are when read from rollup windows."""
     if b is None or b.size == 1:
         return ""
     note = f"{what} of {b.size} rows per {per}"
-    return note + (f"; steps to within {b.factor}" if b.factor > 1 and what.startswith("min")
-                   else "")
+    return note + (f"; steps to within {b.factor}" if steps and b.factor > 1 else "")
 
 
 def bucket_heatmap(b, z_BY, y, *, what: str = "mean", **kw) -> go.Figure:
     """Heatmap of a (bucket, Y) block of `b` (dashboards.bucketing.Buckets), a column per
     bucket at its first step; `what` a column is of its rows (for the title's note)."""
-    return heatmap(np.asarray(z_BY).T, b.step, y, bucket_note=bucket_note(b, what, "column"),
+    return heatmap(np.asarray(z_BY).T, b.step, y, bucket_note=bucket_note(b, what, per="column"),
                    **kw)
 
 

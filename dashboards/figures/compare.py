@@ -64,7 +64,8 @@ def loss_term(root, run_ids, term="gen", xrange=None, title=None) -> go.Figure:
     got = [(i, rid, data.read_buckets(root, rid, "loss", "value", term=term, step_range=xrange))
            for i, rid in enumerate(run_ids)]
     got = [g for g in got if g[2] is not None]
-    notes = {bucket_note(b, "min & max") for _, _, b in got}  # one note when the runs agree
+    # one note when the runs agree
+    notes = {bucket_note(b, "min & max", steps=True) for _, _, b in got}
     fig = line_figure(title or f"{term} loss — Fig. 5b", ylabel=f"{term} loss",
                       uirevision="cmp/loss", note=notes.pop() if len(notes) == 1 else
                       "min & max per bucket" if notes else "")

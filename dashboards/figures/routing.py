@@ -28,7 +28,7 @@ def capacity_lines(root, run_id, layer, xrange=None) -> go.Figure:
         return message_figure("no routing rows committed yet", "capacity rate")
     fig = line_figure(f"{run_id} · capacity rate per modality — layer {layer}",
                       ylabel="capacity rate", uirevision=f"{run_id}/cap",
-                      note=bucket_note(b, "min & max"))
+                      note=bucket_note(b, "min & max", steps=True))
     for j, m in enumerate(b.coords["modality"]):
         add_bucket_line(fig, b, j, m, color=MODALITY_COLORS.get(m))
     if xrange:
@@ -108,7 +108,7 @@ def balance_lines(root, run_id, layer, xrange=None) -> go.Figure:
             continue
         if b is None:
             return message_figure("no routing rows committed yet", "balance")
-        note = bucket_note(b, "min & max")
+        note = bucket_note(b, "min & max", steps=True)
         for i, m in enumerate(b.coords["modality"]):
             add_bucket_line(fig, b, i, m, color=MODALITY_COLORS.get(m), row=1, col=j,
                             showlegend=(j == 1), legendgroup=m)
