@@ -20,6 +20,8 @@ _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 BLOCK = 2048
 """Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
 _FIRST = 256
+_SHORT, _RECENT = 512, 8
+"""Reads of at most this many rows are kept, the last few of them (see GroupSource.rows)."""
 
 
 class GroupSource:
@@ -51,7 +53,9 @@ class GroupSource:
 
     def rows(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
         """Rows [a, b) of ``var`` in stored dim order (one ``layer`` selected first: the stored
-        chunks of ``load`` hold one layer, so that read touches only its bytes)."""
+        chunks of ``load`` hold one layer, so that read touches only its bytes). Served from the
+        last prefetch or a recent short read when they hold them: the detectors ask for the
+        same edge rows cell by cell (a read costs a store call however few rows it has)."""
         a, b = max(0, a), min(self.n, b)
         got = self._cache.get("prefetched")
         if got is not None and got[0] == (var, layer) and b > a:
@@ -59,8 +63,16 @@ class GroupSource:
             i = np.searchsorted(idx, a)
             if i + (b - a) <= idx.size and idx[i] == a and idx[i + b - a - 1] == b - 1:
                 return x[i:i + b - a]
+        recent = self._cache.setdefault("recent", [])
+        for key, a0, x in recent:
+            if key == (var, layer) and a0 <= a and b <= a0 + len(x):
+                return x[a - a0:b - a0]
         self.rows_read += max(0, b - a)
-        return self._read(var, slice(a, max(a, b)), layer)
+        x = self._read(var, slice(a, max(a, b)), layer)
+        if b - a <= _SHORT:
+            recent.insert(0, ((var, layer), a, x))
+            del recent[_RECENT:]
+        return x
 
     def prefetch(self, var: str, ranges, layer: int | None = None) -> None:
         """Read the rows of scattered ranges [a, b) in one go (each chunk decoded once);
@@ -92,13 +104,17 @@ class GroupSource:
 
     def stat(self, var: str, stat: str) -> np.ndarray | None:
         """The finest level's ``stat`` of a rate, (windows, *dims); None where not stored."""
-        key = ("stat", var, stat)
-        if key not in self._cache:
+        key = ("stat", var)
+        if key not in self._cache:  # every stat at once: a chunk of the level holds them all
             f = self.factor
             lv = None if f is None else self.levels[f]
-            self._cache[key] = None if lv is None or var not in lv else \
-                lv[var].sel(stat=stat).values
-        return self._cache[key]
+            got = None
+            if lv is not None and var in lv:
+                da = lv[var].transpose("step", "stat", ...)
+                got = dict(zip(map(str, da["stat"].values), np.moveaxis(da.values, 1, 0)))
+            self._cache[key] = got
+        got = self._cache[key]
+        return None if got is None else got.get(stat)
 
     def total(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
         """Exact sum of a count over rows [a, b): whole windows of the coarsest levels that fit,
@@ -184,40 +200,96 @@ def running_median(x_RC: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def median_beyond(x_RC: np.ndarray, width: int, *, above=None, below=None,
+                  rows: slice = slice(None)) -> np.ndarray:
+    """Where :func:`running_median` of ``x_RC`` is beyond the bound (never at NaN), for the
+    ``rows`` wanted (the others are context: their medians see fewer rows), mostly
+    without taking a median: of k finite values, the median is beyond iff more than k/2 of them
+    are (odd k: the middle one; even k: both middle ones, the mean of two beyond a bound being
+    beyond it too), and it is not if fewer than k/2 are. Only even k with exactly k/2 beyond
+    (never with the default odd width and no NaN) takes the median itself."""
+    x = np.asarray(x_RC, dtype=np.float64)
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        b = ((x > above) if above is not None else (x < below)) & ok
+    if not ok.all() and np.isinf(x).any():  # the median's own handling of inf: take it
+        s = running_median(x, width)
+        with np.errstate(invalid="ignore"):
+            return (((s > above) if above is not None else (s < below)) & ~np.isnan(s))[rows]
+    w = max(1, width)
+    lo, hi = w // 2, (w - 1) // 2  # rows each side that a row's median sees
+
+    def window_sum(v):
+        c = np.concatenate([np.zeros((1, *v.shape[1:]), np.int64), np.cumsum(v, 0, np.int64)])
+        i = np.arange(v.shape[0])
+        return c[np.minimum(i + hi + 1, v.shape[0])] - c[np.maximum(i - lo, 0)]
+
+    k, c, ok = window_sum(ok)[rows], window_sum(b)[rows], ok[rows]
+    out = (2 * c > k) & ok
+    tie = (2 * c == k) & (k > 0) & ok
+    if tie.any():
+        s = running_median(x, width)[rows]
+        with np.errstate(invalid="ignore"):
+            out |= tie & ((s > above) if above is not None else (s < below))
+    return out
+
+
 def _candidates(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
                 nan_free: bool = False):
     """(windows, cells) bool: the windows of the finest level where a ``window``-row stretch of
     a cell's smoothed series can be beyond the bound (``beyond_WC``: rows of each window that
     can be, :func:`rows_beyond`); rows past the level's windows always can. None: every row.
 
-    A row's median sees rows [i - w//2, i + (w-1)//2]: a stretch and the rows its medians see
-    span ``window + w - 1`` rows, and hold ceil(window / w) rows with disjoint medians, each
-    needing at least one row beyond (ceil(w/2) when the series has no NaN and the median sees
-    all w rows). A window that no such span with enough rows beyond touches is never read."""
+    A stretch's rows are never NaN (a NaN row breaks it), so any w consecutive rows of it are
+    the whole of one median's rows (of the row in their middle), of which at most w//2 are not
+    beyond: the stretch holds at least :func:`_least` rows beyond, and so does each piece of it
+    that falls in one window, of its own rows. With ``nan_free`` (the series is never NaN) the
+    same holds of the ``window + w - 1`` rows its medians see, away from the series' ends. A
+    stretch shorter than w needs one row beyond among those rows. A window that no stretch
+    meeting these touches is never read."""
     f, cov = src.factor, min(src.covered, n)
     if beyond_WC is None or f is None:
         return None
     w = max(1, smooth)
     n_win = -(-n // f)
+    n_cells = beyond_WC.shape[1]
     tail = np.array([min(f, n - i * f) for i in range(cov // f, n_win)], dtype=np.int64)
-    ls = window + w - 1  # rows a stretch and its medians see
-    span = -(-(ls - 1) // f) + 1  # windows such a span can touch
+    pad = -(-(window + w) // f) + 1  # windows the rows a stretch's medians see can touch
+    # rows before the first and past the last row hold none
+    k = np.concatenate([np.zeros((pad, n_cells), np.int64), beyond_WC[:cov // f],
+                        np.repeat(tail[:, None], n_cells, 1),
+                        np.zeros((pad, n_cells), np.int64)]).astype(np.int16)
+    e = np.arange(f + 1)  # the longest piece of a stretch a window can hold
+    piece = (np.searchsorted(_least(e, w), e, side="right") - 1).astype(np.int16)[k]
     starts = np.arange(n_win)
-    edge = (starts * f < w) | ((starts + span) * f > n - w)
-    need = np.where(edge | (not nan_free), 1, -(-w // 2)) * -(-window // w)
-    keep = np.zeros((n_win, beyond_WC.shape[1]), dtype=bool)
-    for c in range(beyond_WC.shape[1]):
-        k = np.concatenate([beyond_WC[:cov // f, c], tail, np.zeros(span, np.int64)])
-        for o in range(f):  # a span starting o rows into window i: the rows it has in each
-            ell = [min(f, o + ls - j * f) - (o if j == 0 else 0) for j in range(span)]
-            got = sum(np.minimum(k[j:j + n_win], e) for j, e in enumerate(ell) if e > 0)
-            ok = np.flatnonzero(got >= need)
-            if ok.size:  # every window such a span touches
-                mark = np.zeros(n_win + span + 1, dtype=np.int64)
-                np.add.at(mark, ok, 1)
-                np.add.at(mark, ok + sum(e > 0 for e in ell), -1)
-                keep[:, c] |= np.cumsum(mark)[:n_win] > 0
-    return keep
+    inner = ~((starts * f < w) | ((starts + pad) * f > n - w))[:, None]
+    rules = [(-(w // 2), window + w - 1, 1, None)] if window < w else \
+        [(0, window, _least(window, w), None)] + \
+        ([(-(w // 2), window + w - 1, _least(window + w - 1, w), inner)] if nan_free else [])
+    keep = np.zeros((n_win + 2 * pad + 1, n_cells), dtype=np.int32)  # +1/-1 marks, a cumsum
+    for o in range(f):  # a stretch starting o rows into window i
+        ok = np.ones((n_win, n_cells), dtype=bool)
+        for d0, rows, need, where in rules:  # its rows [o + d0, o + d0 + rows) of window i
+            a0, b0 = o + d0, o + d0 + rows
+            cuts = [(j, max(a0, j * f), min(b0, j * f + f))
+                    for j in range(a0 // f, (b0 - 1) // f + 1)]
+            got = sum(np.minimum(k[pad + j:pad + j + n_win], hi - lo) for j, lo, hi in cuts)
+            hold = got >= need
+            if need > 1:
+                for j, lo, hi in cuts:
+                    hold &= piece[pad + j:pad + j + n_win] >= hi - lo
+            ok &= hold if where is None else hold | ~where
+        # every window the rows such a stretch's medians see touch
+        keep[pad + (o - w // 2) // f:][:n_win] += ok
+        keep[pad + (o + window + (w - 1) // 2 - 1) // f + 1:][:n_win] -= ok
+    return np.cumsum(keep, axis=0)[pad:pad + n_win] > 0
+
+
+def _least(rows, w: int):
+    """Fewest rows beyond among ``rows`` consecutive rows of a stretch (w <= rows of it): every
+    w consecutive ones hold at most w//2 that are not."""
+    free = w // 2
+    return rows - (rows // w) * free - np.minimum(rows % w, free)
 
 
 def _regions(keep_W: np.ndarray, f: int, n: int):
@@ -249,9 +321,15 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     keep = _candidates(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
     f = src.factor
     regions = [(0, n)] if keep is None else _regions(keep.any(axis=1), f, n)
-    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 8 * BLOCK:
-        prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
-    for r0, r1 in regions:
+    ends = np.cumsum([b - a for a, b in regions])
+    batch_end, cap = 0, 2 * BLOCK  # a first read small enough for an early onset
+    for ri, (r0, r1) in enumerate(regions):
+        if prefetch is not None and ri >= batch_end:  # the next regions that fit: one read
+            done = ends[ri - 1] if ri else 0
+            batch_end = max(ri + 1, int(np.searchsorted(ends, done + cap, side="right")))
+            if batch_end - ri > 1:
+                prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions[ri:batch_end]])
+            cap = 8 * BLOCK
         run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond
         a, size = r0, _FIRST
         while a < r1 and (onset < 0).any():
@@ -266,10 +344,7 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
                     a = b
                     continue
             x = np.asarray(values(lo, hi), dtype=np.float64)[:, active]
-            s = running_median(x, smooth)
-            with np.errstate(invalid="ignore"):
-                m = (s > above) if above is not None else (s < below)
-            m = (m & ~np.isnan(s))[a - lo:b - lo]
+            m = median_beyond(x, smooth, above=above, below=below, rows=slice(a - lo, b - lo))
             idx = np.arange(b - a)[:, None]
             last_false = np.maximum.accumulate(np.where(~m, idx, -1), axis=0)
             r = np.where(last_false < 0, run[active][None] + idx + 1, idx - last_false)
