@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from moe_probe.store.schema import ROLLUP_CHUNK
+
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
 BLOCK = 2048
@@ -111,7 +113,14 @@ class GroupSource:
             got = None
             if lv is not None and var in lv:
                 da = lv[var].transpose("step", "stat", ...)
-                got = dict(zip(map(str, da["stat"].values), np.moveaxis(da.values, 1, 0)))
+                # a stat contiguous (a cell's windows are read one by one), built a block of
+                # windows at a time (not twice the level in memory)
+                got = {str(k): np.empty((da.shape[0], *da.shape[2:]), da.dtype)
+                       for k in da["stat"].values}
+                for a in range(0, da.shape[0], 8 * ROLLUP_CHUNK):
+                    block = da.isel(step=slice(a, a + 8 * ROLLUP_CHUNK)).values
+                    for i, v in enumerate(got.values()):
+                        v[a:a + len(block)] = block[:, i]
             self._cache[key] = got
         got = self._cache[key]
         return None if got is None else got.get(stat)
@@ -160,26 +169,31 @@ def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: 
     Rows above t: sum >= k·t' + (count - k)·min with t' = max(t, quantum) (``quantum``: the least
     positive value, for a series of fractions k/E), so k <= count·(mean - min) / (t' - min);
     and for t >= 0, k <= the rows above 0 (the ``positive`` stat)."""
-    st = {s: src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")}
-    if any(v is None for v in st.values()):
+    st = [src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")]
+    if any(v is None for v in st):
         return None
-    lo, hi, mean, count, pos = (np.asarray(st[k], np.float64)
-                                for k in ("min", "max", "mean", "count", "positive"))
-    # a float32 mean is the float64 one rounded once: widen the gap by more than that rounding
-    eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if above is not None:
-            t = max(above, quantum) if above >= 0 else above
-            k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
-            k = np.where(hi > above, k, 0)
-            if above >= 0:
-                k = np.minimum(k, pos)
-        else:
-            k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
-            k = np.where(lo < below, k, 0)
-    k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
-    k = np.where(np.isfinite(k), k, count)
-    return np.minimum(k, count).astype(np.int64)
+    out = np.empty(st[0].shape, np.int32)
+    for a in range(0, len(out), _STAT_BLOCK):  # a block of windows at a time: small temporaries
+        lo, hi, mean, count, pos = (np.asarray(v[a:a + _STAT_BLOCK], np.float64) for v in st)
+        # a float32 mean is the float64 one rounded once: widen the gap by more than that
+        eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if above is not None:
+                t = max(above, quantum) if above >= 0 else above
+                k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
+                k = np.where(hi > above, k, 0)
+                if above >= 0:
+                    k = np.minimum(k, pos)
+            else:
+                k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
+                k = np.where(lo < below, k, 0)
+        k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
+        k = np.where(np.isfinite(k), k, count)
+        out[a:a + _STAT_BLOCK] = np.minimum(k, count)
+    return out
+
+
+_STAT_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------- the search
@@ -219,16 +233,23 @@ def median_beyond(x_RC: np.ndarray, width: int, *, above=None, below=None,
     w = max(1, width)
     lo, hi = w // 2, (w - 1) // 2  # rows each side that a row's median sees
 
-    def window_sum(v):
-        c = np.concatenate([np.zeros((1, *v.shape[1:]), np.int64), np.cumsum(v, 0, np.int64)])
-        i = np.arange(v.shape[0])
-        return c[np.minimum(i + hi + 1, v.shape[0])] - c[np.maximum(i - lo, 0)]
+    def window_sum(v):  # rows of v set in each row's median rows: w shifted sums (w is small)
+        p = np.zeros((v.shape[0] + w - 1, *v.shape[1:]), np.int32)
+        p[lo:lo + v.shape[0]] = v
+        return sum(p[d:d + v.shape[0]] for d in range(w))
 
     k, c, ok = window_sum(ok)[rows], window_sum(b)[rows], ok[rows]
     out = (2 * c > k) & ok
     tie = (2 * c == k) & (k > 0) & ok
-    if tie.any():
+    r, c = np.nonzero(tie)
+    if r.size > 64:
         s = running_median(x, width)[rows]
+    elif r.size:  # a few (a truncated window at the series' ends): those medians alone
+        s = np.full(tie.shape, np.nan)
+        r0 = np.arange(x.shape[0])[rows][r]
+        for i, j, i0 in zip(r, c, r0):
+            s[i, j] = running_median(x[max(0, i0 - lo):i0 + hi + 1, j], width)[min(i0, lo)]
+    if r.size:
         with np.errstate(invalid="ignore"):
             out |= tie & ((s > above) if above is not None else (s < below))
     return out
@@ -292,13 +313,14 @@ def _least(rows, w: int):
     return rows - (rows // w) * free - np.minimum(rows % w, free)
 
 
-def _regions(keep_W: np.ndarray, f: int, n: int):
-    """Row ranges of the windows in ``keep_W``; ranges closer than a store chunk are one (a
-    read costs about a chunk anyway)."""
+def _regions(keep_W: np.ndarray, f: int, n: int, gap: int = 512):
+    """Row ranges of the windows in ``keep_W``; ranges closer than ``gap`` rows are one (a
+    read costs about a store chunk anyway; with a prefetch, which decodes each chunk once, only
+    the rows the search needs are worth the work)."""
     idx = np.flatnonzero(keep_W)
     if idx.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(idx) * f > 512)
+    breaks = np.flatnonzero(np.diff(idx) * f > gap)
     return [(int(idx[i]) * f, min(n, (int(idx[j]) + 1) * f))
             for i, j in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
 
@@ -320,7 +342,8 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     onset = np.full(n_cells, -1, dtype=np.int64)
     keep = _candidates(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
     f = src.factor
-    regions = [(0, n)] if keep is None else _regions(keep.any(axis=1), f, n)
+    regions = [(0, n)] if keep is None else \
+        _regions(keep.any(axis=1), f, n, 512 if prefetch is None else f)
     ends = np.cumsum([b - a for a, b in regions])
     batch_end, cap = 0, 2 * BLOCK  # a first read small enough for an early onset
     for ri, (r0, r1) in enumerate(regions):
@@ -381,8 +404,9 @@ def series_edge(src: GroupSource, values, count_W=None, *, last: bool = False,
     the group's) from the start (the end). NaN if there is none."""
     w = None
     if count_W is not None and src.factor is not None:
-        nz = np.flatnonzero(count_W > 0)
-        w = nz[-1:] if last else nz[:1]
+        has = np.asarray(count_W) > 0
+        i = len(has) - 1 - int(np.argmax(has[::-1])) if last else int(np.argmax(has))
+        w = [i] if len(has) and has[i] else []
     for a, b in _spans(src.n if n is None else n, w, src.factor, src.covered, last):
         x = np.asarray(values(a, b), dtype=np.float64)
         x = x[~np.isnan(x)]
