@@ -129,10 +129,15 @@ class GroupSource:
         """Exact sum of a count over rows [a, b): whole windows of the coarsest levels that fit,
         rows at the edges. Pieces are read for every layer once and kept (detectors ask layer by
         layer for the same ranges)."""
-        out = None
+        out, f_min = None, self.factor or 0
         for lo, hi, f in _pieces(a, b, [(f, int(lv.sizes["step"])) for f, lv in
                                         reversed(self.levels.items())]):
-            if f == 1:  # rows: a block at a time, one layer (all of them would not fit)
+            if f == 1 and layer is not None and hi - lo <= f_min:  # a few rows at the edges:
+                key = ("total", var, lo, hi, "every layer")  # every layer in one read, kept
+                if key not in self._cache:
+                    self._cache[key] = np.nansum(self.rows(var, lo, hi).astype(np.float64), 0)
+                part = self._cache[key][layer]
+            elif f == 1:  # rows: a block at a time, one layer (all of them would not fit)
                 key = ("total", var, lo, hi, layer)
                 if key not in self._cache:
                     self._cache[key] = sum(
