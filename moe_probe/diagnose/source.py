@@ -19,9 +19,11 @@ from moe_probe.store.schema import ROLLUP_CHUNK
 
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
-BLOCK = 2048
+BLOCK = 8192
 """Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
 _FIRST = 256
+_BATCH = (4096, 16384)
+"""Rows a prefetch reads at most: the first (an early onset stays cheap), the later ones."""
 _SHORT, _RECENT = 512, 8
 """Reads of at most this many rows are kept, the last few of them (see GroupSource.rows)."""
 
@@ -350,14 +352,14 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     regions = [(0, n)] if keep is None else \
         _regions(keep.any(axis=1), f, n, 512 if prefetch is None else f)
     ends = np.cumsum([b - a for a, b in regions])
-    batch_end, cap = 0, 2 * BLOCK  # a first read small enough for an early onset
+    batch_end, cap = 0, _BATCH[0]
     for ri, (r0, r1) in enumerate(regions):
         if prefetch is not None and ri >= batch_end:  # the next regions that fit: one read
             done = ends[ri - 1] if ri else 0
             batch_end = max(ri + 1, int(np.searchsorted(ends, done + cap, side="right")))
             if batch_end - ri > 1:
                 prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions[ri:batch_end]])
-            cap = 8 * BLOCK
+            cap = _BATCH[1]
         run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond
         a, size = r0, _FIRST
         while a < r1 and (onset < 0).any():
