@@ -208,3 +208,19 @@ def test_first_runs_screened_by_a_level_is_the_whole_series_definition():
                            for j in range(c)]
         read, total = read + src.rows_read, total + 3 * n
     assert read < total / 2  # the level ruled rows out
+
+
+def test_groups_no_detector_reads_are_opened_on_first_use():
+    from moe_probe import open_run
+
+    run_dir = ROOT / "stores" / "collapse"
+    run = load_run(run_dir)
+    store = open_run(run_dir)
+    assert "loss" not in run.groups and "loss" in run.openers  # diagnosis never reads it
+    report = diagnose_run(run, DiagnoseConfig())
+    assert "loss" not in run.groups
+    assert report.steps == {g: store.committed_steps(g) for g in store.groups
+                            if store.committed_steps(g)}
+    assert report.last_step == max(store.last_step(g) for g in report.steps)
+    loss = run.get("loss")  # the HTML report's figures: opened then, as the store has it
+    assert loss.sizes["step"] == store.committed_steps("loss") and "loss" in run.groups
