@@ -26,6 +26,8 @@ _BATCH = (4096, 16384)
 """Rows a prefetch reads at most: the first (an early onset stays cheap), the later ones."""
 _SHORT, _RECENT = 512, 8
 """Reads of at most this many rows are kept, the last few of them (see GroupSource.rows)."""
+_STAT_BLOCK = 1024
+"""Windows :func:`rows_beyond` works on at once (its float64 temporaries stay small)."""
 
 
 class GroupSource:
@@ -74,6 +76,7 @@ class GroupSource:
         self.rows_read += max(0, b - a)
         x = self._read(var, slice(a, max(a, b)), layer)
         if b - a <= _SHORT:
+            x.flags.writeable = False  # served again: nobody may change it in place
             recent.insert(0, ((var, layer), a, x))
             del recent[_RECENT:]
         return x
@@ -85,7 +88,9 @@ class GroupSource:
         self._cache.pop("prefetched", None)
         if idx.size:
             self.rows_read += idx.size
-            self._cache["prefetched"] = ((var, layer), idx, self._read(var, idx, layer))
+            x = self._read(var, idx, layer)
+            x.flags.writeable = False  # served in pieces: nobody may change it in place
+            self._cache["prefetched"] = ((var, layer), idx, x)
 
     def _read(self, var, step, layer):
         da = self.ds[var]
@@ -198,9 +203,6 @@ def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: 
         k = np.where(np.isfinite(k), k, count)
         out[a:a + _STAT_BLOCK] = np.minimum(k, count)
     return out
-
-
-_STAT_BLOCK = 1024
 
 
 # ---------------------------------------------------------------------- the search
