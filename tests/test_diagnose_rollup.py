@@ -167,7 +167,7 @@ def _stats_level(x_RC, steps, f):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN, as stored
         st = np.stack([np.nanmin(g, 1), np.nanmax(g, 1), np.nansum(g, 1) / count, count,
                        (g > 0).sum(1)], axis=1)
-    return xr.Dataset({"v": (("step", "stat", "cell"), st),
+    return xr.Dataset({"v": (("step", "stat", "layer"), st),
                        "step_last": (("step",), steps[f - 1:w * f:f])},
                       coords={"step": steps[:w * f:f],
                               "stat": ["min", "max", "mean", "count", "positive"]})
@@ -198,12 +198,13 @@ def test_first_runs_screened_by_a_level_is_the_whole_series_definition():
                               rng.random(i.size) < 0.4])
             x[a:a + b, j] = np.where(gap, np.nan if with_nan else 0.0, 0.5)
         steps = np.arange(n) * 2
-        src = GroupSource(xr.Dataset({"v": (("step", "cell"), x)}, coords={"step": steps}),
+        src = GroupSource(xr.Dataset({"v": (("step", "layer"), x)}, coords={"step": steps}),
                           {f: _stats_level(x, steps, f)})
+        fetch = (lambda rs: src.prefetch("v", rs)) if trial % 4 < 2 else None
         for bound in ({"above": 0.0}, {"above": 0.3}, {"below": 0.3}):
             beyond = rows_beyond(src, "v", quantum=0.25 if "above" in bound else 0.0, **bound)
-            got = first_runs(src, n, c, lambda a, b: x[a:b], beyond, window=window,
-                             smooth=smooth, nan_free=not with_nan, **bound)
+            got = first_runs(src, n, c, lambda a, b: src.rows("v", a, b), beyond, window=window,
+                             smooth=smooth, nan_free=not with_nan, prefetch=fetch, **bound)
             assert got == [_reference(x[:, j], window=window, smooth=smooth, **bound)
                            for j in range(c)]
         read, total = read + src.rows_read, total + 3 * n

@@ -1,12 +1,13 @@
 """A group's rows for the detectors, read where needed, screened by its rollup levels.
 
 The detectors look for the first stretch of ``window`` rows where a (smoothed) per-row series is
-beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series does on the
-whole series, reading only the rows the finest rollup level cannot rule out: a window whose rows
-cannot be beyond the bound (its minimum capacity rate is above the collapse threshold), or whose
-stretch of candidate windows holds too few rows that can (:func:`rows_beyond`), is never read; the
-search stops at the first stretch. Without levels (``load_run(..., levels=False)``, online
-diagnosis, hand-built Datasets) every row is read: the same code, so the same answers.
+beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series
+does, reading only the rows the finest rollup level cannot rule out: a window whose rows cannot
+be beyond the bound (its minimum capacity rate is above the collapse threshold), or that holds
+too few rows that can (:func:`rows_beyond`) for its piece of any stretch (:func:`_candidates`),
+is never read; the search stops at the first stretch. Without levels (``load_run(...,
+levels=False)``, online diagnosis, hand-built Datasets) every row is read: the same code, so the
+same answers.
 """
 
 from __future__ import annotations
