@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +121,16 @@ def test_levels_that_disagree_with_the_rows_are_not_used(tmp_path):
     _both(run)
 
 
-def _reference(x, *, below, window, smooth):
+def _reference(x, *, window, smooth, below=None, above=None):
     """The detectors' definition on one whole series: pandas' centred running median (NaN rows
-    stay NaN), then the first row of the first run of `window` rows below the bound."""
+    stay NaN), then the first row of the first run of `window` rows beyond the bound."""
     import pandas as pd
 
     s = pd.Series(x).rolling(smooth, center=True, min_periods=1).median().to_numpy().copy()
     s[np.isnan(x)] = np.nan
     run = 0
-    for i, m in enumerate((s < below) & ~np.isnan(s)):
+    beyond = (s > above) if above is not None else (s < below)
+    for i, m in enumerate(beyond & ~np.isnan(s)):
         run = run + 1 if m else 0
         if run >= window:
             return i - window + 1
@@ -151,3 +153,75 @@ def test_first_runs_is_the_whole_series_definition():
         got = first_runs(src, n, c, lambda a, b: x[a:b], below=0.3, window=window, smooth=smooth)
         assert got == [_reference(x[:, j], below=0.3, window=window, smooth=smooth)
                        for j in range(c)]
+
+
+def _stats_level(x_RC, steps, f):
+    """A finest level of one rate as the writer keeps it: per window of ``f`` rows the NaN-skipping
+    min, max, mean, the count of non-NaN rows and of rows above 0."""
+    import xarray as xr
+
+    w = len(x_RC) // f
+    g = x_RC[:w * f].reshape(w, f, -1)
+    count = np.isfinite(g).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN, as stored
+        st = np.stack([np.nanmin(g, 1), np.nanmax(g, 1), np.nansum(g, 1) / count, count,
+                       (g > 0).sum(1)], axis=1)
+    return xr.Dataset({"v": (("step", "stat", "layer"), st),
+                       "step_last": (("step",), steps[f - 1:w * f:f])},
+                      coords={"step": steps[:w * f:f],
+                              "stat": ["min", "max", "mean", "count", "positive"]})
+
+
+def test_first_runs_screened_by_a_level_is_the_whole_series_definition():
+    # sparse series with dense stretches planted: most windows can be ruled out, a few cannot
+    import xarray as xr
+
+    from moe_probe.diagnose.source import GroupSource, first_runs, rows_beyond
+
+    rng = np.random.default_rng(11)
+    read = total = 0
+    for trial in range(300):
+        n, c, f = int(rng.integers(40, 900)), 3, 16
+        x = (rng.random((n, c)) < rng.uniform(0.05, 0.5)) * rng.integers(1, 4, (n, c)) / 4
+        with_nan = trial % 2 == 1
+        if with_nan:
+            x[rng.random((n, c)) < rng.uniform(0, 0.3)] = np.nan
+        smooth, window = int(rng.integers(1, 6)), int(rng.integers(1, 30))
+        for _ in range(int(rng.integers(0, 4))):
+            b, j = int(rng.integers(1, 40)), int(rng.integers(0, c))
+            a = int(rng.choice([0, n - b, rng.integers(0, n)]))  # the ends are special
+            i = np.arange(x[a:a + b, j].size) + int(rng.integers(0, smooth))
+            # as few rows beyond as a stretch can have: per `smooth` rows, ceil(smooth/2) (the
+            # others 0), or one (the others NaN); or rows beyond at random
+            gap = rng.choice([i % smooth < smooth // 2, i % smooth < smooth - 1,
+                              rng.random(i.size) < 0.4])
+            x[a:a + b, j] = np.where(gap, np.nan if with_nan else 0.0, 0.5)
+        steps = np.arange(n) * 2
+        src = GroupSource(xr.Dataset({"v": (("step", "layer"), x)}, coords={"step": steps}),
+                          {f: _stats_level(x, steps, f)})
+        fetch = (lambda rs: src.prefetch("v", rs)) if trial % 4 < 2 else None
+        for bound in ({"above": 0.0}, {"above": 0.3}, {"below": 0.3}):
+            beyond = rows_beyond(src, "v", quantum=0.25 if "above" in bound else 0.0, **bound)
+            got = first_runs(src, n, c, lambda a, b: src.rows("v", a, b), beyond, window=window,
+                             smooth=smooth, nan_free=not with_nan, prefetch=fetch, **bound)
+            assert got == [_reference(x[:, j], window=window, smooth=smooth, **bound)
+                           for j in range(c)]
+        read, total = read + src.rows_read, total + 3 * n
+    assert read < total / 2  # the level ruled rows out
+
+
+def test_groups_no_detector_reads_are_opened_on_first_use():
+    from moe_probe import open_run
+
+    run_dir = ROOT / "stores" / "collapse"
+    run = load_run(run_dir)
+    store = open_run(run_dir)
+    assert "loss" not in run.groups and "loss" in run.openers  # diagnosis never reads it
+    report = diagnose_run(run, DiagnoseConfig())
+    assert "loss" not in run.groups
+    assert report.steps == {g: store.committed_steps(g) for g in store.groups
+                            if store.committed_steps(g)}
+    assert report.last_step == max(store.last_step(g) for g in report.steps)
+    loss = run.get("loss")  # the HTML report's figures: opened then, as the store has it
+    assert loss.sizes["step"] == store.committed_steps("loss") and "loss" in run.groups

@@ -54,6 +54,12 @@ def _cells(ds: xr.Dataset, components):
             yield str(layer), str(comp), li, ci
 
 
+def _by_cell(da: xr.DataArray) -> np.ndarray:
+    """(layer, component, step) as stored (float32), each cell's series contiguous: the
+    detectors take a cell at a time, in float64."""
+    return np.ascontiguousarray(da.transpose("layer", "component", "step").values)
+
+
 def _grad(run: RunData, kind: str, var: str):
     ds = run.get("grad")
     if ds is None or var not in ds:
@@ -69,10 +75,9 @@ def detect_domination(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
     steps = ds["step"].values
     by_comp: dict[str, dict] = {}
     measured = 0
-    nu_SLC = ds["norm_und"].values.astype(float)  # (S, L, C), transposed by _grad
-    ng_SLC = ds["norm_gen"].values.astype(float)
+    nu_LCS, ng_LCS = _by_cell(ds["norm_und"]), _by_cell(ds["norm_gen"])
     for layer, comp, li, ci in _cells(ds, cfg.grad_components):
-        nu, ng = nu_SLC[:, li, ci], ng_SLC[:, li, ci]
+        nu, ng = nu_LCS[li, ci].astype(float), ng_LCS[li, ci].astype(float)
         ok = np.isfinite(nu) & np.isfinite(ng) & (nu > 0) & (ng > 0)
         if ok.sum() < cfg.min_rows:
             continue
@@ -114,9 +119,9 @@ def detect_conflict(run: RunData, cfg: DiagnoseConfig) -> CheckResult:
     steps = ds["step"].values
     by_comp: dict[str, dict] = {}
     measured = 0
-    cos_SLC = ds["cosine"].values.astype(float)  # (S, L, C), transposed by _grad
+    cos_LCS = _by_cell(ds["cosine"])
     for layer, comp, li, ci in _cells(ds, None):
-        cos = cos_SLC[:, li, ci]
+        cos = cos_LCS[li, ci].astype(float)
         ok = np.isfinite(cos)
         if ok.sum() < cfg.min_rows:
             continue

@@ -23,19 +23,10 @@ import xarray as xr
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import RunDiagnosis
-from moe_probe.diagnose.rundata import DIAGNOSED, RunData
+from moe_probe.diagnose.rundata import DIAGNOSED, NEEDED, RunData
 from moe_probe.diagnose.runner import diagnose_run
 from moe_probe.run import RunInfo
 from moe_probe.store.schema import GROUPS, LABEL_DIMS
-
-NEEDED: dict[str, tuple[str, ...]] = {
-    "routing": ("tokens", "capacity_rate", "load"),
-    "grad": ("cosine", "norm_und", "norm_gen"),
-    "probe": ("selectivity", "isolated"),
-    "token_routing": ("token_id", "kind", "label", "patch", "image", "topk_ids"),
-}
-"""Arrays the detectors (and the report's final capacity rate) read; other groups: steps only."""
-
 
 class _Rows:
     """A growing ``(n, *row)`` array with amortised doubling (rows appended one at a time)."""
@@ -86,7 +77,8 @@ class OnlineDiagnosis:
                   for g in store.groups if g in DIAGNOSED}
         run = load_run(run_dir)
         online = cls(attrs=run.attrs, labels=labels, run_dir=str(run_dir), cfg=cfg)
-        for g, ds in run.groups.items():
+        for g in run.extent():
+            ds = run.get(g)
             arrays = {n: ds[n].transpose("step", *GROUPS[g][n].dims).values
                       for n in NEEDED.get(g, ()) if n in ds}
             for i, step in enumerate(ds["step"].values):

@@ -7,6 +7,7 @@ documented dims (ARCHITECTURE.md, "Store") and the same code runs on real stores
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,19 @@ from moe_probe.store.schema import CORE_GROUPS
 
 SCREENED = ("routing",)
 """Groups the detectors read through rollup levels."""
+NEEDED: dict[str, tuple[str, ...]] = {
+    "routing": ("tokens", "capacity_rate", "load"),
+    "grad": ("cosine", "norm_und", "norm_gen"),
+    "probe": ("selectivity", "isolated"),
+    "token_routing": ("token_id", "kind", "label", "patch", "image", "topk_ids"),
+}
+"""Arrays the detectors (and the report's final capacity rate) read; other groups: steps only."""
 READ_WHOLE = ("grad", "probe")
-"""Groups the detectors read every row of (small: ~1/10 and ~1/50 of the steps); the others
-(`loss`, `eval`, `snapshot`, `token_routing`) stay lazy: reports' figures and `expert_takeover`
-read what they need."""
+"""Groups whose ``NEEDED`` arrays the detectors read every row of (small: ~1/10 and ~1/50 of the
+steps); ``routing`` and ``token_routing`` stay lazy (read a block, a row at a time)."""
+LAZY = ("loss", "eval", "snapshot")
+"""Groups no detector reads: opened on first :meth:`RunData.get` (the HTML report's figures),
+so a diagnosis never reads their ``step`` arrays (500k rows of ``loss``: 0.1-0.2 s)."""
 DIAGNOSED: tuple[str, ...] = (*CORE_GROUPS, "token_routing")
 """The groups the detectors read (the extra ``token_routing`` for ``expert_takeover``)."""
 
@@ -36,8 +46,15 @@ class RunData:
     """Group name -> Dataset of committed rows; a group with no rows is left out."""
     levels: dict[str, dict[int, xr.Dataset]] = field(default_factory=dict)
     """Group name -> {factor: rollup level}; empty = full resolution (every row is read)."""
+    extents: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Group name -> (committed rows, last step) of every group with rows, in store order, as
+    the store says them (:func:`load_run`); empty: from ``groups``. See :meth:`extent`."""
+    openers: dict[str, Callable[[], xr.Dataset]] = field(default_factory=dict, repr=False)
+    """Groups not opened yet (:data:`LAZY`): opened into ``groups`` on first :meth:`get`."""
 
     def get(self, group: str) -> xr.Dataset | None:
+        if group not in self.groups and group in self.openers:
+            self.groups[group] = self.openers.pop(group)()
         ds = self.groups.get(group)
         if ds is None or "step" not in ds.dims or ds.sizes["step"] == 0:
             return None
@@ -52,6 +69,13 @@ class RunData:
         if group not in cache:
             cache[group] = GroupSource(ds, self.levels.get(group))
         return cache[group]
+
+    def extent(self) -> dict[str, tuple[int, int]]:
+        """Group -> (committed rows, last step) of every group with rows (opens none)."""
+        if self.extents:
+            return dict(self.extents)
+        return {g: (int(ds.sizes["step"]), int(ds["step"].values[-1]))
+                for g in self.groups if (ds := self.get(g)) is not None}
 
     @functools.cached_property
     def info(self) -> RunInfo:
@@ -92,21 +116,21 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
     try:
         store = open_run(run_dir)  # a path or a URL; one line if there is no run
         attrs = dict(store.attrs)
-        groups, lv = {}, {}
+        groups, lv, extents, openers = {}, {}, {}, {}
         for g in store.groups:
-            if g in DIAGNOSED and store.committed_steps(g) > 0:
-                ds = store.dataset(g)
-                if g in SCREENED:
-                    groups[g] = ds
-                    if levels:
-                        lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
-                    continue
-                if g not in READ_WHOLE:
-                    groups[g] = ds
-                    continue
-                # Every array now (and bad chunks surface here as one line).
-                small = [v for v in ds.data_vars if not {"expert", "token"} & set(ds[v].dims)]
-                groups[g] = ds.assign({v: ds[v].load() for v in small})
+            n = store.committed_steps(g) if g in DIAGNOSED else 0
+            if n == 0:
+                continue
+            extents[g] = (n, store.last_step(g))
+            if g in LAZY:
+                openers[g] = functools.partial(store.dataset, g)
+                continue
+            ds = store.dataset(g)
+            if g in SCREENED and levels:
+                lv[g] = {f: store.dataset(g, level=f) for f in store.levels(g)}
+            if g in READ_WHOLE:  # now (and bad chunks surface here as one line)
+                ds = ds.assign({v: ds[v].load() for v in NEEDED[g] if v in ds})
+            groups[g] = ds
     except StoreError:
         raise
     except Exception as e:  # noqa: BLE001 - a chunk that cannot be decoded is bad input too
@@ -114,4 +138,5 @@ def load_run(run_dir: str | Path, *, levels: bool = True) -> RunData:
         raise ValueError(f"cannot read {run_dir}: {type(e).__name__}: "
                          f"{msg[0] if msg else ''}") from e
     name = RunInfo.from_attrs(attrs, path=run_dir).name
-    return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups, levels=lv)
+    return RunData(name=name, run_dir=str(run_dir), attrs=attrs, groups=groups, levels=lv,
+                   extents=extents, openers=openers)

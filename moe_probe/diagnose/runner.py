@@ -37,11 +37,11 @@ def diagnose_run(run: RunData, cfg: DiagnoseConfig | None = None,
     cfg = cfg or DiagnoseConfig()
     results = [d(run, cfg) for d in DETECTORS]
     results.append(detect_regression(run, cfg, control if control is not run else None))
-    last = [int(ds["step"].values[-1]) for g in run.groups if (ds := run.get(g)) is not None]
+    extent = run.extent()
     return RunDiagnosis(
         run_dir=run.run_dir, name=run.name, recipe=run.recipe, arch=run.arch,
-        steps={g: int(ds.sizes["step"]) for g in run.groups if (ds := run.get(g)) is not None},
-        last_step=max(last) if last else None,
+        steps={g: rows for g, (rows, _) in extent.items()},
+        last_step=max((last for _, last in extent.values()), default=None),
         final_capacity_rate=final_capacity_rate(run.get("routing")),
         checks={r.kind: r.status for r in results},
         findings=tuple(replace(f, remedy=remedy_for(f.kind, run.arch))

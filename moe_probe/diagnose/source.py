@@ -1,12 +1,13 @@
 """A group's rows for the detectors, read where needed, screened by its rollup levels.
 
 The detectors look for the first stretch of ``window`` rows where a (smoothed) per-row series is
-beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series does on the
-whole series, reading only the rows the finest rollup level cannot rule out: a window whose rows
-cannot be beyond the bound (its minimum capacity rate is above the collapse threshold), or whose
-stretch of candidate windows holds too few rows that can (:func:`rows_beyond`), is never read; the
-search stops at the first stretch. Without levels (``load_run(..., levels=False)``, online
-diagnosis, hand-built Datasets) every row is read: the same code, so the same answers.
+beyond a threshold. :func:`first_runs` finds it exactly as a scan of the whole smoothed series
+does, reading only the rows the finest rollup level cannot rule out: a window whose rows cannot
+be beyond the bound (its minimum capacity rate is above the collapse threshold), or that holds
+too few rows that can (:func:`rows_beyond`) for its piece of any stretch (:func:`_candidates`),
+is never read; the search stops at the first stretch. Without levels (``load_run(...,
+levels=False)``, online diagnosis, hand-built Datasets) every row is read: the same code, so the
+same answers.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from moe_probe.store.schema import ROLLUP_CHUNK
+
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
-BLOCK = 2048
+BLOCK = 8192
 """Most rows read at once; a search reads 256 rows first and doubles (early onsets are cheap)."""
 _FIRST = 256
+_BATCH = (4096, 16384)
+"""Rows a prefetch reads at most: the first (an early onset stays cheap), the later ones."""
+_SHORT, _RECENT = 512, 8
+"""Reads of at most this many rows are kept, the last few of them (see GroupSource.rows)."""
+_STAT_BLOCK = 1024
+"""Windows :func:`rows_beyond` works on at once (its float64 temporaries stay small)."""
 
 
 class GroupSource:
@@ -51,7 +60,9 @@ class GroupSource:
 
     def rows(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
         """Rows [a, b) of ``var`` in stored dim order (one ``layer`` selected first: the stored
-        chunks of ``load`` hold one layer, so that read touches only its bytes)."""
+        chunks of ``load`` hold one layer, so that read touches only its bytes). Served from the
+        last prefetch or a recent short read when they hold them: the detectors ask for the
+        same edge rows cell by cell (a read costs a store call however few rows it has)."""
         a, b = max(0, a), min(self.n, b)
         got = self._cache.get("prefetched")
         if got is not None and got[0] == (var, layer) and b > a:
@@ -59,8 +70,17 @@ class GroupSource:
             i = np.searchsorted(idx, a)
             if i + (b - a) <= idx.size and idx[i] == a and idx[i + b - a - 1] == b - 1:
                 return x[i:i + b - a]
+        recent = self._cache.setdefault("recent", [])
+        for key, a0, x in recent:
+            if key == (var, layer) and a0 <= a and b <= a0 + len(x):
+                return x[a - a0:b - a0]
         self.rows_read += max(0, b - a)
-        return self._read(var, slice(a, max(a, b)), layer)
+        x = self._read(var, slice(a, max(a, b)), layer)
+        if b - a <= _SHORT:
+            x.flags.writeable = False  # served again: nobody may change it in place
+            recent.insert(0, ((var, layer), a, x))
+            del recent[_RECENT:]
+        return x
 
     def prefetch(self, var: str, ranges, layer: int | None = None) -> None:
         """Read the rows of scattered ranges [a, b) in one go (each chunk decoded once);
@@ -69,7 +89,9 @@ class GroupSource:
         self._cache.pop("prefetched", None)
         if idx.size:
             self.rows_read += idx.size
-            self._cache["prefetched"] = ((var, layer), idx, self._read(var, idx, layer))
+            x = self._read(var, idx, layer)
+            x.flags.writeable = False  # served in pieces: nobody may change it in place
+            self._cache["prefetched"] = ((var, layer), idx, x)
 
     def _read(self, var, step, layer):
         da = self.ds[var]
@@ -92,22 +114,38 @@ class GroupSource:
 
     def stat(self, var: str, stat: str) -> np.ndarray | None:
         """The finest level's ``stat`` of a rate, (windows, *dims); None where not stored."""
-        key = ("stat", var, stat)
-        if key not in self._cache:
+        key = ("stat", var)
+        if key not in self._cache:  # every stat at once: a chunk of the level holds them all
             f = self.factor
             lv = None if f is None else self.levels[f]
-            self._cache[key] = None if lv is None or var not in lv else \
-                lv[var].sel(stat=stat).values
-        return self._cache[key]
+            got = None
+            if lv is not None and var in lv:
+                da = lv[var].transpose("step", "stat", ...)
+                # a stat contiguous (a cell's windows are read one by one), built a block of
+                # windows at a time (not twice the level in memory)
+                got = {str(k): np.empty((da.shape[0], *da.shape[2:]), da.dtype)
+                       for k in da["stat"].values}
+                for a in range(0, da.shape[0], 8 * ROLLUP_CHUNK):
+                    block = da.isel(step=slice(a, a + 8 * ROLLUP_CHUNK)).values
+                    for i, v in enumerate(got.values()):
+                        v[a:a + len(block)] = block[:, i]
+            self._cache[key] = got
+        got = self._cache[key]
+        return None if got is None else got.get(stat)
 
     def total(self, var: str, a: int, b: int, layer: int | None = None) -> np.ndarray:
         """Exact sum of a count over rows [a, b): whole windows of the coarsest levels that fit,
         rows at the edges. Pieces are read for every layer once and kept (detectors ask layer by
         layer for the same ranges)."""
-        out = None
+        out, f_min = None, self.factor or 0
         for lo, hi, f in _pieces(a, b, [(f, int(lv.sizes["step"])) for f, lv in
                                         reversed(self.levels.items())]):
-            if f == 1:  # rows: a block at a time, one layer (all of them would not fit)
+            if f == 1 and layer is not None and hi - lo <= f_min:  # a few rows at the edges:
+                key = ("total", var, lo, hi, "every layer")  # every layer in one read, kept
+                if key not in self._cache:
+                    self._cache[key] = np.nansum(self.rows(var, lo, hi).astype(np.float64), 0)
+                part = self._cache[key][layer]
+            elif f == 1:  # rows: a block at a time, one layer (all of them would not fit)
                 key = ("total", var, lo, hi, layer)
                 if key not in self._cache:
                     self._cache[key] = sum(
@@ -144,26 +182,28 @@ def rows_beyond(src: GroupSource, var: str, *, above=None, below=None, quantum: 
     Rows above t: sum >= k·t' + (count - k)·min with t' = max(t, quantum) (``quantum``: the least
     positive value, for a series of fractions k/E), so k <= count·(mean - min) / (t' - min);
     and for t >= 0, k <= the rows above 0 (the ``positive`` stat)."""
-    st = {s: src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")}
-    if any(v is None for v in st.values()):
+    st = [src.stat(var, s) for s in ("min", "max", "mean", "count", "positive")]
+    if any(v is None for v in st):
         return None
-    lo, hi, mean, count, pos = (np.asarray(st[k], np.float64)
-                                for k in ("min", "max", "mean", "count", "positive"))
-    # a float32 mean is the float64 one rounded once: widen the gap by more than that rounding
-    eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if above is not None:
-            t = max(above, quantum) if above >= 0 else above
-            k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
-            k = np.where(hi > above, k, 0)
-            if above >= 0:
-                k = np.minimum(k, pos)
-        else:
-            k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
-            k = np.where(lo < below, k, 0)
-    k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
-    k = np.where(np.isfinite(k), k, count)
-    return np.minimum(k, count).astype(np.int64)
+    out = np.empty(st[0].shape, np.int32)
+    for a in range(0, len(out), _STAT_BLOCK):  # a block of windows at a time: small temporaries
+        lo, hi, mean, count, pos = (np.asarray(v[a:a + _STAT_BLOCK], np.float64) for v in st)
+        # a float32 mean is the float64 one rounded once: widen the gap by more than that
+        eps = 1e-6 * (np.abs(mean) + np.abs(lo) + np.abs(hi))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if above is not None:
+                t = max(above, quantum) if above >= 0 else above
+                k = np.where(lo > above, count, count * (mean - lo + eps) / (t - lo))
+                k = np.where(hi > above, k, 0)
+                if above >= 0:
+                    k = np.minimum(k, pos)
+            else:
+                k = np.where(hi < below, count, count * (hi - mean + eps) / (hi - below))
+                k = np.where(lo < below, k, 0)
+        k = np.ceil(np.nan_to_num(k, nan=0.0, posinf=np.inf) * (1 + 1e-9) + 1e-6)
+        k = np.where(np.isfinite(k), k, count)
+        out[a:a + _STAT_BLOCK] = np.minimum(k, count)
+    return out
 
 
 # ---------------------------------------------------------------------- the search
@@ -184,49 +224,113 @@ def running_median(x_RC: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def median_beyond(x_RC: np.ndarray, width: int, *, above=None, below=None,
+                  rows: slice = slice(None)) -> np.ndarray:
+    """Where :func:`running_median` of ``x_RC`` is beyond the bound (never at NaN), for the
+    ``rows`` wanted (the others are context: their medians see fewer rows), mostly
+    without taking a median: of k finite values, the median is beyond iff more than k/2 of them
+    are (odd k: the middle one; even k: both middle ones, the mean of two beyond a bound being
+    beyond it too), and it is not if fewer than k/2 are. Only even k with exactly k/2 beyond
+    (never with the default odd width and no NaN) takes the median itself."""
+    x = np.asarray(x_RC, dtype=np.float64)
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore"):
+        b = ((x > above) if above is not None else (x < below)) & ok
+    if not ok.all() and np.isinf(x).any():  # the median's own handling of inf: take it
+        s = running_median(x, width)
+        with np.errstate(invalid="ignore"):
+            return (((s > above) if above is not None else (s < below)) & ~np.isnan(s))[rows]
+    w = max(1, width)
+    lo, hi = w // 2, (w - 1) // 2  # rows each side that a row's median sees
+
+    def window_sum(v):  # rows of v set in each row's median rows: w shifted sums (w is small)
+        p = np.zeros((v.shape[0] + w - 1, *v.shape[1:]), np.int32)
+        p[lo:lo + v.shape[0]] = v
+        return sum(p[d:d + v.shape[0]] for d in range(w))
+
+    k, c, ok = window_sum(ok)[rows], window_sum(b)[rows], ok[rows]
+    out = (2 * c > k) & ok
+    tie = (2 * c == k) & (k > 0) & ok
+    r, c = np.nonzero(tie)
+    if r.size > 64:
+        s = running_median(x, width)[rows]
+    elif r.size:  # a few (a truncated window at the series' ends): those medians alone
+        s = np.full(tie.shape, np.nan)
+        r0 = np.arange(x.shape[0])[rows][r]
+        for i, j, i0 in zip(r, c, r0):
+            s[i, j] = running_median(x[max(0, i0 - lo):i0 + hi + 1, j], width)[min(i0, lo)]
+    if r.size:
+        with np.errstate(invalid="ignore"):
+            out |= tie & ((s > above) if above is not None else (s < below))
+    return out
+
+
 def _candidates(src: GroupSource, n: int, beyond_WC, *, window: int, smooth: int,
                 nan_free: bool = False):
     """(windows, cells) bool: the windows of the finest level where a ``window``-row stretch of
     a cell's smoothed series can be beyond the bound (``beyond_WC``: rows of each window that
     can be, :func:`rows_beyond`); rows past the level's windows always can. None: every row.
 
-    A row's median sees rows [i - w//2, i + (w-1)//2]: a stretch and the rows its medians see
-    span ``window + w - 1`` rows, and hold ceil(window / w) rows with disjoint medians, each
-    needing at least one row beyond (ceil(w/2) when the series has no NaN and the median sees
-    all w rows). A window that no such span with enough rows beyond touches is never read."""
+    A stretch's rows are never NaN (a NaN row breaks it), so any w consecutive rows of it are
+    the whole of one median's rows (of the row in their middle), of which at most w//2 are not
+    beyond: the stretch holds at least :func:`_least` rows beyond, and so does each piece of it
+    that falls in one window, of its own rows. With ``nan_free`` (the series is never NaN) the
+    same holds of the ``window + w - 1`` rows its medians see, away from the series' ends. A
+    stretch shorter than w needs one row beyond among those rows. A window that no stretch
+    meeting these touches is never read."""
     f, cov = src.factor, min(src.covered, n)
     if beyond_WC is None or f is None:
         return None
     w = max(1, smooth)
     n_win = -(-n // f)
+    n_cells = beyond_WC.shape[1]
     tail = np.array([min(f, n - i * f) for i in range(cov // f, n_win)], dtype=np.int64)
-    ls = window + w - 1  # rows a stretch and its medians see
-    span = -(-(ls - 1) // f) + 1  # windows such a span can touch
+    pad = -(-(window + w) // f) + 1  # windows the rows a stretch's medians see can touch
+    # rows before the first and past the last row hold none
+    k = np.concatenate([np.zeros((pad, n_cells), np.int64), beyond_WC[:cov // f],
+                        np.repeat(tail[:, None], n_cells, 1),
+                        np.zeros((pad, n_cells), np.int64)]).astype(np.int16)
+    e = np.arange(f + 1)  # the longest piece of a stretch a window can hold
+    piece = (np.searchsorted(_least(e, w), e, side="right") - 1).astype(np.int16)[k]
     starts = np.arange(n_win)
-    edge = (starts * f < w) | ((starts + span) * f > n - w)
-    need = np.where(edge | (not nan_free), 1, -(-w // 2)) * -(-window // w)
-    keep = np.zeros((n_win, beyond_WC.shape[1]), dtype=bool)
-    for c in range(beyond_WC.shape[1]):
-        k = np.concatenate([beyond_WC[:cov // f, c], tail, np.zeros(span, np.int64)])
-        for o in range(f):  # a span starting o rows into window i: the rows it has in each
-            ell = [min(f, o + ls - j * f) - (o if j == 0 else 0) for j in range(span)]
-            got = sum(np.minimum(k[j:j + n_win], e) for j, e in enumerate(ell) if e > 0)
-            ok = np.flatnonzero(got >= need)
-            if ok.size:  # every window such a span touches
-                mark = np.zeros(n_win + span + 1, dtype=np.int64)
-                np.add.at(mark, ok, 1)
-                np.add.at(mark, ok + sum(e > 0 for e in ell), -1)
-                keep[:, c] |= np.cumsum(mark)[:n_win] > 0
-    return keep
+    inner = ~((starts * f < w) | ((starts + pad) * f > n - w))[:, None]
+    rules = [(-(w // 2), window + w - 1, 1, None)] if window < w else \
+        [(0, window, _least(window, w), None)] + \
+        ([(-(w // 2), window + w - 1, _least(window + w - 1, w), inner)] if nan_free else [])
+    keep = np.zeros((n_win + 2 * pad + 1, n_cells), dtype=np.int32)  # +1/-1 marks, a cumsum
+    for o in range(f):  # a stretch starting o rows into window i
+        ok = np.ones((n_win, n_cells), dtype=bool)
+        for d0, rows, need, where in rules:  # its rows [o + d0, o + d0 + rows) of window i
+            a0, b0 = o + d0, o + d0 + rows
+            cuts = [(j, max(a0, j * f), min(b0, j * f + f))
+                    for j in range(a0 // f, (b0 - 1) // f + 1)]
+            got = sum(np.minimum(k[pad + j:pad + j + n_win], hi - lo) for j, lo, hi in cuts)
+            hold = got >= need
+            if need > 1:
+                for j, lo, hi in cuts:
+                    hold &= piece[pad + j:pad + j + n_win] >= hi - lo
+            ok &= hold if where is None else hold | ~where
+        # every window the rows such a stretch's medians see touch
+        keep[pad + (o - w // 2) // f:][:n_win] += ok
+        keep[pad + (o + window + (w - 1) // 2 - 1) // f + 1:][:n_win] -= ok
+    return np.cumsum(keep, axis=0)[pad:pad + n_win] > 0
 
 
-def _regions(keep_W: np.ndarray, f: int, n: int):
-    """Row ranges of the windows in ``keep_W``; ranges closer than a store chunk are one (a
-    read costs about a chunk anyway)."""
+def _least(rows, w: int):
+    """Fewest rows beyond among ``rows`` consecutive rows of a stretch (w <= rows of it): every
+    w consecutive ones hold at most w//2 that are not."""
+    free = w // 2
+    return rows - (rows // w) * free - np.minimum(rows % w, free)
+
+
+def _regions(keep_W: np.ndarray, f: int, n: int, gap: int = 512):
+    """Row ranges of the windows in ``keep_W``; ranges closer than ``gap`` rows are one (a
+    read costs about a store chunk anyway; with a prefetch, which decodes each chunk once, only
+    the rows the search needs are worth the work)."""
     idx = np.flatnonzero(keep_W)
     if idx.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(idx) * f > 512)
+    breaks = np.flatnonzero(np.diff(idx) * f > gap)
     return [(int(idx[i]) * f, min(n, (int(idx[j]) + 1) * f))
             for i, j in zip(np.r_[0, breaks + 1], np.r_[breaks, idx.size - 1])]
 
@@ -248,10 +352,17 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
     onset = np.full(n_cells, -1, dtype=np.int64)
     keep = _candidates(src, n, beyond_WC, window=window, smooth=smooth, nan_free=nan_free)
     f = src.factor
-    regions = [(0, n)] if keep is None else _regions(keep.any(axis=1), f, n)
-    if prefetch is not None and 1 < len(regions) and sum(b - a for a, b in regions) <= 8 * BLOCK:
-        prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions])
-    for r0, r1 in regions:
+    regions = [(0, n)] if keep is None else \
+        _regions(keep.any(axis=1), f, n, 512 if prefetch is None else f)
+    ends = np.cumsum([b - a for a, b in regions])
+    batch_end, cap = 0, _BATCH[0]
+    for ri, (r0, r1) in enumerate(regions):
+        if prefetch is not None and ri >= batch_end:  # the next regions that fit: one read
+            done = ends[ri - 1] if ri else 0
+            batch_end = max(ri + 1, int(np.searchsorted(ends, done + cap, side="right")))
+            if batch_end - ri > 1:
+                prefetch([(max(0, a - h), min(n, b + h)) for a, b in regions[ri:batch_end]])
+            cap = _BATCH[1]
         run = np.zeros(n_cells, dtype=np.int64)  # rows outside the regions are never beyond
         a, size = r0, _FIRST
         while a < r1 and (onset < 0).any():
@@ -266,10 +377,7 @@ def first_runs(src: GroupSource, n: int, n_cells: int, values, beyond_WC=None, *
                     a = b
                     continue
             x = np.asarray(values(lo, hi), dtype=np.float64)[:, active]
-            s = running_median(x, smooth)
-            with np.errstate(invalid="ignore"):
-                m = (s > above) if above is not None else (s < below)
-            m = (m & ~np.isnan(s))[a - lo:b - lo]
+            m = median_beyond(x, smooth, above=above, below=below, rows=slice(a - lo, b - lo))
             idx = np.arange(b - a)[:, None]
             last_false = np.maximum.accumulate(np.where(~m, idx, -1), axis=0)
             r = np.where(last_false < 0, run[active][None] + idx + 1, idx - last_false)
@@ -306,8 +414,9 @@ def series_edge(src: GroupSource, values, count_W=None, *, last: bool = False,
     the group's) from the start (the end). NaN if there is none."""
     w = None
     if count_W is not None and src.factor is not None:
-        nz = np.flatnonzero(count_W > 0)
-        w = nz[-1:] if last else nz[:1]
+        has = np.asarray(count_W) > 0
+        i = len(has) - 1 - int(np.argmax(has[::-1])) if last else int(np.argmax(has))
+        w = [i] if len(has) and has[i] else []
     for a, b in _spans(src.n if n is None else n, w, src.factor, src.covered, last):
         x = np.asarray(values(a, b), dtype=np.float64)
         x = x[~np.isnan(x)]
