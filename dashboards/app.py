@@ -20,6 +20,7 @@ from dash import Input, Output, Patch, State, callback, dcc, html
 
 from dashboards import data, views
 from moe_probe.modalities import MODALITIES
+from moe_probe.store.reader import tune_reads
 from dashboards.pages_common import root_of
 
 _HERE = Path(__file__).parent
@@ -50,7 +51,7 @@ def create_app(root, refresh_s: float = 5.0) -> dash.Dash:
         routing_callback_inputs={"sel": State("sel", "data")},
     )
     app.server.config["MOE_PROBE_ROOT"] = str(root_p)
-    data.tune_reads()
+    tune_reads()
     _without_core_js(app)
     import logging
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per callback request

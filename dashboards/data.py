@@ -158,16 +158,6 @@ def run_meta(root, run_id: str) -> dict:
             "layers": info.layers, "last_step": last}
 
 
-def tune_reads() -> None:
-    """zarr settings of the dashboard's process (it only reads). zarr decodes the chunks of a
-    read in batches of `codec_pipeline.batch_size` (default 1: each chunk goes through the async
-    pipeline alone); a view reads ~100 chunks of one array. In batches of 64, reading a (step,
-    layer, modality) block of the 50k-step store took 40 instead of 56 ms, and 53 instead of 73
-    ms of CPU."""
-    import zarr
-    zarr.config.set({"codec_pipeline.batch_size": 64})
-
-
 def _dataset(store, group: str):
     """Committed rows of a group as a lazy Dataset, or None while the group has none yet.
 

@@ -16,9 +16,11 @@ from moe_probe.diagnose.rundata import load_run
 from moe_probe.diagnose.runner import diagnose as run_detectors
 from moe_probe.overrides import apply_overrides
 from moe_probe.store.location import local_path
+from moe_probe.store.reader import tune_reads
 
 
 def diagnose(args) -> int:
+    tune_reads()
     cfg = apply_overrides(DiagnoseConfig(), getattr(args, "overrides", None) or [])
     for out, flag in ((args.json_out, "--json"), (args.html, "--html")):
         # fail before the (slow) reading, not after it

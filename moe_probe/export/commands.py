@@ -13,9 +13,11 @@ import time
 
 from moe_probe.export.history import read_summary
 from moe_probe.export.sinks import to_mlflow, to_tensorboard, to_wandb
+from moe_probe.store.reader import tune_reads
 
 
 def export(args) -> int:
+    tune_reads()
     if not (args.tensorboard or args.wandb or args.mlflow):
         raise ValueError("choose where to export: --tensorboard DIR, --wandb or --mlflow URI")
     t0 = time.perf_counter()

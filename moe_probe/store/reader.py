@@ -236,6 +236,17 @@ class _Rows(BackendArray):
         return _read_key(self.arr, key, self.where)
 
 
+def tune_reads() -> None:
+    """zarr settings for a process that reads stores (the dashboard, ``diagnose``, ``export``).
+    zarr decodes the chunks of one read in batches of ``codec_pipeline.batch_size`` (default 1:
+    each chunk goes through the async pipeline alone), and a reader asks for tens to hundreds of
+    chunks at once. In batches of 64: a (step, layer, modality) block of the 50k-step store in
+    40 instead of 56 ms (53 instead of 73 ms of CPU); ``diagnose`` of the 500k-step store in
+    4.1 instead of 4.8-5.3 s (peak RSS 670 instead of 615 MB). Process-wide: not called by
+    the library's own functions, which may run inside a user's process."""
+    zarr.config.set({"codec_pipeline.batch_size": 64})
+
+
 def _factor(level) -> int:
     """A level as its factor: 16, or "x16"; anything else is a one-line StoreError."""
     f = level[1:] if isinstance(level, str) and level.startswith("x") else level
