@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dashboards.data import list_runs  # noqa: E402
 from dashboards.testing import Server, dash_idle, make_driver, quit_driver, severe_logs, wait_for  # noqa: E402
 
 PAGES = ("runs", "routing", "conflicts", "probes", "experts", "compare", "live")
@@ -20,8 +21,14 @@ PAGES = ("runs", "routing", "conflicts", "probes", "experts", "compare", "live")
 
 def _full_page(driver, path: Path) -> None:
     # Grow the window to the page's height so one PNG shows every section.
-    h = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(int(h) + 40, 800), 6000))
+    h = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    want = min(max(h + 40, 800), 6000)
+    driver.set_window_size(1400, want)
+    # The window's size includes the browser's own frame (~140 px in headless chromium): grow it
+    # by what the viewport lacks, or the PNG loses the page's bottom.
+    inner = int(driver.execute_script("return window.innerHeight"))
+    if inner < want:
+        driver.set_window_size(1400, min(2 * want - inner, 6200))
     time.sleep(0.5)
     driver.save_screenshot(str(path))
     driver.set_window_size(1400, 1000)
@@ -61,10 +68,15 @@ def main(argv=None) -> int:
     ap.add_argument("out_dir")
     ap.add_argument("root", nargs="?", default=None)
     a = ap.parse_args(argv)
-    if a.root:
-        shots = capture(a.root, Path(a.out_dir))
-    else:  # the committed fixture stores (the dashboard only reads them)
-        shots = capture(Path(__file__).resolve().parents[1] / "fixtures" / "stores", Path(a.out_dir))
+    # the committed fixture stores by default (the dashboard only reads them)
+    root = a.root or Path(__file__).resolve().parents[1] / "fixtures" / "stores"
+    try:
+        if not list_runs(root):
+            raise ValueError(f"no runs under {root}")
+    except ValueError as e:
+        print(f"screenshots: {e}", file=sys.stderr)
+        return 2
+    shots = capture(root, Path(a.out_dir))
     print("\n".join(map(str, shots)))
     return 0
 
