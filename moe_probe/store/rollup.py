@@ -24,7 +24,7 @@ from zarr.core.sync import sync
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
     COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
-    rollup_arrays, rollup_chunks, rollup_path,
+    compressors, rollup_arrays, rollup_chunks, rollup_path,
 )
 
 __all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
@@ -46,7 +46,7 @@ def _gather(coros) -> None:
 """Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
 
 
-def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str], compressors):
+def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]):
     """Lay out every level of ``group`` (empty, marker 0) for the arrays the group has."""
     specs = rollup_arrays(group)
     sizes = {d: len(v) for d, v in labels.items()}
@@ -68,9 +68,9 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
                              chunks=rollup_chunks(name, spec.dims, sizes),
                              fill_value=fill, dimension_names=("step", *spec.dims),
-                             compressors=compressors, overwrite=True)
+                             compressors=compressors(), overwrite=True)
         lvl.create_array("step", shape=(0,), dtype="int64", chunks=(ROLLUP_CHUNK,), fill_value=-1,
-                         dimension_names=("step",), compressors=compressors, overwrite=True)
+                         dimension_names=("step",), compressors=compressors(), overwrite=True)
         lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
 
 
@@ -298,7 +298,6 @@ def add_rollups(store_path) -> dict[str, int]:
     writer keeps its own rollup state. ``schema_version`` is left as written (levels are only
     additions, and readers find them by their paths)."""
     from moe_probe.store.reader import RunStore  # validates version / foreign stores
-    from moe_probe.store.writer import _compressors
 
     store = RunStore(store_path)
     root = zarr.open_group(str(store.store_path), mode="r+")
@@ -312,7 +311,7 @@ def add_rollups(store_path) -> dict[str, int]:
         present = [n for n in GROUPS[g] if n in grp]
         if not store.levels(g):
             labels = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g]}
-            create_levels(root, g, labels, present, _compressors())
+            create_levels(root, g, labels, present)
         ru = GroupRollup(root, g, dict(root.attrs))
         ru.catch_up(store.committed_steps(g),
                     rows_reader({k: grp[k] for k in [*present, "step"]}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES, TASKS
 
@@ -242,6 +243,14 @@ COUNTS: frozenset[str] = frozenset({"tokens", "load", "kept"})
 ROLLUP_CHUNK = 256
 """Windows per chunk of a level (x16: 4096 rows). The writer writes whole chunks as they fill
 (and the rest on a flush or close), so a level costs a few writes per 4096 rows."""
+
+
+def compressors() -> tuple:
+    """The codecs of every data array (rows and levels). Byte-shuffled blosc-zstd: counts and
+    float metrics shrink ~40% more than with plain zstd and decode faster
+    (benchmarks/bench_writer.py); crc32c makes a damaged chunk an error rather than silently
+    wrong numbers. Both are core zarr v3 codecs."""
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
 def rollup_chunks(name: str, dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:

@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from moe_probe._version import __version__
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES
 from moe_probe.store.rollup import GroupRollup, create_levels, rows_reader
 from moe_probe.store.schema import (
     CHUNK_STEPS, GROUPS, LABEL_DIMS, ROLLUP_GROUPS, SCHEMA_VERSION, StoreError, chunk_shape,
-    fill_value, required, row_shape,
+    compressors, fill_value, required, row_shape,
 )
 
 __all__ = ["StoreWriter", "StoreWriteError"]
@@ -152,7 +151,7 @@ class StoreWriter:
         for g, labels in layout.items():
             _create_group(root, g, labels, steps[g])
             if rollups and g in ROLLUP_GROUPS:
-                create_levels(root, g, labels, list(GROUPS[g]), _compressors())
+                create_levels(root, g, labels, list(GROUPS[g]))
         # Root attrs last: a store that has schema_version is fully laid out.
         root.attrs.update(root_attrs)
         return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
@@ -428,13 +427,6 @@ def _cast(group: str, name: str, a: np.ndarray) -> np.ndarray:
     return a.astype(dtype)
 
 
-def _compressors():
-    # Byte-shuffled blosc-zstd: counts and float metrics shrink ~40% more than with plain zstd
-    # and decode faster (benchmarks/bench_writer.py); crc32c makes a damaged chunk an error
-    # rather than silently wrong numbers. Both are core zarr v3 codecs.
-    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
-
-
 def _create_group(root: zarr.Group, g: str, labels: dict, chunk_steps: int) -> None:
     grp = root.create_group(g)
     sizes = {d: len(labels[d]) for d in LABEL_DIMS[g]}
@@ -447,10 +439,10 @@ def _create_group(root: zarr.Group, g: str, labels: dict, chunk_steps: int) -> N
         grp.create_array(
             name, shape=(0, *row_shape(g, name, sizes)), dtype=spec.dtype,
             chunks=chunk_shape(g, name, sizes, chunk_steps), fill_value=fill_value(spec.dtype),
-            dimension_names=("step", *spec.dims), compressors=_compressors(),
+            dimension_names=("step", *spec.dims), compressors=compressors(),
         )
     grp.create_array("step", shape=(0,), dtype="int64", chunks=(chunk_steps,), fill_value=-1,
-                     dimension_names=("step",), compressors=_compressors())
+                     dimension_names=("step",), compressors=compressors())
     grp.attrs["committed_steps"] = 0
 
 
