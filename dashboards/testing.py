@@ -33,6 +33,18 @@ def browser_missing() -> str | None:
     return None
 
 
+def need_browser() -> None:
+    """In a test: skip where no browser can be driven, but fail under CI (``CI`` set), where
+    the browser tests must run."""
+    import pytest
+
+    why = browser_missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {why}")
+        pytest.skip(why)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 
 import moe_probe
 from dashboards.testing import (
-    Server, browser_missing, graph_data, make_driver, quit_driver, severe_logs, wait_for,
+    Server, need_browser, graph_data, make_driver, quit_driver, severe_logs, wait_for,
     wait_graph, zoom_x,
 )
 
@@ -24,18 +24,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stores"
 
 
-def _need_browser():
-    why = browser_missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests must run in CI: {why}")
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A writable copy of the fixture stores (the live test appends to one of them)."""
-    _need_browser()
+    need_browser()
     r = tmp_path_factory.mktemp("dashroot")
     for name in ("healthy", "collapse", "grad_conflict", "probe_regression", "und_only_control",
                  "live"):
@@ -513,7 +505,7 @@ def test_a_watched_hf_trainer_run_is_shown_while_it_trains(page, server, root):
 
 
 def test_empty_and_vanishing_root_show_a_message(tmp_path):
-    _need_browser()
+    need_browser()
     empty = tmp_path / "empty"
     empty.mkdir()
     with Server(empty, refresh=0.5) as srv:
@@ -536,7 +528,7 @@ def test_empty_and_vanishing_root_show_a_message(tmp_path):
 def test_a_remote_root_serves_its_runs(tmp_path):
     """`moe-probe dash s3://bucket/runs`: runs read from a local S3 server draw the same numbers
     as the local stores, and the Runs page diagnoses them."""
-    _need_browser()
+    need_browser()
     if not os.environ.get("CI"):  # the test extra has it: CI runs this test
         pytest.importorskip("moto")
     from fixtures.s3server import S3Server

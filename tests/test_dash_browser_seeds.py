@@ -11,7 +11,7 @@ from scipy import stats
 
 import moe_probe
 from dashboards.testing import (
-    Server, browser_missing, make_driver, quit_driver, severe_logs, wait_for, wait_graph,
+    Server, need_browser, make_driver, quit_driver, severe_logs, wait_for, wait_graph,
 )
 from fixtures.groups import SEEDS, build_groups
 
@@ -20,9 +20,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    why = browser_missing()
-    if why:
-        pytest.skip(why)
+    need_browser()
     r = tmp_path_factory.mktemp("seedroot")
     build_groups(r)
     return r

@@ -5,8 +5,6 @@ What the graphs draw is compared with counts made here from the group read with 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import xarray as xr
@@ -14,7 +12,7 @@ from sklearn.datasets import load_digits
 
 import moe_probe
 from dashboards.testing import (
-    Server, browser_missing, make_driver, quit_driver, severe_logs, wait_for, wait_graph,
+    Server, need_browser, make_driver, quit_driver, severe_logs, wait_for, wait_graph,
 )
 from moe_probe.run import store_path
 
@@ -23,11 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    why = browser_missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests must run in CI: {why}")
-        pytest.skip(why)
+    need_browser()
     from moe_probe.cli import main
 
     r = tmp_path_factory.mktemp("experts")
