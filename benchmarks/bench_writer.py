@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_writer.py [--steps 2000] [--step-ms 5] [--large-run DIR]
 
 * writer: per model size and routing chunk size, the training loop's time in ``append`` per step
-  (the hand-over), the background thread's time writing per step, and bytes on disk per step
+  (the hand-over), the background thread's time writing per step (all of it; and "steady", without
+  the close, a fixed cost per run printed in ms: the last rows and the finest rollup level's
+  last windows), and bytes on disk per step
   (routing + loss rows, one optimizer step each); each case with rollups off (a 1.1 writer) and on
   (the default), run back to back, and the ratio on / off; "CPU µs/step" is the process's CPU
   time (hand-over, writer thread and zarr's codec threads; sleeping is free), which other load on
@@ -66,6 +68,8 @@ def bench_writer(steps: int, n_layers: int, n_experts: int, chunk: int, workdir:
     size = sum(p.stat().st_size for p in store_path(run).rglob("*") if p.is_file())
     return {"append_us": 1e6 * t_append / steps,
             "write_us": 1e6 * w.stats["write_seconds"] / steps,
+            "steady_us": 1e6 * (w.stats["write_seconds"] - w.stats["close_seconds"]) / steps,
+            "close_ms": 1e3 * w.stats["close_seconds"],
             "cpu_us": 1e6 * cpu / steps,
             "writes": w.stats["writes"], "bytes": size / steps, "wall_s": wall}
 
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
     print(f"writer: {a.steps} steps of routing + loss rows, append per step, "
           f"{a.step_ms} ms simulated step, writer linger 2 s (default)")
     print(f"{'model':<18}{'chunk':>6}{'rollups':>8}{'append µs/step':>16}{'write µs/step':>15}"
-          f"{'CPU µs/step':>14}{'writes':>8}{'bytes/step':>12}{'wall s':>8}")
+          f"{'steady':>8}{'close ms':>10}{'CPU µs/step':>14}{'writes':>8}{'bytes/step':>12}"
+          f"{'wall s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for label, (nl, ne) in SIZES.items():
             for chunk in a.chunks:
@@ -117,11 +122,14 @@ def main(argv=None) -> int:
                 for on in (False, True):
                     r = best[on]
                     print(f"{label:<18}{chunk:>6}{'on' if on else 'off':>8}"
-                          f"{r['append_us']:>16.1f}{r['write_us']:>15.1f}{r['cpu_us']:>14.1f}"
+                          f"{r['append_us']:>16.1f}{r['write_us']:>15.1f}{r['steady_us']:>8.1f}"
+                          f"{r['close_ms']:>10.1f}{r['cpu_us']:>14.1f}"
                           f"{r['writes']:>8}{r['bytes']:>12.0f}{r['wall_s']:>8.2f}")
                 off, on = best[False], best[True]
                 print(f"{'':<18}{'':>6}{'on/off':>8}{on['append_us'] / off['append_us']:>16.2f}"
                       f"{on['write_us'] / off['write_us']:>15.2f}"
+                      f"{on['steady_us'] / off['steady_us']:>8.2f}"
+                      f"{on['close_ms'] / off['close_ms']:>10.2f}"
                       f"{on['cpu_us'] / off['cpu_us']:>14.2f}{'':>8}"
                       f"{on['bytes'] / off['bytes']:>12.2f}")
     if a.large_run:

@@ -90,10 +90,22 @@ def pooled_dead(load_SME: np.ndarray, ids: Sequence[int], mis: Sequence[int]):
         x = x[..., list(mis), :]
     if list(ids) != list(range(x.shape[-1])):
         x = x[..., list(ids)]
-    tot = np.nansum(x, axis=-2) if x.dtype.kind == "f" else x.sum(axis=-2)  # (..., E_g)
-    share = tot.sum(-1, keepdims=True) / len(ids)
-    with np.errstate(invalid="ignore"):
-        dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
+    if x.dtype.kind == "f":
+        tot = np.nansum(x, axis=-2)  # (..., E_g)
+        share = tot.sum(-1, keepdims=True) / len(ids)
+        with np.errstate(invalid="ignore"):
+            dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
+    else:
+        # Integer counts (the writer's rows, every step: the rollups' group_dead_frac), at half
+        # the cost: kinds added slice by slice in the counts' own dtype (a reduction over a short
+        # middle axis is slower; int32 rows hold one step's assignments, far below 2**31), and
+        # an integer t < thr exactly when t < ceil(thr), so no float copy of the loads (share 0
+        # gives thr 0, which no count is below).
+        tot = x[..., 0, :].copy()
+        for m in range(1, x.shape[-2]):
+            tot += x[..., m, :]
+        share = tot.sum(-1, keepdims=True) / len(ids)
+        dead_SE = tot < np.ceil(DEAD_SHARE * share).astype(tot.dtype)
     return dead_SE, dead_SE.sum(-1) / dead_SE.shape[-1]  # = .mean(-1), without a float copy
 
 

@@ -91,11 +91,12 @@ def test_level_path_reads_few_rows(root):
     # the head [5, 16) as rows, the rest as 16-row windows (the tail 19984.. is one whole window)
     assert lv.read == {"rows": 11, "x16": (N - 16) // 16}
     assert n_values[False] == N - 5 and n_values[True] < n_values[False] / 14
-    # all steps in 40 buckets: 512-row buckets from x256 windows, none from rows
+    # all steps in 40 buckets: 512-row buckets from x256 windows, none from rows; x256 holds
+    # one whole chunk (64 windows: 16384 rows), the rest comes from x16
     wide = data.read_buckets(root, "run", "routing", "load", layer="0", modality="vit",
                              target=40)
     assert wide.size == 512 and wide.factor == 256
-    assert wide.read == {"x256": N // 256, "x16": (N % 256) // 16}
+    assert wide.read == {"x256": 64, "x16": (N - 64 * 256) // 16}
 
 
 def _copy(root, tmp_path, name):
@@ -163,7 +164,9 @@ def gappy(tmp_path_factory):
     load = synth.draw_load(rng, tokens, np.broadcast_to(base, (n, *base.shape)), k)
     rows = synth.routing_rows(rng, tokens, load, k, groups, mgroup, 1.0)
     coords = default_coords(layers=layers, n_experts=n_e, groups=("routing", "loss"))
-    with StoreWriter.create(store_path(r / "gappy"), attrs=attrs, coords=coords) as w:
+    # x256 a window per chunk: written whole on this short run (the default waits for 64)
+    with StoreWriter.create(store_path(r / "gappy"), attrs=attrs, coords=coords,
+                            rollups={256: 1}) as w:
         w.append_rows("routing", steps, **rows)
         w.append_rows("loss", steps, value=synth.loss_rows(rng, steps))
     assert np.isnan(rows["capacity_rate"][:, :, 2]).mean() > 0.3

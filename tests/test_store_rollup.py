@@ -15,10 +15,14 @@ from fixtures import synth
 from moe_probe import open_run
 from moe_probe.cli import main
 from moe_probe.store import NotMeasured, StoreError, StoreWriter, default_coords
+from moe_probe.store.rollup import add_rollups
 from moe_probe.store.schema import ROLLUP_FACTORS, rollup_path
 
 FROZEN = Path(__file__).resolve().parents[1] / "fixtures" / "frozen" / "v1.0-healthy"
 L, E, K = 2, 8, 2
+SMALL = {256: 1, 4096: 1}
+"""Windows per chunk of the coarser levels in these short runs: a level is written a whole chunk
+at a time, so with the default chunks (16384 and 65536 rows) they would stay empty here."""
 
 
 def _rows(n, seed=0):
@@ -36,7 +40,7 @@ def _rows(n, seed=0):
     return attrs, routing, synth.loss_rows(rng, np.arange(n))
 
 
-def _write(path, n, *, rollups=True, flush_every=None, seed=0, steps=None):
+def _write(path, n, *, rollups=SMALL, flush_every=None, seed=0, steps=None):
     attrs, routing, loss = _rows(n, seed)
     coords = default_coords(layers=[str(i) for i in range(L)], n_experts=E,
                             isolated_metrics=None, groups=("routing", "loss"))
@@ -98,14 +102,37 @@ def test_plain_xarray_reads_a_level(tmp_path):
 
 
 def test_built_while_writing_equals_built_afterwards(tmp_path):
-    # rows handed one at a time with flushes at odd places vs. `moe-probe rollup` on the rows
-    live = _write(tmp_path / "live", 1100, flush_every=37)
-    later = _write(tmp_path / "later", 1100, rollups=False)
-    assert open_run(later).levels("routing") == []
-    with pytest.raises(NotMeasured, match="moe-probe rollup"):
-        open_run(later).dataset("routing", level=16)
-    assert main(["rollup", str(later)]) == 0
-    _assert_same_levels(live, later)
+    # rows handed one at a time with flushes at odd places vs. `moe-probe rollup` on the rows,
+    # with the default chunks (the coarser levels still empty at 1100 rows) and small ones
+    for name, chunks in (("default", True), ("small", SMALL)):
+        live = _write(tmp_path / f"live-{name}", 1100, rollups=chunks, flush_every=37)
+        later = _write(tmp_path / f"later-{name}", 1100, rollups=False)
+        assert open_run(later).levels("routing") == []
+        with pytest.raises(NotMeasured, match="moe-probe rollup"):
+            open_run(later).dataset("routing", level=16)
+        if chunks is True:
+            assert main(["rollup", str(later)]) == 0
+        else:
+            add_rollups(later, chunks=chunks)
+        _assert_same_levels(live, later)
+
+
+def test_coarser_levels_are_written_a_whole_chunk_at_a_time(tmp_path):
+    p = _write(tmp_path / "s", 1100, rollups={16: 8, 256: 3, 4096: 1})
+    r = open_run(p)
+    rows = r.dataset("routing").load()
+    # the finest level: every finished window (the close writes its last, partial chunk)
+    assert r.dataset("routing", level=16).sizes["step"] == 1100 // 16
+    # x256: 4 finished windows, one whole chunk of 3 written (the 4th waits for its chunk);
+    # readers take steps past it from the finer level
+    lv = r.dataset("routing", level=256)
+    assert lv.sizes["step"] == 3
+    np.testing.assert_array_equal(lv["load"].values,
+                                  rows["load"][:768].coarsen(step=256).sum().values)
+    assert r.dataset("routing", level=4096).sizes["step"] == 0
+    with pytest.raises(ValueError, match="windows per chunk"):
+        _write(tmp_path / "bad", 10, rollups={256: 0})
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_resume_and_truncation_keep_levels_consistent(tmp_path):

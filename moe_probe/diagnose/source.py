@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from moe_probe.store.schema import ROLLUP_CHUNK
+_STAT_READ = 2048
+"""Windows of a level's stats read at once (not twice the level in memory)."""
 
 _ORDER = ("layer", "modality", "expert", "term", "component", "task", "metric")
 """The stored order of the dims after ``step`` (hand-built Datasets may differ)."""
@@ -125,8 +126,8 @@ class GroupSource:
                 # windows at a time (not twice the level in memory)
                 got = {str(k): np.empty((da.shape[0], *da.shape[2:]), da.dtype)
                        for k in da["stat"].values}
-                for a in range(0, da.shape[0], 8 * ROLLUP_CHUNK):
-                    block = da.isel(step=slice(a, a + 8 * ROLLUP_CHUNK)).values
+                for a in range(0, da.shape[0], _STAT_READ):
+                    block = da.isel(step=slice(a, a + _STAT_READ)).values
                     for i, v in enumerate(got.values()):
                         v[a:a + len(block)] = block[:, i]
             self._cache[key] = got

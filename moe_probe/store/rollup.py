@@ -2,8 +2,9 @@
 
 One :class:`GroupRollup` per group keeps, in memory, each level's partial window and the finished
 windows not yet written; :meth:`GroupRollup.add` folds rows in as the writer commits them, and
-:meth:`GroupRollup.write` writes finished windows a whole chunk at a time (all of them on
-``force``: a flush, a close). A level is built from the next finer level's stored values, never
+:meth:`GroupRollup.write` writes finished windows a whole chunk at a time (on ``last``, a close,
+the finest level's other windows too: a coarser level then lags by less than a chunk, and
+readers take those steps from the finer level, so a close costs one level's write, not three). A level is built from the next finer level's stored values, never
 from the rows directly, so windows are the same whichever way they were built (while training,
 after a resume, by ``moe-probe rollup``).
 
@@ -23,16 +24,18 @@ from zarr.core.sync import sync
 
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
-    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNKS, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
     compressors, rollup_arrays, rollup_chunks, rollup_path,
 )
 
-__all__ = ["GroupRollup", "create_levels", "add_rollups", "rows_reader"]
+__all__ = ["GroupRollup", "create_levels", "level_chunks", "add_rollups", "rows_reader", "shrink"]
 
 _BATCH = 1024
 """Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
 _GROW = 8
 """Chunks a level's arrays grow by at once."""
+_DEAD_ROWS = 64
+"""Rows of ``load`` per block when computing ``group_dead_frac`` (see GroupRollup._dead_frac)."""
 
 
 def _gather(coros) -> None:
@@ -43,11 +46,22 @@ def _gather(coros) -> None:
         async def _all():
             await asyncio.gather(*coros)
         sync(_all())
-"""Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
 
 
-def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]):
-    """Lay out every level of ``group`` (empty, marker 0) for the arrays the group has."""
+def shrink(arrays, n: int) -> None:
+    """Cut ``arrays`` back to ``n`` rows along ``step`` (a writer's clean close). zarr's resize
+    deletes every chunk key of the old shape past the new one by default, which costs more than
+    the close's writes on a wide store; a writer never writes past its marker, so there is
+    nothing there to delete."""
+    _gather(a.async_array.resize((n, *a.shape[1:]), delete_outside_chunks=False)
+            for a in arrays if a.shape[0] != n)
+
+
+def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str],
+                  chunks: dict[int, int] | None = None):
+    """Lay out every level of ``group`` (empty, marker 0) for the arrays the group has, with
+    ``chunks`` windows per chunk of each level (default :data:`ROLLUP_CHUNKS`)."""
+    chunks = level_chunks(chunks)
     specs = rollup_arrays(group)
     sizes = {d: len(v) for d, v in labels.items()}
     sizes["stat"] = len(ROLLUP_STATS)
@@ -66,12 +80,22 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                 continue
             fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
-                             chunks=rollup_chunks(name, spec.dims, sizes),
+                             chunks=rollup_chunks(chunks[f], name, spec.dims, sizes),
                              fill_value=fill, dimension_names=("step", *spec.dims),
                              compressors=compressors(), overwrite=True)
-        lvl.create_array("step", shape=(0,), dtype="int64", chunks=(ROLLUP_CHUNK,), fill_value=-1,
+        lvl.create_array("step", shape=(0,), dtype="int64", chunks=(chunks[f],), fill_value=-1,
                          dimension_names=("step",), compressors=compressors(), overwrite=True)
         lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
+
+
+def level_chunks(chunks: dict[int, int] | None) -> dict[int, int]:
+    """{factor: windows per chunk}: :data:`ROLLUP_CHUNKS` updated by ``chunks`` (checked)."""
+    out = {**ROLLUP_CHUNKS, **(chunks or {})}
+    if set(out) != set(ROLLUP_FACTORS) or not all(
+            isinstance(c, int) and c > 0 for c in out.values()):
+        raise ValueError(f"rollup chunks: windows per chunk (an int > 0) for levels "
+                         f"{list(ROLLUP_FACTORS)}; got {chunks}")
+    return out
 
 
 class _Level:
@@ -79,6 +103,7 @@ class _Level:
         self.grp, self.factor, self.ratio = grp, factor, ratio
         present = set(grp.array_keys())
         self.arrays = {k: grp[k] for k in [*rollup_arrays(group), "step"] if k in present}
+        self.chunk = self.arrays["step"].chunks[0]  # windows written at a time (as stored)
         self.committed = int(grp.attrs.get("committed_steps", 0))
         self.pending: dict | None = None   # items of the partial window (values form)
         self.out: list[dict] = []          # finished windows not yet written
@@ -208,30 +233,41 @@ class GroupRollup:
     def _dead_frac(self, load_SLME: np.ndarray) -> np.ndarray:
         """(S, L, M) group_dead_frac rows: the detector's pooled dead fraction of the group each
         modality routes into (NaN for a modality of no group). Layers laid out alike (the usual
-        case) are computed together."""
+        case) are computed together, :data:`_DEAD_ROWS` rows at a time: the temporaries of a
+        block stay in cache (a third faster on a 32-layer × 64-expert model than the whole
+        batch at once)."""
         s, n_l, n_m, _ = load_SLME.shape
         out = np.full((s, n_l, n_m), np.nan)
         by_layout: dict[tuple, list[int]] = {}
         for li, pools in enumerate(self._pools):
             by_layout.setdefault(tuple((tuple(i), tuple(m)) for i, m in pools), []).append(li)
         for layout, lis in by_layout.items():
-            x = load_SLME if len(lis) == n_l else load_SLME[:, lis]
-            for ids, mis in layout:
-                _, frac = mt.pooled_dead(x, ids, mis)  # (S, L')
-                for m in mis:
-                    out[:, lis, m] = frac
+            every = len(lis) == n_l
+            for a in range(0, s, _DEAD_ROWS):
+                x = load_SLME[a:a + _DEAD_ROWS]
+                x = x if every else x[:, lis]
+                for ids, mis in layout:
+                    _, frac = mt.pooled_dead(x, ids, mis)  # (S', L')
+                    for m in mis:
+                        if every:
+                            out[a:a + _DEAD_ROWS, :, m] = frac
+                        else:
+                            out[a:a + _DEAD_ROWS, lis, m] = frac
         return out
 
     # ---------------------------------------------------------------- writing
-    def write(self, force: bool = False) -> None:
-        """Write finished windows: whole chunks, or all of them with ``force``. A level is never
-        written past what its finer level has committed."""
+    def write(self, last: bool = False) -> None:
+        """Write finished windows a whole chunk at a time; with ``last``, every finished window
+        of the finest level. A level is never written past what its finer level has committed.
+        (A flush writes no partial chunk: a resume folds what a level lacks back in from the
+        stored finer windows and rows, and a flush before every checkpoint would rewrite each
+        level's tail chunk every time.)"""
         for i, lvl in enumerate(self.levels):
             n = lvl.n_out
             if i:
                 n = min(n, self.levels[i - 1].committed // lvl.ratio - lvl.committed)
-            if not force:
-                n -= n % ROLLUP_CHUNK
+            if not (last and i == 0):
+                n -= (lvl.committed + n) % lvl.chunk
             if n > 0:
                 self._write_level(lvl, n)
 
@@ -242,7 +278,8 @@ class GroupRollup:
         if lvl.arrays["step"].shape[0] < w1:
             # Grown _GROW chunks at a time (trimmed back on close): a resize rewrites each
             # array's metadata, as costly as writing the chunk itself.
-            cap = -(-w1 // (_GROW * ROLLUP_CHUNK)) * _GROW * ROLLUP_CHUNK
+            grow = _GROW * lvl.chunk
+            cap = -(-w1 // grow) * grow
             _gather(a.async_array.resize((cap, *a.shape[1:])) for a in lvl.arrays.values())
         _gather(a.async_array.setitem(slice(w0, w1), win[name][:n])
                 for name, a in lvl.arrays.items() if name != "step" and name in win)
@@ -256,16 +293,14 @@ class GroupRollup:
         """Cut every level's arrays back to its committed windows (a clean close), so plain
         xarray reads exactly the windows, as for the rows."""
         for lvl in self.levels:
-            grow = [a for a in lvl.arrays.values() if a.shape[0] != lvl.committed]
-            _gather(a.async_array.resize((lvl.committed, *a.shape[1:])) for a in grow)
+            shrink(lvl.arrays.values(), lvl.committed)
 
     # ---------------------------------------------------------------- resume / rebuild
     def catch_up(self, n_rows: int, read_rows) -> None:
         """Make every level consistent with ``n_rows`` committed rows and rebuild the in-memory
         state: levels are cut to what the rows (and the finer level) cover, then the windows
         missing from each level are folded from what is stored below it. ``read_rows(a, b)`` ->
-        (steps, {name: rows}). Windows are written as chunks fill; call :meth:`write` with
-        ``force`` to write the rest."""
+        (steps, {name: rows}). Windows are written as chunks fill."""
         cap = n_rows
         for lvl in self.levels:
             lvl.truncate(cap // lvl.ratio)
@@ -291,12 +326,13 @@ def rows_reader(arrays: dict[str, zarr.Array]):
     return read_rows
 
 
-def add_rollups(store_path) -> dict[str, int]:
+def add_rollups(store_path, chunks: dict[int, int] | None = None) -> dict[str, int]:
     """Lay out the levels a store lacks (a 1.0/1.1 store, or one written with ``rollups=False``)
     and fold in every committed row they do not cover yet; ``moe-probe rollup`` runs it. Returns
     {group: rows covered by the finest level}. The store must not be open in a writer: the
     writer keeps its own rollup state. ``schema_version`` is left as written (levels are only
-    additions, and readers find them by their paths)."""
+    additions, and readers find them by their paths). ``chunks``: as for :func:`create_levels`,
+    for the levels laid out here."""
     from moe_probe.store.reader import RunStore  # validates version / foreign stores
 
     store = RunStore(store_path)
@@ -311,11 +347,11 @@ def add_rollups(store_path) -> dict[str, int]:
         present = [n for n in GROUPS[g] if n in grp]
         if not store.levels(g):
             labels = {d: [str(x) for x in grp[d][:]] for d in LABEL_DIMS[g]}
-            create_levels(root, g, labels, present)
+            create_levels(root, g, labels, present, chunks)
         ru = GroupRollup(root, g, dict(root.attrs))
         ru.catch_up(store.committed_steps(g),
                     rows_reader({k: grp[k] for k in [*present, "step"]}))
-        ru.write(force=True)
+        ru.write(last=True)
         ru.trim()
         out[g] = ru.levels[0].committed * ru.levels[0].ratio
     return out

@@ -18,7 +18,8 @@ __all__ = [
     "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
     "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
-    "ROLLUP_GROUPS", "ROLLUP_STATS", "COUNTS", "rollup_path", "rollup_arrays", "rollup_chunks",
+    "ROLLUP_GROUPS", "ROLLUP_STATS", "ROLLUP_CHUNKS", "COUNTS", "rollup_path", "rollup_arrays",
+    "rollup_chunks",
 ]
 
 SCHEMA_VERSION = "1.2"
@@ -240,9 +241,12 @@ rows (the weights that make a coarser level's mean exact from a finer one's), an
 rows above 0 (bounds how many rows can pass a threshold >= 0: the dead-experts detector's)."""
 COUNTS: frozenset[str] = frozenset({"tokens", "load", "kept"})
 """Arrays that hold counts: their windows hold sums (int64; ``kept`` float64)."""
-ROLLUP_CHUNK = 256
-"""Windows per chunk of a level (x16: 4096 rows). The writer writes whole chunks as they fill
-(and the rest on a flush or close), so a level costs a few writes per 4096 rows."""
+ROLLUP_CHUNKS: dict[int, int] = {16: 256, 256: 64, 4096: 16}
+"""Windows per chunk of each level: 4096, 16384, 65536 rows. The writer writes a level a whole
+chunk at a time as chunks fill, and on close the finest level's last windows too; a coarser level
+then lags its rows by less than a chunk (readers take those steps from the finer level), so a
+level costs one write per chunk of rows, and a writer holds less than a chunk of each level in
+memory."""
 
 
 def compressors() -> tuple:
@@ -253,12 +257,13 @@ def compressors() -> tuple:
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
-def rollup_chunks(name: str, dims: tuple[str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
-    """Chunk shape of a level's array: :data:`ROLLUP_CHUNK` windows, and, like the rows, one
-    layer at a time for arrays with an expert dim (a reader of one layer's window sums decodes
-    only its bytes)."""
-    return (ROLLUP_CHUNK, *(1 if d == "layer" and name in _PER_LAYER else max(1, sizes[d])
-                            for d in dims))
+def rollup_chunks(windows: int, name: str, dims: tuple[str, ...],
+                  sizes: dict[str, int]) -> tuple[int, ...]:
+    """Chunk shape of a level's array: ``windows`` (:data:`ROLLUP_CHUNKS`), and, like the rows,
+    one layer at a time for arrays with an expert dim (a reader of one layer's window sums
+    decodes only its bytes)."""
+    return (windows, *(1 if d == "layer" and name in _PER_LAYER else max(1, sizes[d])
+                       for d in dims))
 
 
 def rollup_path(group: str, factor: int) -> str:

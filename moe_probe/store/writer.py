@@ -31,7 +31,9 @@ import zarr
 
 from moe_probe._version import __version__
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES
-from moe_probe.store.rollup import GroupRollup, create_levels, rows_reader
+from moe_probe.store.rollup import (
+    GroupRollup, create_levels, level_chunks, rows_reader, shrink,
+)
 from moe_probe.store.schema import (
     CHUNK_STEPS, GROUPS, LABEL_DIMS, ROLLUP_GROUPS, SCHEMA_VERSION, StoreError, chunk_shape,
     compressors, fill_value, required, row_shape,
@@ -95,8 +97,10 @@ class StoreWriter:
         self._open_rollups(dict(root.attrs))
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self.stats = {"writes": 0, "rows": 0, "write_seconds": 0.0}
-        """Writer-thread totals (benchmarks/bench_writer.py reads them)."""
+        self.stats = {"writes": 0, "rows": 0, "write_seconds": 0.0, "close_seconds": 0.0}
+        """Writer-thread totals (benchmarks/bench_writer.py reads them); ``close_seconds``: the
+        part of ``write_seconds`` spent on close (the last rows, the finest level's last
+        windows)."""
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"moe_probe-writer:{path}",
                                         daemon=True)
@@ -106,7 +110,7 @@ class StoreWriter:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path, *, attrs: dict, coords: dict[str, dict[str, list] | None],
-               chunk_steps: dict[str, int] | None = None, rollups: bool = True,
+               chunk_steps: dict[str, int] | None = None, rollups: bool | dict = True,
                **kw) -> "StoreWriter":
         """Create the store at ``path`` (a new directory; an existing one is an error). A run's
         store lives where :class:`moe_probe.run.Run` says (``Run(dir).store_path``).
@@ -116,11 +120,15 @@ class StoreWriter:
         are absent from the store. ``modality``, ``term``, ``component`` default to the lists in
         :mod:`moe_probe.modalities`, ``expert2`` to ``expert``. ``rollups``: lay out and write
         the rollup levels of :data:`~moe_probe.store.schema.ROLLUP_GROUPS` (off: the rows only, as
-        a 1.1 writer did; ``moe-probe rollup`` adds them later).
+        a 1.1 writer did; ``moe-probe rollup`` adds them later); a dict {factor: windows per
+        chunk} chunks them other than :data:`~moe_probe.store.schema.ROLLUP_CHUNKS` (a level is
+        written a chunk at a time: tests use small ones to see every level on a short run).
         """
         path = Path(path)
         if path.exists():
             raise StoreError(f"a store already exists at {path} (use resume, or remove it)")
+        if isinstance(rollups, dict):
+            level_chunks(rollups)  # checked before anything is written
         unknown = set(coords) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown store group(s) {sorted(unknown)}; known: {list(GROUPS)}")
@@ -150,8 +158,9 @@ class StoreWriter:
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
         for g, labels in layout.items():
             _create_group(root, g, labels, steps[g])
-            if rollups and g in ROLLUP_GROUPS:
-                create_levels(root, g, labels, list(GROUPS[g]))
+            if rollups is not False and g in ROLLUP_GROUPS:
+                create_levels(root, g, labels, list(GROUPS[g]),
+                              rollups if isinstance(rollups, dict) else None)
         # Root attrs last: a store that has schema_version is fully laid out.
         root.attrs.update(root_attrs)
         return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
@@ -275,7 +284,6 @@ class StoreWriter:
         """Cut the rollups to the committed rows and fold in what they lack (a resume)."""
         for g, ru in self._rollups.items():
             ru.catch_up(self._n[g], rows_reader(self._arrays[g]))
-            ru.write(force=True)
 
     def _trim(self) -> None:
         """Cut the chunk-sized growth back to the committed rows on a clean close, so a finished
@@ -283,10 +291,7 @@ class StoreWriter:
         Arrays stay >= the marker throughout, so a concurrent reader is never misled."""
         try:
             for g, arrays in self._arrays.items():
-                n = self._n[g]
-                for a in arrays.values():
-                    if a.shape[0] != n:
-                        a.resize((n, *a.shape[1:]))
+                shrink(arrays.values(), self._n[g])
             for ru in self._rollups.values():
                 ru.trim()
         except BaseException as e:  # noqa: BLE001 - surfaced like any other write failure
@@ -369,12 +374,14 @@ class StoreWriter:
                 try:
                     for g, items in pending.items():
                         self._write(g, items)
-                    for ru in self._rollups.values():  # a flush or close writes every window
-                        ru.write(force=bool(events or stop))
+                    for ru in self._rollups.values():
+                        ru.write(last=stop)
                     if pending:
                         self.stats["writes"] += 1
                         self.stats["rows"] += n_rows
                     self.stats["write_seconds"] += time.perf_counter() - t0
+                    if stop:
+                        self.stats["close_seconds"] = time.perf_counter() - t0
                 except BaseException as e:  # noqa: BLE001 - surfaced on the producer side
                     self._error = e
             for ev in events:
