@@ -1,6 +1,7 @@
 """Trace-store costs, printed side by side (no assertions: figures to read and compare).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_writer.py [--steps 2000] [--step-ms 5] [--large-run DIR]
+    OMP_NUM_THREADS=1 python benchmarks/bench_writer.py [--steps 2000] [--step-ms 5] [--repeat 2]
+        [--sizes demo hf] [--large-run DIR]
 
 * writer: per model size and routing chunk size, the training loop's time in ``append`` per step
   (the hand-over), the background thread's time writing per step (all of it; and "steady", without
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moe_probe.run import open_run, store_path  # noqa: E402
 from moe_probe.store import StoreWriter, default_coords  # noqa: E402
 
-SIZES = {"demo (4 L × 8 E)": (4, 8), "hf (32 L × 64 E)": (32, 64)}
+SIZES = {"demo": ("demo (4 L × 8 E)", 4, 8), "hf": ("hf (32 L × 64 E)", 32, 64)}
 
 
 def _rows(rng, steps, n_layers, n_experts):
@@ -101,8 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--step-ms", type=float, default=5.0, help="simulated training step time")
     p.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024])
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--large-run", type=Path, default=None)
-    p.add_argument("--repeat", type=int, default=2, help="runs per case (best kept)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="on/off pairs per case (best of each printed, and the pairs' median ratio)")
     a = p.parse_args(argv)
     print(f"writer: {a.steps} steps of routing + loss rows, append per step, "
           f"{a.step_ms} ms simulated step, writer linger 2 s (default)")
@@ -110,15 +114,18 @@ def main(argv=None) -> int:
           f"{'steady':>8}{'close ms':>10}{'CPU µs/step':>14}{'writes':>8}{'bytes/step':>12}"
           f"{'wall s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (nl, ne) in SIZES.items():
+        for label, nl, ne in (SIZES[k] for k in a.sizes):
             for chunk in a.chunks:
-                best = {}
-                for _ in range(a.repeat):  # interleaved: contention hits both alike
-                    for on in (False, True):
+                best, pairs = {}, []
+                for i in range(a.repeat):  # interleaved: contention hits both alike
+                    pair = {}
+                    for on in ((False, True) if i % 2 == 0 else (True, False)):
                         r = bench_writer(a.steps, nl, ne, chunk, Path(tmp), a.step_ms / 1e3, on)
+                        pair[on] = r
                         if on not in best or r["cpu_us"] < best[on]["cpu_us"]:
                             best[on] = r
                         shutil.rmtree(Path(tmp) / f"w{nl}-{ne}-{chunk}-{int(on)}")
+                    pairs.append(pair)
                 for on in (False, True):
                     r = best[on]
                     print(f"{label:<18}{chunk:>6}{'on' if on else 'off':>8}"
@@ -132,6 +139,13 @@ def main(argv=None) -> int:
                       f"{on['close_ms'] / off['close_ms']:>10.2f}"
                       f"{on['cpu_us'] / off['cpu_us']:>14.2f}{'':>8}"
                       f"{on['bytes'] / off['bytes']:>12.2f}")
+                # the ratio within each back-to-back pair, median over pairs: drift between
+                # repeats cancels (the best-of rows above may come from different moments)
+                med = {k: statistics.median(p[True][k] / p[False][k] for p in pairs)
+                       for k in ("append_us", "write_us", "steady_us", "close_ms", "cpu_us")}
+                print(f"{'':<18}{'':>6}{'paired':>8}{med['append_us']:>16.2f}"
+                      f"{med['write_us']:>15.2f}{med['steady_us']:>8.2f}{med['close_ms']:>10.2f}"
+                      f"{med['cpu_us']:>14.2f}   (median of {len(pairs)} on/off pairs)")
     if a.large_run:
         r = open_run(a.large_run)
         print(f"\nreader on {a.large_run} ({r.committed_steps('routing')} routing rows)")

@@ -24,7 +24,7 @@ from zarr.core.sync import sync
 
 from moe_probe import metrics as mt
 from moe_probe.store.schema import (
-    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNKS, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK_BYTES, ROLLUP_CHUNKS, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
     compressors, rollup_arrays, rollup_chunks, rollup_path,
 )
 
@@ -60,11 +60,12 @@ def shrink(arrays, n: int) -> None:
 def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str],
                   chunks: dict[int, int] | None = None):
     """Lay out every level of ``group`` (empty, marker 0) for the arrays the group has, with
-    ``chunks`` windows per chunk of each level (default :data:`ROLLUP_CHUNKS`)."""
-    chunks = level_chunks(chunks)
+    ``chunks`` windows per chunk of each level (default :data:`ROLLUP_CHUNKS`, the finest level's
+    grown on a narrow store: :func:`_finest_windows`)."""
     specs = rollup_arrays(group)
     sizes = {d: len(v) for d, v in labels.items()}
     sizes["stat"] = len(ROLLUP_STATS)
+    chunks = level_chunks({ROLLUP_FACTORS[0]: _finest_windows(specs, sizes), **(chunks or {})})
     for f in ROLLUP_FACTORS:
         lvl = root.require_group(rollup_path(group, f))
         for d, vals in [*labels.items(), ("stat", list(ROLLUP_STATS))]:
@@ -86,6 +87,20 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
         lvl.create_array("step", shape=(0,), dtype="int64", chunks=(chunks[f],), fill_value=-1,
                          dimension_names=("step",), compressors=compressors(), overwrite=True)
         lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
+
+
+def _finest_windows(specs: dict, sizes: dict[str, int]) -> int:
+    """Windows per chunk of the finest level: :data:`ROLLUP_CHUNKS`' 256, doubled (up to 4096)
+    while a chunk of its widest array stays within :data:`ROLLUP_CHUNK_BYTES`. A level's write
+    costs about the same whatever its bytes (zarr's per-chunk work), so a narrow store's finest
+    level (the demo model's: 4096 windows) is written once per 65536 rows instead of 16 times,
+    while a wide one's chunks, and the windows a writer holds, stay as they were."""
+    widest = max(int(np.prod(rollup_chunks(1, name, spec.dims, sizes))) * np.dtype(spec.dtype)
+                 .itemsize for name, spec in specs.items())
+    w = ROLLUP_CHUNKS[ROLLUP_FACTORS[0]]
+    while w < 4096 and 2 * w * widest <= ROLLUP_CHUNK_BYTES:
+        w *= 2
+    return w
 
 
 def level_chunks(chunks: dict[int, int] | None) -> dict[int, int]:

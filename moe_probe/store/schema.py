@@ -18,7 +18,7 @@ __all__ = [
     "SCHEMA_VERSION", "GROUPS", "CORE_GROUPS", "EXTRA_GROUPS", "LABEL_DIMS", "CHUNK_STEPS",
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
     "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
-    "ROLLUP_GROUPS", "ROLLUP_STATS", "ROLLUP_CHUNKS", "COUNTS", "rollup_path", "rollup_arrays",
+    "ROLLUP_GROUPS", "ROLLUP_STATS", "ROLLUP_CHUNKS", "ROLLUP_CHUNK_BYTES", "COUNTS", "rollup_path", "rollup_arrays",
     "rollup_chunks",
 ]
 
@@ -247,6 +247,9 @@ chunk at a time as chunks fill, and on close the finest level's last windows too
 then lags its rows by less than a chunk (readers take those steps from the finer level), so a
 level costs one write per chunk of rows, and a writer holds less than a chunk of each level in
 memory."""
+ROLLUP_CHUNK_BYTES = 1 << 20
+"""Most bytes in a chunk of the finest level's widest array when its chunks grow past 256
+windows (a narrow store: see ``rollup._finest_windows``)."""
 
 
 def compressors() -> tuple:
