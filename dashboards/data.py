@@ -24,6 +24,7 @@ from dashboards.cache import Cache
 from moe_probe.modalities import MODALITIES
 from moe_probe.run import RunInfo, find_runs, open_run, store_path
 from moe_probe.store import NotMeasured
+from moe_probe.store.reader import level_agrees
 from moe_probe.store.schema import COUNTS, ROLLUP_GROUPS, rollup_path
 from moe_probe.store.location import RemotePath, as_path, is_url
 
@@ -407,14 +408,18 @@ def _levels(store, group: str) -> dict:
 
 
 def _open_levels(store, group: str) -> dict:
-    out = {}
+    out, steps = {}, None
     for f in store.levels(group):
         try:
             ds = store.dataset(group, level=f)
+            if not ds.sizes.get("step", 0):
+                continue
+            if steps is None:
+                steps = store.dataset(group)["step"].values
+            if level_agrees(ds, f, steps):  # else stale windows: the rows are drawn instead
+                out[f] = ds
         except (ValueError, KeyError, OSError):
             continue  # a level that cannot be read: the rows hold the same data
-        if ds.sizes.get("step", 0):
-            out[f] = ds
     return out
 
 

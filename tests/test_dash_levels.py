@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 from dashboards import cache, data
 from dashboards.figures import compare as CMP, routing as R
@@ -114,6 +115,17 @@ def test_a_lagging_level_is_completed_from_finer_levels_and_rows(root, tmp_path)
     lv, rows = _both(tmp_path, "routing", "capacity_rate", {"layer": "1"}, None, 40, rid="run")
     _assert_same(lv, rows)
     assert lv.read == {"x256": 40, "x16": (N - 40 * 256) // 16}
+
+
+def test_a_level_that_does_not_name_the_rows_steps_is_not_read(root, tmp_path):
+    """Stale windows (rows a pre-1.2 writer truncated and wrote again after the levels were
+    built): the dashboard draws from the rows, as diagnose does."""
+    s = _copy(root, tmp_path, "run")
+    step = zarr.open_array(str(s / "rollup" / "routing" / "x256" / "step"), mode="r+")
+    step[3] = step[3] + 1  # window 3 no longer starts at row 768's step
+    lv, rows = _both(tmp_path, "routing", "capacity_rate", {"layer": "1"}, None, 40, rid="run")
+    _assert_same(lv, rows)
+    assert "x256" not in lv.read and lv.read.get("x16")  # x16 still agrees and is read
 
 
 def test_figures_are_the_same_with_and_without_levels(root, tmp_path):

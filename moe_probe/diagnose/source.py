@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from moe_probe.store.reader import level_agrees
+
 _STAT_READ = 2048
 """Windows of a level's stats read at once (not twice the level in memory)."""
 
@@ -40,18 +42,11 @@ class GroupSource:
         self.n = int(ds.sizes["step"])
         self._cache: dict = {}
         levels = {f: lv for f, lv in (levels or {}).items() if lv.sizes.get("step", 0)}
-        self.levels = {f: lv for f, lv in sorted(levels.items()) if self._agrees(f, lv)}
+        # a level whose windows do not name the rows' steps (see level_agrees) is left out
+        self.levels = {f: lv for f, lv in sorted(levels.items())
+                       if level_agrees(lv, f, self.steps)}
         self.rows_read = 0
         """Rows read so far (summed over calls): what the levels saved, for tests and benchmarks."""
-
-    def _agrees(self, f: int, lv: xr.Dataset) -> bool:
-        """A level's windows name the rows' steps (a store whose rows a pre-1.2 writer truncated
-        and wrote again after its levels were built does not: read its rows instead)."""
-        w = int(lv.sizes["step"])
-        ends = lv["step_last"].values if "step_last" in lv else None
-        return ends is not None and w * f <= self.n and \
-            np.array_equal(lv["step"].values, self.steps[:w * f:f]) and \
-            np.array_equal(ends, self.steps[f - 1:w * f:f])
 
     @property
     def steps(self) -> np.ndarray:

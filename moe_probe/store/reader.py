@@ -25,7 +25,7 @@ from moe_probe.store.schema import (
     migrate_attrs, parse_version, required, rollup_arrays, rollup_path,
 )
 
-__all__ = ["RunStore", "StoreError", "NotMeasured"]
+__all__ = ["RunStore", "StoreError", "NotMeasured", "level_agrees", "tune_reads"]
 
 _RETRIES = 40
 _RETRY_SLEEP = 0.025
@@ -234,6 +234,18 @@ class _Rows(BackendArray):
         if any(isinstance(k, np.ndarray) for k in key):
             return _read_key(self.arr.oindex, key, self.where)
         return _read_key(self.arr, key, self.where)
+
+
+def level_agrees(level: xr.Dataset, factor: int, steps: np.ndarray) -> bool:
+    """Whether a level's windows name the rows' ``steps`` (the committed rows' step labels):
+    its windows' first and last steps are the rows' at every ``factor``. A store whose rows a
+    pre-1.2 writer truncated and wrote again after its levels were built fails this; its
+    readers (diagnose, the dashboard) read the rows instead."""
+    w = int(level.sizes["step"])
+    if "step_last" not in level or w * factor > len(steps):
+        return False
+    return bool(np.array_equal(level["step"].values, steps[:w * factor:factor]) and
+                np.array_equal(level["step_last"].values, steps[factor - 1:w * factor:factor]))
 
 
 def tune_reads() -> None:
