@@ -414,8 +414,8 @@ def _open_levels(store, group: str) -> dict:
             ds = store.dataset(group, level=f)
             if not ds.sizes.get("step", 0):
                 continue
-            if steps is None:
-                steps = store.dataset(group)["step"].values
+            if steps is None:  # the rows' open Dataset (its step index is in memory)
+                steps = _dataset(store, group)["step"].values
             if level_agrees(ds, f, steps):  # else stale windows: the rows are drawn instead
                 out[f] = ds
         except (ValueError, KeyError, OSError):
