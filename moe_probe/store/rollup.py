@@ -257,17 +257,13 @@ class GroupRollup:
         for li, pools in enumerate(self._pools):
             by_layout.setdefault(tuple((tuple(i), tuple(m)) for i, m in pools), []).append(li)
         for layout, lis in by_layout.items():
-            every = len(lis) == n_l
+            at = slice(None) if len(lis) == n_l else lis  # (indexing copies: skip it for all)
             for a in range(0, s, _DEAD_ROWS):
-                x = load_SLME[a:a + _DEAD_ROWS]
-                x = x if every else x[:, lis]
+                rows = slice(a, a + _DEAD_ROWS)
                 for ids, mis in layout:
-                    _, frac = mt.pooled_dead(x, ids, mis)  # (S', L')
+                    _, frac = mt.pooled_dead(load_SLME[rows, at], ids, mis)  # (S', L')
                     for m in mis:
-                        if every:
-                            out[a:a + _DEAD_ROWS, :, m] = frac
-                        else:
-                            out[a:a + _DEAD_ROWS, lis, m] = frac
+                        out[rows, at, m] = frac
         return out
 
     # ---------------------------------------------------------------- writing
