@@ -23,6 +23,7 @@ import zarr
 from zarr.core.sync import sync
 
 from moe_probe import metrics as mt
+from moe_probe.store.layout import label_arrays, step_array
 from moe_probe.store.schema import (
     COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK_BYTES, ROLLUP_CHUNKS, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
     compressors, rollup_arrays, rollup_chunks, rollup_path,
@@ -68,12 +69,7 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
     chunks = level_chunks({ROLLUP_FACTORS[0]: _finest_windows(specs, sizes), **(chunks or {})})
     for f in ROLLUP_FACTORS:
         lvl = root.require_group(rollup_path(group, f))
-        for d, vals in [*labels.items(), ("stat", list(ROLLUP_STATS))]:
-            vals = np.array(vals, dtype=str)
-            c = lvl.create_array(d, shape=(vals.size,), dtype=str, dimension_names=(d,),
-                                 overwrite=True)
-            if vals.size:
-                c[:] = vals
+        label_arrays(lvl, {**labels, "stat": list(ROLLUP_STATS)}, overwrite=True)
         for name, spec in specs.items():
             if name in GROUPS[group] and name not in present:
                 continue  # an optional array this store does not have
@@ -84,8 +80,7 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                              chunks=rollup_chunks(chunks[f], name, spec.dims, sizes),
                              fill_value=fill, dimension_names=("step", *spec.dims),
                              compressors=compressors(), overwrite=True)
-        lvl.create_array("step", shape=(0,), dtype="int64", chunks=(chunks[f],), fill_value=-1,
-                         dimension_names=("step",), compressors=compressors(), overwrite=True)
+        step_array(lvl, chunks[f], overwrite=True)
         lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
 
 

@@ -18,8 +18,6 @@ written under the same rules, each level behind the rows.
 from __future__ import annotations
 
 import atexit
-import datetime as _dt
-import json
 import queue
 import threading
 import time
@@ -29,14 +27,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from moe_probe._version import __version__
 from moe_probe.modalities import GRAD_COMPONENTS, LOSS_TERMS, MODALITIES
+from moe_probe.store.layout import create_group, root_attrs
 from moe_probe.store.rollup import (
     GroupRollup, create_levels, level_chunks, rows_reader, shrink,
 )
 from moe_probe.store.schema import (
-    CHUNK_STEPS, GROUPS, LABEL_DIMS, ROLLUP_GROUPS, SCHEMA_VERSION, StoreError, chunk_shape,
-    compressors, fill_value, required, row_shape,
+    CHUNK_STEPS, GROUPS, LABEL_DIMS, ROLLUP_GROUPS, StoreError, required, row_shape,
 )
 
 __all__ = ["StoreWriter", "StoreWriteError"]
@@ -133,7 +130,7 @@ class StoreWriter:
         if unknown:
             raise ValueError(f"unknown store group(s) {sorted(unknown)}; known: {list(GROUPS)}")
         steps = {**CHUNK_STEPS, **(chunk_steps or {})}
-        root_attrs = _root_attrs(attrs)
+        attrs_out = root_attrs(attrs)
         layout = {}  # validate everything before anything is written
         for g, labels in coords.items():
             if labels is None:
@@ -157,12 +154,12 @@ class StoreWriter:
             layout[g] = labels
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
         for g, labels in layout.items():
-            _create_group(root, g, labels, steps[g])
+            create_group(root, g, labels, steps[g])
             if rollups is not False and g in ROLLUP_GROUPS:
                 create_levels(root, g, labels, list(GROUPS[g]),
                               rollups if isinstance(rollups, dict) else None)
         # Root attrs last: a store that has schema_version is fully laid out.
-        root.attrs.update(root_attrs)
+        root.attrs.update(attrs_out)
         return cls(path, zarr.open_group(str(path), mode="r+"), **kw)
 
     @classmethod
@@ -204,7 +201,7 @@ class StoreWriter:
 
     def set_attrs(self, attrs: dict) -> None:
         """Replace root attrs (a run started over in place) as :meth:`create` sets them."""
-        self._root.attrs.update(_root_attrs(attrs))
+        self._root.attrs.update(root_attrs(attrs))
         self._open_rollups(dict(self._root.attrs))  # the expert groups may have changed
 
     def labels(self, group: str, dim: str) -> list[str]:
@@ -414,55 +411,9 @@ class StoreWriter:
             self._rollups[g].add(steps, rows)
 
 
-def _root_attrs(attrs: dict) -> dict:
-    """Root attrs as written: the caller's, plus schema version, modalities and run provenance."""
-    out = _jsonable(dict(attrs))
-    out["schema_version"] = SCHEMA_VERSION
-    out.setdefault("modalities", list(MODALITIES))
-    out.setdefault("run", {})
-    if isinstance(out["run"], dict):
-        out["run"].setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat())
-        out["run"].setdefault("package_version", __version__)
-    return out
-
-
 def _cast(group: str, name: str, a: np.ndarray) -> np.ndarray:
     dtype = np.dtype(GROUPS[group][name].dtype)
     if dtype.kind == "i" and a.dtype.kind == "f" and not np.isfinite(a).all():
         # NaN cast to int32 is an arbitrary number: refuse rather than store a made-up count
         raise ValueError(f"{group}/{name} holds counts ({dtype}); got non-finite values")
     return a.astype(dtype)
-
-
-def _create_group(root: zarr.Group, g: str, labels: dict, chunk_steps: int) -> None:
-    grp = root.create_group(g)
-    sizes = {d: len(labels[d]) for d in LABEL_DIMS[g]}
-    for d in LABEL_DIMS[g]:
-        vals = np.array(labels[d], dtype=str)
-        c = grp.create_array(d, shape=(vals.size,), dtype=str, dimension_names=(d,))
-        if vals.size:
-            c[:] = vals
-    for name, spec in GROUPS[g].items():
-        grp.create_array(
-            name, shape=(0, *row_shape(g, name, sizes)), dtype=spec.dtype,
-            chunks=chunk_shape(g, name, sizes, chunk_steps), fill_value=fill_value(spec.dtype),
-            dimension_names=("step", *spec.dims), compressors=compressors(),
-        )
-    grp.create_array("step", shape=(0,), dtype="int64", chunks=(chunk_steps,), fill_value=-1,
-                     dimension_names=("step",), compressors=compressors())
-    grp.attrs["committed_steps"] = 0
-
-
-def _jsonable(obj):
-    """Round-trip through JSON so numpy scalars / tuples / paths in attrs fail or convert now."""
-    return json.loads(json.dumps(obj, default=_default))
-
-
-def _default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, _dt.datetime)):
-        return str(o)
-    raise TypeError(f"attribute value of type {type(o).__name__} is not JSON-serialisable")
