@@ -44,7 +44,7 @@ class GroupSource:
         levels = {f: lv for f, lv in (levels or {}).items() if lv.sizes.get("step", 0)}
         # a level whose windows do not name the rows' steps (see level_agrees) is left out
         self.levels = {f: lv for f, lv in sorted(levels.items())
-                       if level_agrees(lv, f, self.steps)}
+                       if level_agrees(lv, f, self.n, self.steps.__getitem__)}
         self.rows_read = 0
         """Rows read so far (summed over calls): what the levels saved, for tests and benchmarks."""
 

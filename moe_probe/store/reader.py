@@ -84,6 +84,13 @@ class RunStore:
         self._check_group(group)
         return self._marker(group)
 
+    def steps_at(self, group: str, rows) -> np.ndarray:
+        """Step labels of committed rows ``rows`` (indices), reading only the chunks holding them
+        (the Dataset's step coordinate reads every chunk: ~0.2 s at 500k rows)."""
+        self._check_group(group)
+        arr = zarr.open_array(self._zarr, path=f"{group}/step", mode="r")
+        return np.asarray(arr.get_orthogonal_selection(np.asarray(rows, dtype=np.int64)))
+
     def dataset(self, group: str, level: int | str | None = None) -> xr.Dataset:
         """``group`` as an xarray Dataset of its committed rows (lazy; reopened on each call).
 
@@ -236,16 +243,21 @@ class _Rows(BackendArray):
         return _read_key(self.arr, key, self.where)
 
 
-def level_agrees(level: xr.Dataset, factor: int, steps: np.ndarray) -> bool:
-    """Whether a level's windows name the rows' ``steps`` (the committed rows' step labels):
-    its windows' first and last steps are the rows' at every ``factor``. A store whose rows a
-    pre-1.2 writer truncated and wrote again after its levels were built fails this; its
-    readers (diagnose, the dashboard) read the rows instead."""
+def level_agrees(level: xr.Dataset, factor: int, n_rows: int, steps_at,
+                 windows=None) -> bool:
+    """Whether a level's windows name the rows' steps: a window's first and last steps are the
+    rows' at its first and last row. ``steps_at(rows)``: the committed rows' step labels at
+    those row indices; ``windows``: the windows compared (every one by default; e.g. ``(0, -1)``,
+    the ends, where a reader cannot afford every row's step). A store whose rows a pre-1.2
+    writer truncated and wrote again after its levels were built fails this; its readers
+    (diagnose, the dashboard) read the rows instead."""
     w = int(level.sizes["step"])
-    if "step_last" not in level or w * factor > len(steps):
+    if "step_last" not in level or w * factor > n_rows:
         return False
-    return bool(np.array_equal(level["step"].values, steps[:w * factor:factor]) and
-                np.array_equal(level["step_last"].values, steps[factor - 1:w * factor:factor]))
+    win = np.arange(w) if windows is None else np.unique(np.asarray(windows) % w)
+    got = np.asarray(steps_at(np.concatenate([win * factor, win * factor + factor - 1])))
+    return bool(np.array_equal(level["step"].values[win], got[:win.size]) and
+                np.array_equal(level["step_last"].values[win], got[win.size:]))
 
 
 def tune_reads() -> None:
