@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from moe_probe.modalities import GRAD_COMPONENTS
+from moe_probe.trace import grad as grad_mod
 from moe_probe.trace.grad import GradConflictTracer, plain_backward
 
 
@@ -87,15 +88,25 @@ def _micro(seed, n=2):
     return [(torch.randn(5, 6, generator=g), torch.randn(7, 6, generator=g)) for _ in range(n)]
 
 
-def test_cosines_match_autograd_per_task_over_micro_batches():
+@pytest.mark.parametrize("n_micro", [1, 2])
+@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize("piece", [None, 5])
+def test_cosines_match_autograd_per_task_over_micro_batches(monkeypatch, n_micro, last, piece):
+    """Every path of the fused pass: one or two micro-batches, the totals kept or only their sums
+    (``last``), each parameter one piece or several (5 elements: uneven pieces of 36 and 6)."""
+    if piece is not None:
+        monkeypatch.setattr(grad_mod, "_PIECE", piece)
     torch.manual_seed(0)
     model = TwoTaskNet()
-    micro = _micro(1)
+    micro = _micro(1, n=n_micro)
     ref = _reference(model, micro)
     tracer = GradConflictTracer(model)
     model.zero_grad(set_to_none=True)
-    for xu, xg in micro:
-        tracer.backward(model.task_losses(xu, xg))
+    for i, (xu, xg) in enumerate(micro):
+        tracer.backward(model.task_losses(xu, xg), last=last and i == len(micro) - 1)
+    if last:
+        with pytest.raises(ValueError, match="last micro-batch"):
+            tracer.backward(model.task_losses(*micro[0]))
     row = tracer.finish()
     layers = ["0", "1", "all"]
     for li, layer in enumerate(layers):
@@ -127,14 +138,41 @@ def test_grad_equals_plain_backward_and_prior_grad_is_kept():
         for n, p in model.named_parameters():
             p.grad = prior[n].clone()
         tracer = GradConflictTracer(model)
-        for xu, xg in micro:
+        for i, (xu, xg) in enumerate(micro):
             tl = model.task_losses(xu, xg)
-            tracer.backward(tl) if traced else plain_backward(tl)
+            tracer.backward(tl, last=i == len(micro) - 1) if traced else plain_backward(tl)
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, traced = run(False), run(True)
     for n in plain:  # bit-identical: the traced step's second pass IS the untraced backward
         assert torch.equal(traced[n], plain[n]), n
+
+
+def test_a_task_missing_from_the_first_micro_batch_counts_as_zero_there(monkeypatch):
+    """First micro-batch und only, second both (the last): gen's total is the second's alone."""
+    monkeypatch.setattr(grad_mod, "_PIECE", 5)
+    torch.manual_seed(0)
+    model = TwoTaskNet()
+    micro = _micro(4, n=2)
+    tracer = GradConflictTracer(model)
+    first = model.task_losses(*micro[0])
+    tracer.backward({"und": first["und"], "gen": torch.zeros(())})
+    tracer.backward(model.task_losses(*micro[1]), last=True)
+    row = tracer.finish()
+    params = [p for _, p in model.named_parameters()]
+
+    def flat_grad(loss):
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if x is None else x).flatten()
+                          for x, p in zip(gs, params)]).double()
+
+    u = flat_grad(model.task_losses(*micro[0])["und"]) + flat_grad(model.task_losses(*micro[1])["und"])
+    g = flat_grad(model.task_losses(*micro[1])["gen"])
+    C, all_row = list(GRAD_COMPONENTS), 2
+    # layer `all` summed over components: the whole model's norms
+    np.testing.assert_allclose(np.sqrt(np.nansum(row["norm_und"][all_row] ** 2)), u.norm().item(), rtol=1e-5)
+    np.testing.assert_allclose(np.sqrt(np.nansum(row["norm_gen"][all_row] ** 2)), g.norm().item(), rtol=1e-5)
+    assert np.isfinite(row["cosine"][all_row, C.index("attn")])
 
 
 def test_missing_gen_loss_gives_nan_cosine():

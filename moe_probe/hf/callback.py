@@ -208,7 +208,8 @@ class TraceTrainerMixin:
         # d loss / d total: the scale the Trainer applied (1 / accumulation, ...), as autograd
         # propagates it, so the scaled parts' backward equals the Trainer's own bit for bit.
         scale = torch.autograd.grad(loss, total, retain_graph=True)[0]
-        w.backward({t: v * scale for t, v in parts.items()})
+        # the Trainer's own flag: this micro-batch ends the accumulation (the optimizer steps next)
+        w.backward({t: v * scale for t, v in parts.items()}, last=self.accelerator.sync_gradients)
 
     def train(self, *args, **kwargs):
         cb = self._trace

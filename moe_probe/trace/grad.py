@@ -9,7 +9,10 @@ near-zero gradients (|g| ≪ eps) into visible update differences (~lr·0.3). Th
 — hence the update — is bit-identical to an untraced step's, shielding included, and the
 per-task gradients never pass through a subtraction of earlier micro-batches' ``.grad``.
 
-Per step: one (cell, 3) tensor of [u·g, u·u, g·g] sums built on device, one host transfer.
+The per-task gradients are combined in one pass (:meth:`GradConflictTracer._fused`): piece by
+piece, gen's difference is formed and the [u·g, u·u, g·g] sums of the step's running totals taken
+while the piece is still in cache, so each gradient is read from memory once per micro-batch and
+``finish`` only sums the pieces into cells (one host transfer).
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from moe_probe.modalities import GRAD_COMPONENTS
 
 ALL = "all"
 IO = "io"
+_PIECE = 1 << 17
+"""Elements per piece of the fused pass: two float32 pieces (1 MiB) stay in a core's L2 cache from
+the difference to the three dot products. Separate passes (difference, two norms, a dot) read the
+model's gradients five times: ~30 ms -> ~19 ms a traced step of the 14M-parameter benchmark
+model (benchmarks/bench_hf_trainer.py, one CPU thread; ~14 ms on a last micro-batch)."""
 
 
 def grad_layers(model) -> list[str]:
@@ -77,6 +85,16 @@ class GradConflictTracer:
         present[own_cell] = True
         present[all_cell] = True
         self._present = present[:n_cells].reshape(len(self.layers), C)
+        # pieces of each parameter's flattened gradient, and which parameter each piece sums into
+        # (on an accelerator a parameter is one piece: kernel launches, not cache, bound there)
+        self._piece = _PIECE if dev.type == "cpu" else max([p.numel() for p in self.params],
+                                                           default=1)
+        self._pieces = [[(lo, min(lo + self._piece, p.numel()))
+                         for lo in range(0, p.numel(), self._piece)] for p in self.params]
+        self._scratches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        owner = [i for i, ps in enumerate(self._pieces) for _ in ps]
+        self._owner = torch.tensor(owner, dtype=torch.int64, device=dev)
+        self._piece_sums = torch.zeros(len(owner), 3, dtype=torch.float32, device=dev)
         self._und: list[torch.Tensor] | None = None
         self._gen: list[torch.Tensor] | None = None
         self._gen_buf: list[torch.Tensor] | None = None
@@ -85,6 +103,8 @@ class GradConflictTracer:
     def start(self) -> None:
         """Forget the previous step's per-task gradients."""
         self._und = self._gen = None
+        self._sums: torch.Tensor | None = None  # (P, 3) of the running totals, when current
+        self._final = False  # the step's last micro-batch is in: its totals were not kept
         self._total: list[torch.Tensor | None] | None = None
 
     def _accumulate(self, name: str, grads: list[torch.Tensor]) -> None:
@@ -94,20 +114,75 @@ class GradConflictTracer:
         else:
             torch._foreach_add_(acc, grads)
 
-    def _difference(self, fresh: list[torch.Tensor], u: list[torch.Tensor]) -> list[torch.Tensor]:
-        """fresh − u; a step's first micro-batch writes it into buffers kept across steps: a
-        fresh allocation the size of the model each step cost ~5% of a traced step on CPU
-        (page faults), as much as the subtraction itself."""
-        if self._gen is not None:  # a later micro-batch: added to the buffers by _accumulate
-            return torch._foreach_sub(fresh, u)
-        if self._gen_buf is None:
-            self._gen_buf = [torch.empty_like(p) for p in self.params]
-        for out, f, x in zip(self._gen_buf, fresh, u):
-            torch.sub(f, x, out=out)
-        return self._gen_buf
+    def _fused(self, fresh: list[torch.Tensor] | None = None, u: list[torch.Tensor] | None = None,
+               *, keep: bool = True) -> None:
+        """One pass, piece by piece: with ``fresh`` and ``u`` (a micro-batch's total and und
+        gradients) first und += u and gen += fresh − u (on a step's first micro-batch und = u and
+        gen = fresh − u, into buffers kept across steps: a fresh allocation the size of the model
+        each step cost ~5% of a traced step, page faults); then, the piece still in cache,
+        [u·g, u·u, g·g] of the running totals into ``self._sums``. Without ``keep`` (the step's
+        last micro-batch) the totals are formed in scratch pieces and not stored: the sums are
+        all the step needs of them, and writing the model-size gen buffer was a third of the
+        pass. The values are the separate passes' exactly (same elementwise operations); each
+        piece's dot products are float32, summed in float64."""
+        first = fresh is not None and self._und is None and self._gen is None
+        if first and keep:
+            if self._gen_buf is None:  # contiguous, whatever the parameter's layout
+                self._gen_buf = [torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                                 for p in self.params]
+            self._und, self._gen = [x.contiguous() for x in u], self._gen_buf
+        elif not first:  # both totals present and contiguous (a task with no gradient yet: zeros)
+            self._und, self._gen = (
+                [x.contiguous() for x in t] if t is not None else
+                [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+                for t in (self._und, self._gen))
+        sums, k = self._piece_sums, 0
+        for i, pieces in enumerate(self._pieces):
+            if not first:
+                U, G = self._und[i].view(-1), self._gen[i].view(-1)
+            elif keep:
+                G = self._gen[i].view(-1)
+            if fresh is not None:
+                f, x = fresh[i].reshape(-1), u[i].reshape(-1)
+                if not keep:
+                    tmp_a, tmp_g = self._scratch(x.dtype, x.device)
+            for lo, hi in pieces:
+                n = hi - lo
+                if fresh is None:  # the totals as they stand
+                    a, g = U[lo:hi], G[lo:hi]
+                elif first:
+                    a = x[lo:hi]
+                    g = torch.sub(f[lo:hi], a, out=G[lo:hi] if keep else tmp_g[:n])
+                else:
+                    a = torch.add(U[lo:hi], x[lo:hi], out=U[lo:hi] if keep else tmp_a[:n])
+                    g = torch.add(G[lo:hi], f[lo:hi] - x[lo:hi], out=G[lo:hi] if keep else tmp_g[:n])
+                if a.dtype == sums.dtype:
+                    torch.dot(a, g, out=sums[k, 0])
+                    torch.dot(a, a, out=sums[k, 1])
+                    torch.dot(g, g, out=sums[k, 2])
+                else:  # a parameter of another dtype (bf16): its dot products in float32
+                    a, g = a.float(), g.float()
+                    sums[k] = torch.stack([torch.dot(a, g), torch.dot(a, a), torch.dot(g, g)])
+                k += 1
+        self._sums = torch.zeros(len(self.params), 3, dtype=torch.float64,
+                                 device=sums.device).index_add_(0, self._owner, sums.double())
+        if fresh is not None and not keep:
+            self._und = self._gen = None
+            self._final = True
 
-    def backward(self, task_losses: dict[str, torch.Tensor]) -> None:
-        """Two passes for one micro-batch; ``.grad`` ends up exactly as an untraced backward's."""
+    def _scratch(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, device)
+        if key not in self._scratches:
+            self._scratches[key] = torch.empty(2, self._piece, dtype=dtype, device=device).unbind(0)
+        return self._scratches[key]
+
+    def backward(self, task_losses: dict[str, torch.Tensor], *, last: bool = False) -> None:
+        """Two passes for one micro-batch; ``.grad`` ends up exactly as an untraced backward's.
+        ``last``: no further micro-batch comes before ``finish`` (the per-task totals need not be
+        kept, only their sums: a faster pass)."""
+        if self._final:
+            raise ValueError("backward after the step's last micro-batch (last=True): finish the "
+                             "step first")
         if self.distributed:
             return self._backward_ddp(task_losses)
         und, gen = task_losses.get("und"), task_losses.get("gen")
@@ -127,11 +202,11 @@ class GradConflictTracer:
         got = [p.grad for p in self.params]
         fresh = [f if f is not None else torch.zeros_like(p) for f, p in zip(got, self.params)]
         if g_und is not None:
-            u = [x if x is not None else torch.zeros_like(p) for x, p in zip(g_und, self.params)]
-            self._accumulate("_und", u)
-            self._accumulate("_gen", self._difference(fresh, u))
+            self._fused(fresh, [x if x is not None else torch.zeros_like(p)
+                                for x, p in zip(g_und, self.params)], keep=not last)
         else:  # one live task: the whole gradient is its own (copied: .grad is modified later)
             self._accumulate("_und" if und_live else "_gen", [f.clone() for f in fresh])
+            self._sums = None
         # Same single add as autograd's accumulation into an existing .grad.
         both = [i for i, (h, f) in enumerate(zip(held, got)) if h is not None and f is not None]
         if both:
@@ -176,19 +251,12 @@ class GradConflictTracer:
             self._reduce_ddp()
         L, C = len(self.layers), len(self.components)
         dev = self._own.device
-        zeros = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
-
-        def sq_norms(grads):
-            return zeros if grads is None else torch.stack(torch._foreach_norm(grads)).double().square()
-
-        dot = zeros if self._und is None or self._gen is None else torch.stack(
-            [torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(self._und, self._gen)]).double()
-        rows = [dot, sq_norms(self._und), sq_norms(self._gen)] if self.params else []
         cells = torch.zeros(L * C + 1, 3, dtype=torch.float64, device=dev)
-        if rows:
-            stats = torch.stack(rows, 1)
-            cells.index_add_(0, self._own, stats)
-            cells.index_add_(0, self._all, stats)
+        if self._sums is None and (self._und is not None or self._gen is not None):
+            self._fused()  # under DDP, or one task live: the pass without an update
+        if self._sums is not None:
+            cells.index_add_(0, self._own, self._sums)
+            cells.index_add_(0, self._all, self._sums)
         s = cells[: L * C].cpu().numpy().reshape(L, C, 3)
         self.start()
         dot, nu2, ng2 = s[..., 0], s[..., 1], s[..., 2]

@@ -63,9 +63,11 @@ class TraceSession:
         """Decide this step's tracers and attach the routing hooks (removed in ``end_step``)."""
         self._watch.begin_step(step)
 
-    def backward(self, task_losses: dict[str, torch.Tensor], step: int | None = None) -> None:
-        """One micro-batch's backward: two traced passes at a grad step, else the plain sum."""
-        self._watch.backward(task_losses)
+    def backward(self, task_losses: dict[str, torch.Tensor], step: int | None = None, *,
+                 last: bool = False) -> None:
+        """One micro-batch's backward: two traced passes at a grad step, else the plain sum
+        (``last``: the step's last micro-batch, see ``Watch.backward``)."""
+        self._watch.backward(task_losses, last=last)
 
     def end_step(self, step: int, losses: dict[str, float]) -> None:
         """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""

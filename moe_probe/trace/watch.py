@@ -215,10 +215,13 @@ class Watch:
         if self._counting:  # an unsampled step counts nothing, so its labels are not kept either
             self._pending = labels
 
-    def backward(self, losses) -> None:
+    def backward(self, losses, *, last: bool = False) -> None:
         """One micro-batch's backward. ``losses``: a loss tensor, or a dict of task losses
         (``{first: l1, second: l2}`` of ``tasks``): at a grad step the two-pass tracer, whose
-        update is bit-identical to the plain ``(l1 + l2).backward()`` run otherwise."""
+        update is bit-identical to the plain ``(l1 + l2).backward()`` run otherwise. ``last``:
+        the step's last micro-batch (optional; at a grad step the tracer then keeps only the
+        sums of the per-task gradients, ~3% of the step faster; another backward before
+        ``step`` is then refused)."""
         if isinstance(losses, torch.Tensor):
             if self._grad_on:
                 raise ValueError(f"step {self._step} measures gradient conflict: pass the two task "
@@ -231,7 +234,7 @@ class Watch:
                                  f"{list(self.tasks)}")
             losses = {role: losses[t] for role, t in zip(("und", "gen"), self.tasks) if t in losses}
         if self._grad_on:
-            self._grad.backward(losses)
+            self._grad.backward(losses, last=last)
         else:
             plain_backward(losses)
 

@@ -141,12 +141,13 @@ def fit(cfg: RunConfig, run_dir: Path, *, model, data, tokenizer, session, evalu
             # rank-independent) and runs its own contiguous share of the micro-batches.
             if i // tc.micro_batches != dist.rank:
                 continue
-            with dist.grad_sync(net, last=(i + 1) % tc.micro_batches == 0):
+            last = (i + 1) % tc.micro_batches == 0
+            with dist.grad_sync(net, last=last):
                 out = net(batch)
                 # Mean over micro-batches: the accumulated gradient equals one big batch's
                 # (DDP's average over ranks completes the mean over all of them).
                 session.backward({k: v / tc.micro_batches for k, v in out.task_losses.items()},
-                                 step)
+                                 step, last=last)
             for k, v in out.losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / tc.micro_batches
         if dist.enabled:  # the loss row is the global batch's (one collective per step)
