@@ -101,6 +101,45 @@ def test_planted_onsets_in_a_long_store_are_exact(tmp_path):
     assert fast.rows_read < full.rows_read / 4  # the levels kept most rows unread
 
 
+def test_online_diagnosis_screens_with_levels_kept_in_memory(tmp_path):
+    """Online checks (rows handed over one at a time, as a writer's) fold the rows into levels
+    kept in memory and screen with them: at each check the findings equal every row's, while
+    most rows stay unread; the final check equals offline `diagnose` of the store."""
+    from moe_probe.diagnose.online import OnlineDiagnosis
+    from moe_probe.diagnose.rundata import RunData
+    from moe_probe.run import open_run
+
+    run_dir = _long_store(tmp_path / "long")
+    store = open_run(run_dir)
+    ds = store.dataset("routing")
+    rows = {n: ds[n].values for n in ("tokens", "capacity_rate", "load")}
+    online = OnlineDiagnosis(attrs=store.attrs, labels={"routing": {
+        d: store.labels("routing", d) for d in ("layer", "modality", "expert")}},
+        run_dir=str(run_dir))
+    steps = ds["step"].values
+    start, checks = 0, []
+    for stop in (9_000, 13_000, 16_003, steps.size):
+        for i in range(start, stop):
+            online.add("routing", int(steps[i]), **{n: a[i] for n, a in rows.items()})
+        start = stop
+        run = online.run_data()
+        got = diagnose_run(run)
+        every_row = RunData(name=run.name, run_dir=run.run_dir, attrs=run.attrs,
+                            groups=run.groups)
+        want = diagnose_run(every_row)
+        assert json.dumps(got.to_dict(), sort_keys=True) == json.dumps(want.to_dict(),
+                                                                       sort_keys=True), stop
+        src, full = run.source("routing"), every_row.source("routing")
+        assert src.levels and src.covered == stop - stop % 16
+        assert src.rows_read < full.rows_read / 4, stop  # the in-memory levels were used
+        checks.append({(f.kind, f.modality): f.onset_step for f in got.findings})
+    assert ("dead_experts", None) not in checks[0] and checks[1]["dead_experts", None] == 12_345
+    assert checks[-1]["routing_collapse", "text"] <= 15_001
+    offline = diagnose_run(load_run(run_dir))
+    assert json.dumps(got.to_dict(), sort_keys=True) == json.dumps(offline.to_dict(),
+                                                                   sort_keys=True)
+
+
 def test_cli_full_resolution_gives_the_same_report(tmp_path, capsys):
     run = ROOT / "stores" / "collapse"
     a, b = tmp_path / "a.json", tmp_path / "b.json"

@@ -8,8 +8,15 @@ Datasets :func:`~moe_probe.diagnose.rundata.load_run` builds, to the same
 onsets are the ones ``diagnose`` reports on the store once those rows are committed, without
 reading the store again.
 
+Incremental: the ``routing`` rows are also folded, at each check, into rollup levels kept in
+memory (:class:`_Levels`, the writer's own :class:`~moe_probe.store.rollup.GroupRollup`), and
+the detectors screen with them as they do a store's (``diagnose/source.py``): a check reads rows
+only where the levels cannot rule a stretch out, and the rows past the finest level's last
+window (< 16), so its cost follows the levels (1/16 of the rows) and the candidates, not the
+run's length times its width.
+
 Memory: per routed step ``L·M·(E + 1)`` int32 + ``L·M`` float32 (``load``, ``tokens``,
-``capacity_rate``); per grad step ``3·L'·C`` float32; per token-routing row ``N·(L·K + 5)``
+``capacity_rate``), and the levels' windows (about 1/8 more: int64 sums per 16 rows); per grad step ``3·L'·C`` float32; per token-routing row ``N·(L·K + 5)``
 small ints (the probe set's picks). The other groups keep their steps only.
 Torch-free, like every reader.
 """
@@ -20,13 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from moe_probe.diagnose.config import DiagnoseConfig
 from moe_probe.diagnose.findings import RunDiagnosis
-from moe_probe.diagnose.rundata import DIAGNOSED, NEEDED, RunData
+from moe_probe.diagnose.rundata import DIAGNOSED, NEEDED, SCREENED, RunData
 from moe_probe.diagnose.runner import diagnose_run
 from moe_probe.run import RunInfo
-from moe_probe.store.schema import GROUPS, LABEL_DIMS
+from moe_probe.store.layout import label_arrays
+from moe_probe.store.rollup import GroupRollup, create_levels
+from moe_probe.store.schema import GROUPS, LABEL_DIMS, ROLLUP_FACTORS, ROLLUP_STATS, rollup_arrays
 
 class _Rows:
     """A growing ``(n, *row)`` array with amortised doubling (rows appended one at a time)."""
@@ -36,15 +46,65 @@ class _Rows:
         self.n = 0
 
     def append(self, row) -> None:
-        if self.n == len(self._a):
-            grown = np.empty((2 * len(self._a), *self._a.shape[1:]), dtype=self._a.dtype)
-            grown[:self.n] = self._a[:self.n]
-            self._a = grown
+        self._reserve(self.n + 1)
         self._a[self.n] = row
         self.n += 1
 
+    def extend(self, rows: np.ndarray) -> None:
+        self._reserve(self.n + len(rows))
+        self._a[self.n:self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def _reserve(self, n: int) -> None:
+        if n > len(self._a):
+            grown = np.empty((max(n, 2 * len(self._a)), *self._a.shape[1:]), dtype=self._a.dtype)
+            grown[:self.n] = self._a[:self.n]
+            self._a = grown
+
     def view(self) -> np.ndarray:
         return self._a[:self.n]
+
+
+class _Levels:
+    """One group's rollup levels in memory: rows folded in by a :class:`GroupRollup` laid out on
+    an empty in-memory zarr group (it gives the levels' arrays and dtypes; nothing is written
+    there), its finished windows taken into growing arrays."""
+
+    def __init__(self, group: str, attrs: dict, labels: dict[str, list[str]], present):
+        root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+        label_arrays(root.require_group(group), labels)  # the rollup reads its groups' labels
+        create_levels(root, group, labels, list(present))
+        self.rollup = GroupRollup(root, group, attrs)
+        self.group, self.labels = group, labels
+        specs = rollup_arrays(group)
+        sizes = {**{d: len(v) for d, v in labels.items()}, "stat": len(ROLLUP_STATS)}
+        names = list(self.rollup.levels[0].arrays)
+        self.dims = {n: ("step",) if n == "step" else ("step", *specs[n].dims) for n in names}
+        self.windows = [{n: _Rows(tuple(sizes[d] for d in self.dims[n][1:]),
+                                  self.rollup.levels[0].arrays[n].dtype) for n in names}
+                        for _ in ROLLUP_FACTORS]
+        self.folded = 0
+        """Rows folded in so far."""
+
+    def fold(self, steps: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Rows [folded, len(steps)) in; the levels' finished windows kept."""
+        if len(steps) > self.folded:
+            self.rollup.add(steps[self.folded:],
+                            {n: arrays[n][self.folded:] for n in self.rollup.names})
+            self.folded = len(steps)
+            for kept, win in zip(self.windows, self.rollup.take()):
+                for n, rows in kept.items():
+                    if n in win:
+                        rows.extend(win[n])
+
+    def datasets(self) -> dict[int, xr.Dataset]:
+        """{factor: level} as ``RunStore.dataset(group, level=f)`` gives a store's."""
+        out = {}
+        for f, kept in zip(ROLLUP_FACTORS, self.windows):
+            coords = {"step": kept["step"].view(), **self.labels, "stat": list(ROLLUP_STATS)}
+            out[f] = xr.Dataset({n: (self.dims[n], rows.view()) for n, rows in kept.items()
+                                 if n != "step"}, coords=coords)
+        return out
 
 
 class OnlineDiagnosis:
@@ -64,6 +124,8 @@ class OnlineDiagnosis:
             self._arrays[g] = {
                 name: _Rows(tuple(len(dims[d]) for d in GROUPS[g][name].dims), GROUPS[g][name].dtype)
                 for name in NEEDED.get(g, ())}
+        self._levels = {g: _Levels(g, self.attrs, self._labels[g], NEEDED[g])
+                        for g in SCREENED if g in self._labels}
 
     @classmethod
     def for_run(cls, run_dir, cfg: DiagnoseConfig | None = None) -> OnlineDiagnosis:
@@ -95,16 +157,20 @@ class OnlineDiagnosis:
 
     def run_data(self) -> RunData:
         """The rows so far as :func:`~moe_probe.diagnose.rundata.load_run` gives a store's."""
-        groups = {}
+        groups, levels = {}, {}
         for g, steps in self._steps.items():
             if not steps.n:
                 continue
             coords = {"step": steps.view(), **self._labels[g]}
-            groups[g] = xr.Dataset(
-                {n: (("step", *GROUPS[g][n].dims), rows.view()) for n, rows in self._arrays[g].items()},
-                coords=coords)
+            arrays = {n: rows.view() for n, rows in self._arrays[g].items()}
+            groups[g] = xr.Dataset({n: (("step", *GROUPS[g][n].dims), a) for n, a in arrays.items()},
+                                   coords=coords)
+            if g in self._levels:
+                self._levels[g].fold(steps.view(), arrays)
+                levels[g] = self._levels[g].datasets()
         name = RunInfo.from_attrs(self.attrs, path=Path(self.run_dir)).name
-        return RunData(name=name, run_dir=self.run_dir, attrs=self.attrs, groups=groups)
+        return RunData(name=name, run_dir=self.run_dir, attrs=self.attrs, groups=groups,
+                       levels=levels)
 
     def diagnose(self) -> RunDiagnosis:
         """Every detector on the rows so far (as ``moe-probe diagnose`` on the committed store)."""

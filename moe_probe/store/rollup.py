@@ -75,6 +75,8 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                 continue  # an optional array this store does not have
             if name == "group_dead_frac" and "load" not in present:
                 continue
+            if name == "window_capacity_rate" and not {"kept", "tokens"} <= set(present):
+                continue  # recomputed from both sums (online diagnosis keeps no `kept`)
             fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
                              chunks=rollup_chunks(chunks[f], name, spec.dims, sizes),
@@ -195,6 +197,17 @@ class GroupRollup:
         lvl.n_out += len(win["step"])
         if li + 1 < len(self.levels):
             self._fold(li + 1, win)
+
+    def take(self) -> list[dict[str, np.ndarray]]:
+        """Every level's finished windows (values form), handed over instead of written: a
+        caller that keeps levels in memory (online diagnosis) folds rows with :meth:`add` and
+        takes the windows after each batch. Not for a store's writer (nothing is committed)."""
+        out = []
+        for lvl in self.levels:
+            out.append({k: np.concatenate([w[k] for w in lvl.out]) for k in lvl.out[0]}
+                       if lvl.out else {})
+            lvl.out, lvl.n_out = [], 0
+        return out
 
     def _row_items(self, steps, rows):
         items = {"step": np.asarray(steps, dtype=np.int64)}
