@@ -49,9 +49,9 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
     - ``out``: a new run directory (created atomically; an existing run or a non-empty directory
       is refused with nothing touched).
     - ``w.step(step, losses=...)`` closes optimizer step ``step``: the counts of every training
-      forward since the previous ``step`` (all micro-batches) become one ``routing`` row (an
-      evaluation forward — eval mode under no_grad — and a forward recomputed in backward by
-      activation checkpointing are not counted). Steps are consecutive from ``start_step`` (a
+      forward since the previous ``step`` (all micro-batches) become one ``routing`` row (a
+      forward under no_grad — evaluation, metrics, generation, in either mode — and one
+      recomputed in backward by activation checkpointing are not counted). Steps are consecutive from ``start_step`` (a
       step's sampling is decided when it opens; another number is refused).
       ``losses``: a number (``total``) or ``{term: value}`` over ``lm mmu gen aux z total`` plus
       ``loss_terms``; numbers as given (under DDP pass the global mean).

@@ -84,6 +84,8 @@ def test_hf_counts_per_step_layer_and_kind_equal_the_models_router_logits(tmp_pa
             with torch.no_grad():
                 model(input_ids=micro[0])
             model.train()
+            with torch.no_grad():  # nor a train-mode one for metrics or generation (as TRL's)
+                model(input_ids=micro[0])
             w.step(step, losses={"total": out.loss.item(), "aux": out.aux_loss.item()})
     assert _n_hooks(model) == before
     run = open_run(tmp_path / "run")

@@ -7,8 +7,9 @@ moe_probe's model (:class:`ModelRouters`) or a Hugging Face MoE (``moe_probe.hf.
 
 A step: ``begin_step(s)`` attaches the router hooks when ``s`` is a routing step (none otherwise,
 so an unsampled step costs nothing); every training forward until ``end_step(s)`` is counted
-(gradient accumulation: the counts of all micro-batches add up; an evaluation forward — eval mode
-under no_grad — and a forward recomputed in backward by activation checkpointing are not);
+(gradient accumulation: the counts of all micro-batches add up; a forward under no_grad —
+evaluation, metrics, generation — and one recomputed in backward by activation checkpointing are
+not);
 ``backward`` runs the two-pass gradient-conflict tracer at a grad step, else the
 plain backward; ``end_step`` removes the hooks, reduces over ranks under torch.distributed and
 hands the rows to the writer. ``step(s)`` = ``end_step(s)`` + ``begin_step(s + 1)``, for loops
@@ -309,10 +310,12 @@ class Watch:
         self._kind_T = kind_T.to(dev)
 
     def _training_forward(self) -> bool:
-        """A forward of training: the model in train mode or building a graph (a loop that never
-        called ``.train()``), and not one recomputed inside backward (activation checkpointing
-        would count its tokens twice). An evaluation (eval mode under no_grad) is left out."""
-        return (self.model.training or torch.is_grad_enabled()) and _graph_task_id() < 0
+        """A forward of training: one building a graph (in train mode or not: a loop may never
+        call ``.train()``), and not one recomputed inside backward (activation checkpointing
+        would count its tokens twice). Forwards under no_grad are left out, in either mode: an
+        evaluation, and the extra train-mode forwards some trainers run for metrics or
+        generation (TRL's), whose tokens no update learns from."""
+        return torch.is_grad_enabled() and _graph_task_id() < 0
 
     def _on_router(self, li: int, out) -> None:
         if not self._training_forward():
