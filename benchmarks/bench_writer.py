@@ -8,7 +8,9 @@
   the close, a fixed cost per run printed in ms: the last rows and the finest rollup level's
   last windows), and bytes on disk per step
   (routing + loss rows, one optimizer step each); each case with rollups off (a 1.1 writer) and on
-  (the default), run back to back, and the ratio on / off; "CPU µs/step" is the process's CPU
+  (the default), run back to back, and the ratio on / off; and, within the "on" runs, the
+  writer's time spent on rollups (folding rows in, writing levels) over the rest of its time —
+  the same rows, so free of the drift between runs that the on / off ratio carries; "CPU µs/step" is the process's CPU
   time (hand-over, writer thread and zarr's codec threads; sleeping is free), which other load on
   a shared machine inflates far less than wall times;
 * reader (with ``--large-run``, a store from ``python -m fixtures.generate --large DIR``): time to
@@ -72,6 +74,14 @@ def bench_writer(steps: int, n_layers: int, n_experts: int, chunk: int, workdir:
             "write_us": 1e6 * w.stats["write_seconds"] / steps,
             "steady_us": 1e6 * (w.stats["write_seconds"] - w.stats["close_seconds"]) / steps,
             "close_ms": 1e3 * w.stats["close_seconds"],
+            # the rollups' own part of the writer's time, and what it adds to the rest (rows):
+            # measured inside one run, free of the run-to-run drift an on/off ratio carries
+            "rollup_us": 1e6 * w.stats["rollup_seconds"] / steps,
+            "rollup_share": w.stats["rollup_seconds"]
+            / (w.stats["write_seconds"] - w.stats["rollup_seconds"]),
+            "rollup_share_steady": (w.stats["rollup_seconds"] - w.stats["rollup_close_seconds"])
+            / (w.stats["write_seconds"] - w.stats["close_seconds"] - w.stats["rollup_seconds"]
+               + w.stats["rollup_close_seconds"]),
             "cpu_us": 1e6 * cpu / steps,
             "writes": w.stats["writes"], "bytes": size / steps, "wall_s": wall}
 
@@ -146,6 +156,12 @@ def main(argv=None) -> int:
                 print(f"{'':<18}{'':>6}{'paired':>8}{med['append_us']:>16.2f}"
                       f"{med['write_us']:>15.2f}{med['steady_us']:>8.2f}{med['close_ms']:>10.2f}"
                       f"{med['cpu_us']:>14.2f}   (median of {len(pairs)} on/off pairs)")
+                within = {k: statistics.median(p[True][k] for p in pairs)
+                          for k in ("rollup_us", "rollup_share", "rollup_share_steady")}
+                print(f"{'':<18}{'':>6}{'within':>8}  rollup work {within['rollup_us']:.1f} µs/step "
+                      f"= +{100 * within['rollup_share']:.1f}% of the rest of the writer's time "
+                      f"(+{100 * within['rollup_share_steady']:.1f}% without the close; median "
+                      f"of the {len(pairs)} 'on' runs)")
     if a.large_run:
         r = open_run(a.large_run)
         print(f"\nreader on {a.large_run} ({r.committed_steps('routing')} routing rows)")

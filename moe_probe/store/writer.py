@@ -94,10 +94,12 @@ class StoreWriter:
         self._open_rollups(dict(root.attrs))
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self.stats = {"writes": 0, "rows": 0, "write_seconds": 0.0, "close_seconds": 0.0}
+        self.stats = {"writes": 0, "rows": 0, "write_seconds": 0.0, "close_seconds": 0.0,
+                      "rollup_seconds": 0.0, "rollup_close_seconds": 0.0}
         """Writer-thread totals (benchmarks/bench_writer.py reads them); ``close_seconds``: the
         part of ``write_seconds`` spent on close (the last rows, the finest level's last
-        windows)."""
+        windows); ``rollup_seconds``: the part spent on rollups (folding rows in, writing
+        levels), ``rollup_close_seconds`` its part on close."""
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"moe_probe-writer:{path}",
                                         daemon=True)
@@ -371,8 +373,12 @@ class StoreWriter:
                 try:
                     for g, items in pending.items():
                         self._write(g, items)
+                    t1 = time.perf_counter()
                     for ru in self._rollups.values():
                         ru.write(last=stop)
+                    self.stats["rollup_seconds"] += time.perf_counter() - t1
+                    if stop:
+                        self.stats["rollup_close_seconds"] = time.perf_counter() - t1
                     if pending:
                         self.stats["writes"] += 1
                         self.stats["rows"] += n_rows
@@ -408,7 +414,9 @@ class StoreWriter:
         self._groups[g].attrs["committed_steps"] = n1  # the commit: strictly after the data
         self._n[g] = n1
         if g in self._rollups:
+            t0 = time.perf_counter()
             self._rollups[g].add(steps, rows)
+            self.stats["rollup_seconds"] += time.perf_counter() - t0
 
 
 def _cast(group: str, name: str, a: np.ndarray) -> np.ndarray:

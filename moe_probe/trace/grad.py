@@ -104,7 +104,7 @@ class GradConflictTracer:
         """Forget the previous step's per-task gradients."""
         self._und = self._gen = None
         self._sums: torch.Tensor | None = None  # (P, 3) of the running totals, when current
-        self._final = False  # the step's last micro-batch is in: its totals were not kept
+        self._final = False  # the step's last micro-batch is in (its totals may not be kept)
         self._total: list[torch.Tensor | None] | None = None
 
     def _accumulate(self, name: str, grads: list[torch.Tensor]) -> None:
@@ -168,7 +168,6 @@ class GradConflictTracer:
                                  device=sums.device).index_add_(0, self._owner, sums.double())
         if fresh is not None and not keep:
             self._und = self._gen = None
-            self._final = True
 
     def _scratch(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (dtype, device)
@@ -184,7 +183,12 @@ class GradConflictTracer:
             raise ValueError("backward after the step's last micro-batch (last=True): finish the "
                              "step first")
         if self.distributed:
-            return self._backward_ddp(task_losses)
+            self._backward_ddp(task_losses)
+        else:
+            self._backward(task_losses, last)
+        self._final = last
+
+    def _backward(self, task_losses: dict[str, torch.Tensor], last: bool) -> None:
         und, gen = task_losses.get("und"), task_losses.get("gen")
         und_live = isinstance(und, torch.Tensor) and und.requires_grad
         gen_live = isinstance(gen, torch.Tensor) and gen.requires_grad
