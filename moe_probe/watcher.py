@@ -62,10 +62,13 @@ def watch(model, out, *, kinds: Callable | None = None, kind_names: Sequence[str
       ``["text"]``; moe_probe's model: its own text / vit / vae).
     - ``grad_every``: gradient conflict between ``tasks=(first, second)`` every this many steps;
       the loop then calls ``w.backward({first: l1, second: l2})`` (two passes at a sampled step,
-      the update bit-identical to ``(l1 + l2).backward()``, which it runs otherwise).
+      the update bit-identical to ``(l1 + l2).backward()``, which it runs otherwise);
+      ``w.backward(..., last=True)`` on a step's last micro-batch lets the tracer keep only the
+      per-task sums (faster), and refuses another backward before ``w.step``.
     - ``capacity_factor``: C of the nominal ``kept`` / capacity rate of dropless routers.
     - ``on_finding``: online findings — every ``diagnose_every`` steps the ``moe-probe diagnose``
-      detectors run on the rows written so far (kept in memory, not read back). ``"warn"``: a
+      detectors run on the rows written so far (kept in memory, not read back; screened by rollup
+      levels kept in memory, as ``diagnose`` screens a store's). ``"warn"``: a
       warning per new finding; ``"stop"``: at the first *critical* finding of ``fail_on``
       (``collapse`` | ``conflict`` | ``any``) the store is flushed, hooks stay off, and
       ``w.should_stop`` turns true (``w.stopped``: the exception naming the finding, raised by

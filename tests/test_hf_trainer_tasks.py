@@ -18,6 +18,7 @@ from _hf_trainer import ACCUM, B, Windows, tiny, training_args  # noqa: E402
 from moe_probe import open_run  # noqa: E402
 from moe_probe.hf import TraceCallback, TraceTrainerMixin  # noqa: E402
 from moe_probe.hf.callback import split_lm_loss  # noqa: E402
+from moe_probe.trace.grad import GradConflictTracer  # noqa: E402
 
 STEPS = 4
 
@@ -52,9 +53,18 @@ def test_task_split_sums_to_the_models_loss():
     assert first > 0 and second > 0
 
 
-def test_gradient_conflict_at_sampled_steps_and_bit_identical_update(tmp_path):
+def test_gradient_conflict_at_sampled_steps_and_bit_identical_update(tmp_path, monkeypatch):
+    lasts = []  # the `last` flag the mixin hands the tracer (the Trainer's sync_gradients)
+    backward = GradConflictTracer.backward
+
+    def recorded(self, losses, *, last=False):
+        lasts.append(last)
+        return backward(self, losses, last=last)
+
+    monkeypatch.setattr(GradConflictTracer, "backward", recorded)
     traced = _train(tmp_path, "traced", [TraceCallback(tmp_path / "traced", grad_every=2,
                                                        tasks=("prose", "code"))])
+    assert lasts == ([False] * (ACCUM - 1) + [True]) * 2  # steps 2 and 4: the last micro-batch
     counted = _train(tmp_path, "counted", [TraceCallback(tmp_path / "counted")])
     plain = _train(tmp_path, "plain", [])
     for (name, a), b, c in zip(traced.named_parameters(), counted.parameters(), plain.parameters()):

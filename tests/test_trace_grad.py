@@ -95,7 +95,7 @@ def test_cosines_match_autograd_per_task_over_micro_batches(monkeypatch, n_micro
     """Every path of the fused pass: one or two micro-batches, the totals kept or only their sums
     (``last``), each parameter one piece or several (5 elements: uneven pieces of 36 and 6)."""
     if piece is not None:
-        monkeypatch.setattr(grad_mod, "_PIECE", piece)
+        monkeypatch.setitem(grad_mod._PIECE, "cpu", piece)
     torch.manual_seed(0)
     model = TwoTaskNet()
     micro = _micro(1, n=n_micro)
@@ -150,7 +150,7 @@ def test_grad_equals_plain_backward_and_prior_grad_is_kept():
 
 def test_a_task_missing_from_the_first_micro_batch_counts_as_zero_there(monkeypatch):
     """First micro-batch und only, second both (the last): gen's total is the second's alone."""
-    monkeypatch.setattr(grad_mod, "_PIECE", 5)
+    monkeypatch.setitem(grad_mod._PIECE, "cpu", 5)
     torch.manual_seed(0)
     model = TwoTaskNet()
     micro = _micro(4, n=2)
@@ -173,6 +173,75 @@ def test_a_task_missing_from_the_first_micro_batch_counts_as_zero_there(monkeypa
     np.testing.assert_allclose(np.sqrt(np.nansum(row["norm_und"][all_row] ** 2)), u.norm().item(), rtol=1e-5)
     np.testing.assert_allclose(np.sqrt(np.nansum(row["norm_gen"][all_row] ** 2)), g.norm().item(), rtol=1e-5)
     assert np.isfinite(row["cosine"][all_row, C.index("attn")])
+
+
+PATTERNS = {"both,both": ("ug", "ug"), "und,both": ("u", "ug"), "gen,both": ("g", "ug"),
+            "both,und": ("ug", "u"), "both,gen": ("ug", "g"), "gen,und": ("g", "u"),
+            "und,und,both": ("u", "u", "ug")}
+
+
+class Transposed(TwoTaskNet):
+    """A float64 copy whose `shared` weights are transposed views (non-contiguous gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.double()
+        for lin in self.shared:
+            lin.weight = nn.Parameter(lin.weight.detach().t().contiguous().t())
+        assert not self.shared[0].weight.is_contiguous()
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize("model_cls", [TwoTaskNet, Transposed], ids=["float32", "float64-strided"])
+def test_tasks_missing_from_some_micro_batches(monkeypatch, pattern, last, model_cls):
+    """A micro-batch may carry one task only (alternating task batches): each task's total is the
+    sum over the micro-batches that have it, whatever the order (5-element pieces: every path of
+    the fused pass, with uneven pieces), for float32 and for float64 non-contiguous parameters."""
+    monkeypatch.setitem(grad_mod._PIECE, "cpu", 5)
+    torch.manual_seed(0)
+    model = model_cls()
+    dtype = next(model.parameters()).dtype
+    tasks = PATTERNS[pattern]
+    micro = [(xu.to(dtype), xg.to(dtype)) for xu, xg in _micro(5, n=len(tasks))]
+    params = [p for _, p in model.named_parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    tracer = GradConflictTracer(model)
+    for i, ((xu, xg), has) in enumerate(zip(micro, tasks)):
+        tl = model.task_losses(xu, xg)
+        tracer.backward({t: (tl[t] if t[0] in has else torch.zeros((), dtype=dtype))
+                         for t in ("und", "gen")}, last=last and i == len(tasks) - 1)
+    row = tracer.finish()
+
+    def total(task):
+        acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        for (xu, xg), has in zip(micro, tasks):
+            if task[0] in has:
+                gs = torch.autograd.grad(model.task_losses(xu, xg)[task], params, allow_unused=True)
+                for a, x in zip(acc, gs):
+                    if x is not None:
+                        a += x.double()
+        return acc
+
+    und, gen = total("und"), total("gen")
+    cells = _cells(model)
+    for li, layer in enumerate(("0", "1", "all")):
+        for ci, comp in enumerate(GRAD_COMPONENTS):
+            sel = [i for i, n in enumerate(names)
+                   if cells[n][1] == comp and (layer == "all" or cells[n][0] == layer)]
+            if not sel:
+                continue
+            u = torch.cat([und[i].flatten() for i in sel])
+            g = torch.cat([gen[i].flatten() for i in sel])
+            nu, ng = u.norm().item(), g.norm().item()
+            np.testing.assert_allclose(row["norm_und"][li, ci], nu, rtol=1e-5, err_msg=f"{layer}/{comp}")
+            np.testing.assert_allclose(row["norm_gen"][li, ci], ng, rtol=1e-5, err_msg=f"{layer}/{comp}")
+            if nu > 0 and ng > 0:
+                np.testing.assert_allclose(row["cosine"][li, ci], (u @ g).item() / (nu * ng),
+                                           rtol=1e-5, atol=1e-6, err_msg=f"{layer}/{comp}")
+            else:
+                assert np.isnan(row["cosine"][li, ci]), f"{layer}/{comp}"
+    assert np.isfinite(row["cosine"]).any()
 
 
 def test_missing_gen_loss_gives_nan_cosine():

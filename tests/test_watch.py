@@ -53,12 +53,15 @@ def _code_mask(ids_BS):
     return ids_BS % 2 == 0
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+@pytest.mark.parametrize("checkpointing", [None, False, True],
+                         ids=["plain", "grad-checkpointing", "reentrant-checkpointing"])
 def test_hf_counts_per_step_layer_and_kind_equal_the_models_router_logits(tmp_path, checkpointing):
-    """Activation checkpointing recomputes each layer's forward in backward: counted once."""
+    """Activation checkpointing recomputes each layer's forward in backward: counted once. The
+    reentrant kind also runs each layer's first forward under no_grad, inside a forward that
+    builds a graph: counted (decided at the model's forward, not per router call)."""
     model = _mixtral()
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     k, E, L = model.config.num_experts_per_tok, model.config.num_local_experts, 2
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     micro = _windows(model.config.vocab_size, STEPS * ACCUM)
@@ -262,6 +265,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     with moe_probe.watch(model, tmp_path / "g", grad_every=1, tasks=("und", "gen")) as w:
         _one_line_value_error(lambda: w.backward(out.loss), "two task")
         _one_line_value_error(lambda: w.backward({"und": out.loss, "lm": out.loss}), "expected the tasks")
+    with moe_probe.watch(model, tmp_path / "last") as w:  # refused at any step, not only a grad step
+        w.backward(model(input_ids=ids, labels=ids).loss, last=True)
+        _one_line_value_error(lambda: w.backward(model(input_ids=ids, labels=ids).loss),
+                              "last micro-batch")
+        w.step(0)
+        w.backward(model(input_ids=ids, labels=ids).loss, last=True)  # a new step: fine
     assert json.loads(open_run(tmp_path / "g").attrs["run"]["config"])["tasks"] == ["und", "gen"]
 
 

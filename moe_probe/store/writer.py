@@ -369,7 +369,7 @@ class StoreWriter:
                 except queue.Empty:
                     break
             if self._error is None and (pending or events or stop):
-                t0 = time.perf_counter()
+                t0, r0 = time.perf_counter(), self.stats["rollup_seconds"]
                 try:
                     for g, items in pending.items():
                         self._write(g, items)
@@ -377,8 +377,8 @@ class StoreWriter:
                     for ru in self._rollups.values():
                         ru.write(last=stop)
                     self.stats["rollup_seconds"] += time.perf_counter() - t1
-                    if stop:
-                        self.stats["rollup_close_seconds"] = time.perf_counter() - t1
+                    if stop:  # the last rows' fold and the levels' last write
+                        self.stats["rollup_close_seconds"] = self.stats["rollup_seconds"] - r0
                     if pending:
                         self.stats["writes"] += 1
                         self.stats["rows"] += n_rows

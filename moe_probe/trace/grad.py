@@ -24,11 +24,15 @@ from moe_probe.modalities import GRAD_COMPONENTS
 
 ALL = "all"
 IO = "io"
-_PIECE = 1 << 17
-"""Elements per piece of the fused pass: two float32 pieces (1 MiB) stay in a core's L2 cache from
-the difference to the three dot products. Separate passes (difference, two norms, a dot) read the
-model's gradients five times: ~30 ms -> ~19 ms a traced step of the 14M-parameter benchmark
-model (benchmarks/bench_hf_trainer.py, one CPU thread; ~14 ms on a last micro-batch)."""
+_PIECE = {"cpu": 1 << 17}
+"""Elements per piece of the fused pass, per device type: on CPU the pieces a piece's work touches
+(the two gradients, the totals, a difference: ~2.5 MiB of float32) stay in cache from the
+difference to the three dot products. Separate passes (difference, two norms, a dot) read the
+model's gradients five times: their arithmetic took ~30 ms of a traced step of the 14M-parameter
+benchmark model (benchmarks/bench_hf_trainer.py, one CPU thread), the fused pass of a last
+micro-batch ~14 ms. Elsewhere (an accelerator: kernel launches, not cache, bound) 16M elements,
+which also bounds the scratch pieces."""
+_PIECE_OTHER = 1 << 24
 
 
 def grad_layers(model) -> list[str]:
@@ -86,15 +90,16 @@ class GradConflictTracer:
         present[all_cell] = True
         self._present = present[:n_cells].reshape(len(self.layers), C)
         # pieces of each parameter's flattened gradient, and which parameter each piece sums into
-        # (on an accelerator a parameter is one piece: kernel launches, not cache, bound there)
-        self._piece = _PIECE if dev.type == "cpu" else max([p.numel() for p in self.params],
-                                                           default=1)
+        self._piece = _PIECE.get(dev.type, _PIECE_OTHER)
         self._pieces = [[(lo, min(lo + self._piece, p.numel()))
                          for lo in range(0, p.numel(), self._piece)] for p in self.params]
-        self._scratches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratches: dict[tuple, tuple[torch.Tensor, ...]] = {}
         owner = [i for i, ps in enumerate(self._pieces) for _ in ps]
         self._owner = torch.tensor(owner, dtype=torch.int64, device=dev)
-        self._piece_sums = torch.zeros(len(owner), 3, dtype=torch.float32, device=dev)
+        # [u·g, u·u, g·g] per piece: float32 pieces' dots written in place (no allocation), the
+        # other dtypes' in float64 (bf16 promoted to float32 first, float64 kept)
+        self._dots32 = torch.zeros(len(owner), 3, dtype=torch.float32, device=dev)
+        self._dots64 = torch.zeros(len(owner), 3, dtype=torch.float64, device=dev)
         self._und: list[torch.Tensor] | None = None
         self._gen: list[torch.Tensor] | None = None
         self._gen_buf: list[torch.Tensor] | None = None
@@ -107,6 +112,10 @@ class GradConflictTracer:
         self._final = False  # the step's last micro-batch is in (its totals may not be kept)
         self._total: list[torch.Tensor | None] | None = None
 
+    def _or_zeros(self, grads) -> list[torch.Tensor]:
+        """Each parameter's gradient, zeros where it has none (a task that does not reach it)."""
+        return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
+
     def _accumulate(self, name: str, grads: list[torch.Tensor]) -> None:
         acc = getattr(self, name)
         if acc is None:
@@ -115,64 +124,91 @@ class GradConflictTracer:
             torch._foreach_add_(acc, grads)
 
     def _fused(self, fresh: list[torch.Tensor] | None = None, u: list[torch.Tensor] | None = None,
-               *, keep: bool = True) -> None:
-        """One pass, piece by piece: with ``fresh`` and ``u`` (a micro-batch's total and und
-        gradients) first und += u and gen += fresh − u (on a step's first micro-batch und = u and
-        gen = fresh − u, into buffers kept across steps: a fresh allocation the size of the model
-        each step cost ~5% of a traced step, page faults); then, the piece still in cache,
-        [u·g, u·u, g·g] of the running totals into ``self._sums``. Without ``keep`` (the step's
-        last micro-batch) the totals are formed in scratch pieces and not stored: the sums are
-        all the step needs of them, and writing the model-size gen buffer was a third of the
-        pass. The values are the separate passes' exactly (same elementwise operations); each
-        piece's dot products are float32, summed in float64."""
-        first = fresh is not None and self._und is None and self._gen is None
-        if first and keep:
+               *, last: bool = False) -> None:
+        """One pass over the gradients, piece by piece, in one of three modes:
+
+        - a micro-batch that is not the step's last (``fresh``, ``u``: its total and und
+          gradients): the step's totals updated in place, und += u and gen += fresh − u (on the
+          first, und = u and gen = fresh − u, into buffers kept across steps: a fresh
+          model-size allocation each step cost ~5% of a traced step, page faults);
+        - the last micro-batch (``last``): the totals formed in scratch pieces, not stored, and
+          [u·g, u·u, g·g] summed while the piece is in cache — the sums are all the step needs
+          of them;
+        - no micro-batch (``finish``, when the last one was not flagged, under DDP, or with one
+          task only): the stored totals summed (a task with no gradient sums to 0).
+
+        The totals' values are those of separate whole-tensor passes (the same elementwise
+        operations); the dot products are float32 per piece (float64 for float64 parameters),
+        summed in float64."""
+        update = fresh is not None
+        first = update and self._und is None and self._gen is None
+        if first and not last:
             if self._gen_buf is None:  # contiguous, whatever the parameter's layout
                 self._gen_buf = [torch.empty(p.shape, dtype=p.dtype, device=p.device)
                                  for p in self.params]
             self._und, self._gen = [x.contiguous() for x in u], self._gen_buf
-        elif not first:  # both totals present and contiguous (a task with no gradient yet: zeros)
+        elif not first:
+            zeros = not update  # summing alone: a missing task is left out, not materialised
             self._und, self._gen = (
-                [x.contiguous() for x in t] if t is not None else
+                [x.contiguous() for x in t] if t is not None else None if zeros else
                 [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in self.params]
                 for t in (self._und, self._gen))
-        sums, k = self._piece_sums, 0
+        summing = last or not update
+        if summing:
+            self._dots32.zero_()
+            self._dots64.zero_()
+        k = 0
         for i, pieces in enumerate(self._pieces):
-            if not first:
-                U, G = self._und[i].view(-1), self._gen[i].view(-1)
-            elif keep:
-                G = self._gen[i].view(-1)
-            if fresh is not None:
+            U = None if self._und is None or (first and last) else self._und[i].view(-1)
+            G = None if self._gen is None or (first and last) else self._gen[i].view(-1)
+            if update:
                 f, x = fresh[i].reshape(-1), u[i].reshape(-1)
-                if not keep:
-                    tmp_a, tmp_g = self._scratch(x.dtype, x.device)
+                tmp_a, tmp_g, tmp_d = self._scratch(x.dtype, x.device)
             for lo, hi in pieces:
                 n = hi - lo
-                if fresh is None:  # the totals as they stand
-                    a, g = U[lo:hi], G[lo:hi]
+                if not update:
+                    a = None if U is None else U[lo:hi]
+                    g = None if G is None else G[lo:hi]
                 elif first:
                     a = x[lo:hi]
-                    g = torch.sub(f[lo:hi], a, out=G[lo:hi] if keep else tmp_g[:n])
+                    g = torch.sub(f[lo:hi], a, out=tmp_g[:n] if last else G[lo:hi])
                 else:
-                    a = torch.add(U[lo:hi], x[lo:hi], out=U[lo:hi] if keep else tmp_a[:n])
-                    g = torch.add(G[lo:hi], f[lo:hi] - x[lo:hi], out=G[lo:hi] if keep else tmp_g[:n])
-                if a.dtype == sums.dtype:
-                    torch.dot(a, g, out=sums[k, 0])
-                    torch.dot(a, a, out=sums[k, 1])
-                    torch.dot(g, g, out=sums[k, 2])
-                else:  # a parameter of another dtype (bf16): its dot products in float32
-                    a, g = a.float(), g.float()
-                    sums[k] = torch.stack([torch.dot(a, g), torch.dot(a, a), torch.dot(g, g)])
+                    d = torch.sub(f[lo:hi], x[lo:hi], out=tmp_d[:n])
+                    a = torch.add(U[lo:hi], x[lo:hi], out=tmp_a[:n] if last else U[lo:hi])
+                    g = torch.add(G[lo:hi], d, out=tmp_g[:n] if last else G[lo:hi])
+                if summing:
+                    self._dot3(k, a, g)
                 k += 1
-        self._sums = torch.zeros(len(self.params), 3, dtype=torch.float64,
-                                 device=sums.device).index_add_(0, self._owner, sums.double())
-        if fresh is not None and not keep:
+        if summing:
+            self._sums = torch.zeros(len(self.params), 3, dtype=torch.float64,
+                                     device=self._owner.device).index_add_(
+                0, self._owner, self._dots32.double() + self._dots64)
+        if last:
             self._und = self._gen = None
 
-    def _scratch(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dot3(self, k: int, a: torch.Tensor | None, g: torch.Tensor | None) -> None:
+        """[a·g, a·a, g·g] of piece ``k`` (a missing side: its dots are 0)."""
+        if a is not None and g is not None and a.dtype == torch.float32:
+            torch.dot(a, g, out=self._dots32[k, 0])
+            torch.dot(a, a, out=self._dots32[k, 1])
+            torch.dot(g, g, out=self._dots32[k, 2])
+            return
+        like = a if a is not None else g
+        acc = torch.promote_types(like.dtype, torch.float32)
+        a = None if a is None else a.to(acc)
+        g = None if g is None else g.to(acc)
+        if a is not None and g is not None:
+            self._dots64[k, 0] = torch.dot(a, g)
+        if a is not None:
+            self._dots64[k, 1] = torch.dot(a, a)
+        if g is not None:
+            self._dots64[k, 2] = torch.dot(g, g)
+
+    def _scratch(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Three pieces of scratch per dtype and device (kept: the pass runs every traced step)."""
         key = (dtype, device)
         if key not in self._scratches:
-            self._scratches[key] = torch.empty(2, self._piece, dtype=dtype, device=device).unbind(0)
+            self._scratches[key] = torch.empty(3, self._piece, dtype=dtype, device=device).unbind(0)
         return self._scratches[key]
 
     def backward(self, task_losses: dict[str, torch.Tensor], *, last: bool = False) -> None:
@@ -204,10 +240,9 @@ class GradConflictTracer:
             p.grad = None
         plain_backward(task_losses)
         got = [p.grad for p in self.params]
-        fresh = [f if f is not None else torch.zeros_like(p) for f, p in zip(got, self.params)]
+        fresh = self._or_zeros(got)
         if g_und is not None:
-            self._fused(fresh, [x if x is not None else torch.zeros_like(p)
-                                for x, p in zip(g_und, self.params)], keep=not last)
+            self._fused(fresh, self._or_zeros(g_und), last=last)
         else:  # one live task: the whole gradient is its own (copied: .grad is modified later)
             self._accumulate("_und" if und_live else "_gen", [f.clone() for f in fresh])
             self._sums = None
@@ -227,8 +262,7 @@ class GradConflictTracer:
         und = task_losses.get("und")
         if isinstance(und, torch.Tensor) and und.requires_grad:
             g = torch.autograd.grad(und, self.params, retain_graph=True, allow_unused=True)
-            self._accumulate("_und", [x if x is not None else torch.zeros_like(p)
-                                      for x, p in zip(g, self.params)])
+            self._accumulate("_und", self._or_zeros(g))
         plain_backward(task_losses)
         self._total = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
 
@@ -245,9 +279,8 @@ class GradConflictTracer:
         dist.all_reduce(flat)
         self._und = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in self.params]),
                                                     self.params)]
-        total = self._total or [None] * len(self.params)
-        self._gen = [(t if t is not None else torch.zeros_like(p)) - u
-                     for p, t, u in zip(self.params, total, self._und)]
+        total = self._or_zeros(self._total or [None] * len(self.params))
+        self._gen = [t - u for t, u in zip(total, self._und)]
 
     def finish(self) -> dict[str, np.ndarray]:
         """The ``grad`` row: cosine, norm_und, norm_gen (layer, component); then reset."""

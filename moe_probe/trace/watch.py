@@ -173,6 +173,7 @@ class Watch:
         self._step = start_step
         """The open step (sampling is decided when a step opens)."""
         self._pending = None
+        self._last_seen = self._train_fwd = False
         self._kind_T: torch.Tensor | None = None
         self._keep_T: torch.Tensor | None = None
         self.monitor = monitor
@@ -198,6 +199,8 @@ class Watch:
         self._detach()
         self._step = step
         self._pending = self._kind_T = self._keep_T = None
+        self._train_fwd = False  # set by each model forward (_before_forward)
+        self._last_seen = False  # backward(last=True) was called in this step
         self._counting = self._counter is not None and due(step, self.every)
         if self._counting:
             self._counter.reset()  # nothing from an abandoned step leaks into this row
@@ -222,22 +225,27 @@ class Watch:
         update is bit-identical to the plain ``(l1 + l2).backward()`` run otherwise. ``last``:
         the step's last micro-batch (optional; at a grad step the tracer then keeps only the
         sums of the per-task gradients, ~3% of the step faster; another backward before
-        ``step`` is then refused)."""
+        ``step`` is then refused, at any step)."""
+        if self._last_seen:
+            raise ValueError(f"backward after step {self._step}'s last micro-batch (last=True): "
+                             "close the step (w.step) first")
         if isinstance(losses, torch.Tensor):
             if self._grad_on:
                 raise ValueError(f"step {self._step} measures gradient conflict: pass the two task "
                                  f"losses, backward({{{self.tasks[0]!r}: ..., {self.tasks[1]!r}: ...}})")
             losses.backward()
-            return
-        if self.tasks is not None:
-            if not set(losses) <= set(self.tasks):
-                raise ValueError(f"backward got losses {sorted(losses)}; expected the tasks "
-                                 f"{list(self.tasks)}")
-            losses = {role: losses[t] for role, t in zip(("und", "gen"), self.tasks) if t in losses}
-        if self._grad_on:
-            self._grad.backward(losses, last=last)
         else:
-            plain_backward(losses)
+            if self.tasks is not None:
+                if not set(losses) <= set(self.tasks):
+                    raise ValueError(f"backward got losses {sorted(losses)}; expected the tasks "
+                                     f"{list(self.tasks)}")
+                losses = {role: losses[t] for role, t in zip(("und", "gen"), self.tasks)
+                          if t in losses}
+            if self._grad_on:
+                self._grad.backward(losses, last=last)
+            else:
+                plain_backward(losses)
+        self._last_seen = last
 
     def end_step(self, step: int, losses=None) -> None:
         """Remove the step's hooks, then hand the loss / routing / grad rows to the writer."""
@@ -294,7 +302,8 @@ class Watch:
     def _before_forward(self, args, kwargs) -> None:
         labels, self._pending = self._pending, None
         self._kind_T = self._keep_T = None
-        if not self._training_forward():
+        self._train_fwd = self._training_forward()
+        if not self._train_fwd:
             return
         if labels is None and self._kinds_fn is not None:
             labels = self._kinds_fn(*args, **kwargs)
@@ -310,15 +319,19 @@ class Watch:
         self._kind_T = kind_T.to(dev)
 
     def _training_forward(self) -> bool:
-        """A forward of training: one building a graph (in train mode or not: a loop may never
-        call ``.train()``), and not one recomputed inside backward (activation checkpointing
-        would count its tokens twice). Forwards under no_grad are left out, in either mode: an
-        evaluation, and the extra train-mode forwards some trainers run for metrics or
-        generation (TRL's), whose tokens no update learns from."""
+        """Whether the model's forward starting now is one of training: it builds a graph (in
+        train mode or not: a loop may never call ``.train()``). Forwards under no_grad are left
+        out, in either mode: an evaluation, and the extra train-mode forwards some trainers run
+        for metrics or generation (TRL's), whose tokens no update learns from. Decided once, at
+        the model's forward, not at each router call: under reentrant activation checkpointing
+        a checkpointed block runs its first forward under no_grad inside a forward that builds
+        a graph."""
         return torch.is_grad_enabled() and _graph_task_id() < 0
 
     def _on_router(self, li: int, out) -> None:
-        if not self._training_forward():
+        # a router call recomputed inside backward (activation checkpointing) is not counted
+        # again
+        if not (self._train_fwd and _graph_task_id() < 0):
             return
         rec = self.routers.record(li, out)
         T = rec.logits_TE.shape[0]
