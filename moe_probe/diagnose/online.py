@@ -75,7 +75,7 @@ class _Levels:
         label_arrays(root.require_group(group), labels)  # the rollup reads its groups' labels
         create_levels(root, group, labels, list(present))
         self.rollup = GroupRollup(root, group, attrs)
-        self.group, self.labels = group, labels
+        self.labels = labels
         specs = rollup_arrays(group)
         sizes = {**{d: len(v) for d, v in labels.items()}, "stat": len(ROLLUP_STATS)}
         names = list(self.rollup.levels[0].arrays)

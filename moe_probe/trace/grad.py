@@ -9,10 +9,11 @@ near-zero gradients (|g| ≪ eps) into visible update differences (~lr·0.3). Th
 — hence the update — is bit-identical to an untraced step's, shielding included, and the
 per-task gradients never pass through a subtraction of earlier micro-batches' ``.grad``.
 
-The per-task gradients are combined in one pass (:meth:`GradConflictTracer._fused`): piece by
-piece, gen's difference is formed and the [u·g, u·u, g·g] sums of the step's running totals taken
-while the piece is still in cache, so each gradient is read from memory once per micro-batch and
-``finish`` only sums the pieces into cells (one host transfer).
+The per-task gradients are combined piece by piece (:meth:`GradConflictTracer._fused`): each
+micro-batch updates the step's totals (gen = fresh − und), and on the step's last micro-batch the
+totals are formed and their [u·g, u·u, g·g] sums taken while the piece is still in cache, so each
+gradient is read from memory once; otherwise ``finish`` sums the stored totals in one pass. The
+sums go into cells in one host transfer.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class GradConflictTracer:
             self._dots64.zero_()
         k = 0
         for i, pieces in enumerate(self._pieces):
-            U = None if self._und is None or (first and last) else self._und[i].view(-1)
-            G = None if self._gen is None or (first and last) else self._gen[i].view(-1)
+            U = None if self._und is None else self._und[i].view(-1)
+            G = None if self._gen is None else self._gen[i].view(-1)
             if update:
                 f, x = fresh[i].reshape(-1), u[i].reshape(-1)
                 tmp_a, tmp_g, tmp_d = self._scratch(x.dtype, x.device)
@@ -245,7 +246,6 @@ class GradConflictTracer:
             self._fused(fresh, self._or_zeros(g_und), last=last)
         else:  # one live task: the whole gradient is its own (copied: .grad is modified later)
             self._accumulate("_und" if und_live else "_gen", [f.clone() for f in fresh])
-            self._sums = None
         # Same single add as autograd's accumulation into an existing .grad.
         both = [i for i, (h, f) in enumerate(zip(held, got)) if h is not None and f is not None]
         if both:
