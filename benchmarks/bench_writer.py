@@ -1,7 +1,13 @@
 """Trace-store costs, printed side by side (no assertions: figures to read and compare).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_writer.py [--steps 2000] [--step-ms 5] [--repeat 2]
-        [--sizes demo hf] [--large-run DIR]
+        [--sizes demo hf] [--dir DIR] [--large-run DIR]
+
+Stores are written under ``--dir``, by default /dev/shm where it exists: on this project's
+machines (a virtual disk), the kernel's write-back of the previous run's ~30 MB lands in the next
+run, and two identical runs' writer times differed by up to 14% (3 pairs; on tmpfs by at most 3%),
+more than the differences the benchmark is there to show. The writer's own work is the same: it
+hands its chunks to the OS's page cache either way.
 
 * writer: per model size and routing chunk size, the training loop's time in ``append`` per step
   (the hand-over), the background thread's time writing per step (all of it; and "steady", without
@@ -114,16 +120,19 @@ def main(argv=None) -> int:
     p.add_argument("--step-ms", type=float, default=5.0, help="simulated training step time")
     p.add_argument("--chunks", type=int, nargs="*", default=[256, 512, 1024])
     p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir()
+                   else None, help="where the stores are written (default: /dev/shm if present)")
     p.add_argument("--large-run", type=Path, default=None)
     p.add_argument("--repeat", type=int, default=2,
                    help="on/off pairs per case (best of each printed, and the pairs' median ratio)")
     a = p.parse_args(argv)
+    print(f"stores written under {a.dir or tempfile.gettempdir()}")
     print(f"writer: {a.steps} steps of routing + loss rows, append per step, "
           f"{a.step_ms} ms simulated step, writer linger 2 s (default)")
     print(f"{'model':<18}{'chunk':>6}{'rollups':>8}{'append µs/step':>16}{'write µs/step':>15}"
           f"{'steady':>8}{'close ms':>10}{'CPU µs/step':>14}{'writes':>8}{'bytes/step':>12}"
           f"{'wall s':>8}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         for label, nl, ne in (SIZES[k] for k in a.sizes):
             for chunk in a.chunks:
                 best, pairs = {}, []

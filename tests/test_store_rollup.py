@@ -16,7 +16,7 @@ from moe_probe import open_run
 from moe_probe.cli import main
 from moe_probe.store import NotMeasured, StoreError, StoreWriter, default_coords
 from moe_probe.store.rollup import add_rollups
-from moe_probe.store.schema import ROLLUP_FACTORS, rollup_path
+from moe_probe.store.schema import ROLLUP_FACTORS, ROLLUP_FINEST_LAYERS, rollup_path
 
 FROZEN = Path(__file__).resolve().parents[1] / "fixtures" / "frozen" / "v1.0-healthy"
 L, E, K = 2, 8, 2
@@ -99,6 +99,25 @@ def test_plain_xarray_reads_a_level(tmp_path):
     np.testing.assert_array_equal(ds["load"].values, open_run(p).dataset("routing", level=16)
                                   ["load"].values)
     assert set(ds["stat"].values) == {"min", "max", "mean", "count", "positive"}
+
+
+def test_level_chunks_and_codecs_as_documented(tmp_path):
+    p = _write(tmp_path / "s", 40)
+    z = zarr.open_group(str(p), mode="r")
+    # the finest level (written while training) holds several layers per load chunk, coarser
+    # ones one layer, as the rows; levels are lz4, rows zstd, all with a checksum
+    x16, x256 = z[rollup_path("routing", 16)], z[rollup_path("routing", 256)]
+    assert x16["load"].chunks[1:] == (min(ROLLUP_FINEST_LAYERS, L), 3, E)
+    assert x256["load"].chunks[1:] == (1, 3, E)
+    for arr, cname in ((x16["capacity_rate"], "lz4"), (z[rollup_path("loss", 4096)]["value"], "lz4"),
+                       (z["routing/load"], "zstd")):
+        blosc, crc = arr.compressors
+        assert (blosc.cname.value, type(crc).__name__) == (cname, "Crc32cCodec")
+    coords = default_coords(layers=[str(i) for i in range(6)], n_experts=E, isolated_metrics=None,
+                            groups=("routing",))
+    StoreWriter.create(tmp_path / "six", attrs=_rows(1)[0], coords=coords).close()
+    assert zarr.open_group(str(tmp_path / "six"), mode="r")[rollup_path("routing", 16)][
+        "load"].chunks[1:] == (ROLLUP_FINEST_LAYERS, 3, E)  # 4 + 2 layers: a partial chunk
 
 
 def test_built_while_writing_equals_built_afterwards(tmp_path):

@@ -25,8 +25,9 @@ from zarr.core.sync import sync
 from moe_probe import metrics as mt
 from moe_probe.store.layout import label_arrays, step_array
 from moe_probe.store.schema import (
-    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK_BYTES, ROLLUP_CHUNKS, ROLLUP_FACTORS, ROLLUP_GROUPS, ROLLUP_STATS,
-    compressors, rollup_arrays, rollup_chunks, rollup_path,
+    COUNTS, GROUPS, LABEL_DIMS, ROLLUP_CHUNK_BYTES, ROLLUP_CHUNKS, ROLLUP_FACTORS,
+    ROLLUP_FINEST_LAYERS, ROLLUP_GROUPS, ROLLUP_STATS, level_compressors, rollup_arrays,
+    rollup_chunks, rollup_path,
 )
 
 __all__ = ["GroupRollup", "create_levels", "level_chunks", "add_rollups", "rows_reader", "shrink"]
@@ -35,6 +36,8 @@ _BATCH = 1024
 """Rows (or finer windows) read at a time when catching up: bounds memory on a large store."""
 _GROW = 8
 """Chunks a level's arrays grow by at once."""
+_WRITE_BATCH = 64
+"""Chunks encoded in one batch when a level is written (see _Level)."""
 _DEAD_ROWS = 64
 """Rows of ``load`` per block when computing ``group_dead_frac`` (see GroupRollup._dead_frac)."""
 
@@ -68,6 +71,7 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
     sizes["stat"] = len(ROLLUP_STATS)
     chunks = level_chunks({ROLLUP_FACTORS[0]: _finest_windows(specs, sizes), **(chunks or {})})
     for f in ROLLUP_FACTORS:
+        layers = ROLLUP_FINEST_LAYERS if f == ROLLUP_FACTORS[0] else 1
         lvl = root.require_group(rollup_path(group, f))
         label_arrays(lvl, {**labels, "stat": list(ROLLUP_STATS)}, overwrite=True)
         for name, spec in specs.items():
@@ -79,16 +83,18 @@ def create_levels(root: zarr.Group, group: str, labels: dict, present: list[str]
                 continue  # recomputed from both sums (online diagnosis keeps no `kept`)
             fill = np.nan if np.dtype(spec.dtype).kind == "f" else 0
             lvl.create_array(name, shape=(0, *(sizes[d] for d in spec.dims)), dtype=spec.dtype,
-                             chunks=rollup_chunks(chunks[f], name, spec.dims, sizes),
+                             chunks=rollup_chunks(chunks[f], name, spec.dims, sizes,
+                                                  layers),
                              fill_value=fill, dimension_names=("step", *spec.dims),
-                             compressors=compressors(), overwrite=True)
+                             compressors=level_compressors(), overwrite=True)
         step_array(lvl, chunks[f], overwrite=True)
         lvl.attrs.update({"factor": f, "group": group, "committed_steps": 0})
 
 
 def _finest_windows(specs: dict, sizes: dict[str, int]) -> int:
     """Windows per chunk of the finest level: :data:`ROLLUP_CHUNKS`' 256, doubled (up to 4096)
-    while a chunk of its widest array stays within :data:`ROLLUP_CHUNK_BYTES`. A level's write
+    while a chunk of its widest array (one layer's, for arrays chunked by layer) stays within
+    :data:`ROLLUP_CHUNK_BYTES`. A level's write
     costs about the same whatever its bytes (zarr's per-chunk work), so a narrow store's finest
     level (the demo model's: 4096 windows) is written once per 65536 rows instead of 16 times,
     while a wide one's chunks, and the windows a writer holds, stay as they were."""
@@ -114,7 +120,15 @@ class _Level:
     def __init__(self, grp: zarr.Group, group: str, factor: int, ratio: int):
         self.grp, self.factor, self.ratio = grp, factor, ratio
         present = set(grp.array_keys())
-        self.arrays = {k: grp[k] for k in [*rollup_arrays(group), "step"] if k in present}
+        # A level's write covers every chunk of its arrays across the window range (32 load
+        # chunks on a 32-layer store): encoded in one batch per array rather than zarr's default
+        # one chunk per batch (an event-loop round trip each), and written without first
+        # comparing each chunk with its fill value: a quarter less time per write on a 32-layer
+        # store. A pipeline takes its batch size when the array opens, so zarr's setting is
+        # changed only for that instant (the caller's thread, when a writer starts).
+        with zarr.config.set({"codec_pipeline.batch_size": _WRITE_BATCH}):
+            self.arrays = {k: grp[k].with_config({"write_empty_chunks": True})
+                           for k in [*rollup_arrays(group), "step"] if k in present}
         self.chunk = self.arrays["step"].chunks[0]  # windows written at a time (as stored)
         self.committed = int(grp.attrs.get("committed_steps", 0))
         self.pending: dict | None = None   # items of the partial window (values form)
@@ -231,15 +245,19 @@ class GroupRollup:
                 out[name] = grouped(v).sum(axis=1, dtype=np.float64 if v.dtype.kind == "f"
                                            else np.int64)
             elif from_rows:
-                x = grouped(np.asarray(v, dtype=np.float64))
+                # In the rows' own dtype, into the stored array: min and max are exact in any
+                # float dtype, counts are exact in float32 (< 2**24 rows), and only the sum is
+                # taken in float64 (no float64 copy of the rows, no stack-then-cast).
+                x = grouped(v)
+                st = np.empty((n_win, len(ROLLUP_STATS), *x.shape[2:]), self._dtypes[name])
                 ok = np.isfinite(x)
                 c = ok.sum(axis=1)
-                s = np.where(ok, x, 0.0).sum(axis=1)
-                with np.errstate(invalid="ignore"):
-                    pos = (x > 0).sum(axis=1)
-                out[name] = np.stack([np.fmin.reduce(x, axis=1), np.fmax.reduce(x, axis=1),
-                                      _mean(s, c), c.astype(np.float64),
-                                      pos.astype(np.float64)], axis=1)
+                np.fmin.reduce(x, axis=1, out=st[:, 0])
+                np.fmax.reduce(x, axis=1, out=st[:, 1])
+                st[:, 2] = _mean(np.where(ok, x, 0).sum(axis=1, dtype=np.float64), c)
+                st[:, 3] = c
+                np.sum(x > 0, axis=1, out=st[:, 4])  # NaN > 0 is False
+                out[name] = st
             else:  # (N, stat, ...): min of mins, max of maxes, count-weighted mean, counts add
                 x = grouped(v)
                 c = x[:, :, 3].sum(axis=1)

@@ -19,7 +19,7 @@ __all__ = [
     "ArraySpec", "StoreError", "NotMeasured", "default_coords", "chunk_shape", "row_shape",
     "parse_version", "migrate_attrs", "required", "optional", "ROLLUP_ROOT", "ROLLUP_FACTORS",
     "ROLLUP_GROUPS", "ROLLUP_STATS", "ROLLUP_CHUNKS", "ROLLUP_CHUNK_BYTES", "COUNTS", "rollup_path", "rollup_arrays",
-    "rollup_chunks",
+    "rollup_chunks", "level_compressors", "ROLLUP_FINEST_LAYERS",
 ]
 
 SCHEMA_VERSION = "1.2"
@@ -260,13 +260,31 @@ def compressors() -> tuple:
     return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec())
 
 
+def level_compressors() -> tuple:
+    """The codecs of the rollup levels' arrays: byte-shuffled blosc-lz4 and crc32c. The writer
+    encodes the finest level's chunks while training, and zstd spends ~10x lz4's time on them (a
+    rate array's 256-window chunk of a 32-layer × 64-expert store: ~3 ms against ~0.2 ms) for
+    6-40% fewer bytes on data that is 1/16 of the rows' or less (the benchmark's whole 32 × 64
+    store: 3.5% more bytes); lz4 also decodes ~3x faster for the readers that use levels
+    (benchmarks/bench_writer.py)."""
+    return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec())
+
+
+ROLLUP_FINEST_LAYERS = 4
+"""Layers per chunk of the finest level's arrays with an expert dim (coarser levels: one, as the
+rows). That level is written every few thousand rows while training, and zarr's work per chunk
+(~0.7 ms) outweighs its bytes: 32 one-layer ``load`` chunks cost a 32-layer × 64-expert store's
+writer 2.7x the time of 8 four-layer ones, while a reader of one layer's windows decodes 4x
+the bytes only in a zoom of up to a few thousand windows (benchmarks/bench_writer.py)."""
+
+
 def rollup_chunks(windows: int, name: str, dims: tuple[str, ...],
-                  sizes: dict[str, int]) -> tuple[int, ...]:
+                  sizes: dict[str, int], layers: int = 1) -> tuple[int, ...]:
     """Chunk shape of a level's array: ``windows`` (:data:`ROLLUP_CHUNKS`), and, like the rows,
-    one layer at a time for arrays with an expert dim (a reader of one layer's window sums
-    decodes only its bytes)."""
-    return (windows, *(1 if d == "layer" and name in _PER_LAYER else max(1, sizes[d])
-                       for d in dims))
+    ``layers`` layers at a time for arrays with an expert dim (a reader of one layer's window
+    sums decodes only their bytes; :data:`ROLLUP_FINEST_LAYERS` for the finest level)."""
+    return (windows, *(min(layers, max(1, sizes[d])) if d == "layer" and name in _PER_LAYER
+                       else max(1, sizes[d]) for d in dims))
 
 
 def rollup_path(group: str, factor: int) -> str:
