@@ -198,8 +198,8 @@ _datasets = Cache("datasets", entries=32)
 _slices = Cache("slices", entries=128, max_bytes=256 << 20)
 _blocks = Cache("blocks", entries=32, max_bytes=384 << 20)
 
-# Arrays with these dims are chunked one layer at a time (store schema), so slicing them lazily
-# reads 1/L of the bytes. Every other array's chunk spans all its labels: one label costs the
+# Arrays with these dims are chunked one layer at a time (store schema; a finest rollup level's
+# load: 4 layers), so slicing them lazily reads 1/L (4/L) of the bytes. Every other array's chunk spans all its labels: one label costs the
 # same chunks as all of them, so their step window is read once and sliced in memory.
 _PER_LAYER_DIMS = {"expert", "expert2"}
 

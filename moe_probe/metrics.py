@@ -97,12 +97,13 @@ def pooled_dead(load_SME: np.ndarray, ids: Sequence[int], mis: Sequence[int]):
             dead_SE = (tot < DEAD_SHARE * share) & (share > 0)
     else:
         # Integer counts (the writer's rows, every step: the rollups' group_dead_frac), at a
-        # third of the cost: sums in the counts' own dtype through einsum (numpy's reductions
-        # over a short axis are several times slower; int32 rows hold one step's assignments,
-        # far below 2**31), and an integer t < thr exactly when t < ceil(thr), so no float copy
-        # of the loads (share 0 gives thr 0, which no count is below).
+        # third of the cost: sums through einsum (numpy's reductions over a short axis are
+        # several times slower), the kinds' in the counts' own dtype (int32 rows hold one step's
+        # assignments, far below 2**31), the experts' in int64, and an integer t < thr exactly
+        # when t < ceil(thr), so no float copy of the loads (share 0 gives thr 0, which no
+        # count is below).
         tot = np.einsum("...me->...e", x)
-        share = np.einsum("...e->...", tot)[..., None] / len(ids)
+        share = np.einsum("...e->...", tot, dtype=np.int64)[..., None] / len(ids)
         dead_SE = tot < np.ceil(DEAD_SHARE * share).astype(tot.dtype)
     # = .mean(-1): einsum counts the booleans faster than .sum, and without a float copy
     return dead_SE, np.einsum("...e->...", dead_SE, dtype=np.int32) / dead_SE.shape[-1]

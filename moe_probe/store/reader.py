@@ -267,8 +267,15 @@ def tune_reads() -> None:
     chunks at once. In batches of 64: a (step, layer, modality) block of the 50k-step store in
     40 instead of 56 ms (53 instead of 73 ms of CPU); ``diagnose`` of the 500k-step store in
     4.1 instead of 4.8-5.3 s (peak RSS 670 instead of 615 MB). Process-wide: not called by
-    the library's own functions, which may run inside a user's process."""
+    the library's own functions, which may run inside a user's process.
+
+    Also numpy's transparent-huge-page advice is turned off (what ``NUMPY_MADVISE_HUGEPAGE=0``
+    does at import): numpy asks the kernel for 2 MiB pages for every large array, and a reader
+    fills a few hundred MB of fresh arrays once, where a huge page's first-touch fault can cost
+    far more than the TLB misses it saves: on this project's virtual machines (THP "madvise")
+    ``diagnose`` of the 500k-step store took 6.6-8.3 s with it, 4.2 s without (alternated)."""
     zarr.config.set({"codec_pipeline.batch_size": 64})
+    np._core.multiarray._set_madvise_hugepage(False)  # numpy's own switch (no public API)
 
 
 def _factor(level) -> int:

@@ -96,7 +96,7 @@ def _finest_windows(specs: dict, sizes: dict[str, int]) -> int:
     while a chunk of its widest array (one layer's, for arrays chunked by layer) stays within
     :data:`ROLLUP_CHUNK_BYTES`. A level's write
     costs about the same whatever its bytes (zarr's per-chunk work), so a narrow store's finest
-    level (the demo model's: 4096 windows) is written once per 65536 rows instead of 16 times,
+    level (the demo model's: 2048 windows) is written once per 32768 rows instead of 8 times,
     while a wide one's chunks, and the windows a writer holds, stay as they were."""
     widest = max(int(np.prod(rollup_chunks(1, name, spec.dims, sizes))) * np.dtype(spec.dtype)
                  .itemsize for name, spec in specs.items())
@@ -124,8 +124,9 @@ class _Level:
         # chunks on a 32-layer store): encoded in one batch per array rather than zarr's default
         # one chunk per batch (an event-loop round trip each), and written without first
         # comparing each chunk with its fill value: a quarter less time per write on a 32-layer
-        # store. A pipeline takes its batch size when the array opens, so zarr's setting is
-        # changed only for that instant (the caller's thread, when a writer starts).
+        # store. A pipeline takes its batch size when the array opens, so zarr's (process-wide)
+        # setting is changed only for that instant, when a writer starts; a zarr setting another
+        # thread made in that instant would be undone.
         with zarr.config.set({"codec_pipeline.batch_size": _WRITE_BATCH}):
             self.arrays = {k: grp[k].with_config({"write_empty_chunks": True})
                            for k in [*rollup_arrays(group), "step"] if k in present}
@@ -246,8 +247,9 @@ class GroupRollup:
                                            else np.int64)
             elif from_rows:
                 # In the rows' own dtype, into the stored array: min and max are exact in any
-                # float dtype, counts are exact in float32 (< 2**24 rows), and only the sum is
-                # taken in float64 (no float64 copy of the rows, no stack-then-cast).
+                # float dtype (only a window holding both 0.0 and -0.0 may keep the other
+                # zero), counts are exact in float32 (< 2**24 rows), and only the sum is taken
+                # in float64 (no float64 copy of the rows, no stack-then-cast).
                 x = grouped(v)
                 st = np.empty((n_win, len(ROLLUP_STATS), *x.shape[2:]), self._dtypes[name])
                 ok = np.isfinite(x)

@@ -249,11 +249,14 @@ level costs one write per chunk of rows, and a writer holds less than a chunk of
 memory."""
 ROLLUP_CHUNK_BYTES = 1 << 20
 """Most bytes in a chunk of the finest level's widest array when its chunks grow past 256
-windows (a narrow store: see ``rollup._finest_windows``)."""
+windows (a narrow store: see ``rollup._finest_windows``), counting one layer of an array chunked
+by layer (the finest level's ``load`` chunks hold :data:`ROLLUP_FINEST_LAYERS` layers, so up to
+4x this)."""
 
 
 def compressors() -> tuple:
-    """The codecs of every data array (rows and levels). Byte-shuffled blosc-zstd: counts and
+    """The codecs of the rows' data arrays and of every ``step`` coordinate (rollup levels' data:
+    :func:`level_compressors`). Byte-shuffled blosc-zstd: counts and
     float metrics shrink ~40% more than with plain zstd and decode faster
     (benchmarks/bench_writer.py); crc32c makes a damaged chunk an error rather than silently
     wrong numbers. Both are core zarr v3 codecs."""
@@ -261,7 +264,8 @@ def compressors() -> tuple:
 
 
 def level_compressors() -> tuple:
-    """The codecs of the rollup levels' arrays: byte-shuffled blosc-lz4 and crc32c. The writer
+    """The codecs of the rollup levels' data arrays (their ``step`` stays :func:`compressors`'):
+    byte-shuffled blosc-lz4 and crc32c. The writer
     encodes the finest level's chunks while training, and zstd spends ~10x lz4's time on them (a
     rate array's 256-window chunk of a 32-layer × 64-expert store: ~3 ms against ~0.2 ms) for
     6-40% fewer bytes on data that is 1/16 of the rows' or less (the benchmark's whole 32 × 64
@@ -271,8 +275,8 @@ def level_compressors() -> tuple:
 
 
 ROLLUP_FINEST_LAYERS = 4
-"""Layers per chunk of the finest level's arrays with an expert dim (coarser levels: one, as the
-rows). That level is written every few thousand rows while training, and zarr's work per chunk
+"""Layers per chunk of the finest level's ``load`` (the level arrays chunked by layer; coarser
+levels: one, as the rows). That level is written every few thousand rows while training, and zarr's work per chunk
 (~0.7 ms) outweighs its bytes: 32 one-layer ``load`` chunks cost a 32-layer × 64-expert store's
 writer 2.7x the time of 8 four-layer ones, while a reader of one layer's windows decodes 4x
 the bytes only in a zoom of up to a few thousand windows (benchmarks/bench_writer.py)."""
@@ -281,8 +285,9 @@ the bytes only in a zoom of up to a few thousand windows (benchmarks/bench_write
 def rollup_chunks(windows: int, name: str, dims: tuple[str, ...],
                   sizes: dict[str, int], layers: int = 1) -> tuple[int, ...]:
     """Chunk shape of a level's array: ``windows`` (:data:`ROLLUP_CHUNKS`), and, like the rows,
-    ``layers`` layers at a time for arrays with an expert dim (a reader of one layer's window
-    sums decodes only their bytes; :data:`ROLLUP_FINEST_LAYERS` for the finest level)."""
+    ``layers`` layers at a time for ``load`` (a reader of one layer's window sums decodes the
+    bytes of ``layers`` layers: one for the coarser levels, :data:`ROLLUP_FINEST_LAYERS` for the
+    finest)."""
     return (windows, *(min(layers, max(1, sizes[d])) if d == "layer" and name in _PER_LAYER
                        else max(1, sizes[d]) for d in dims))
 
