@@ -16,9 +16,9 @@ hands its chunks to the OS's page cache either way.
   (routing + loss rows, one optimizer step each); each case with rollups off (a 1.1 writer) and on
   (the default), run back to back, and the ratio on / off; and, within the "on" runs, the
   writer's time spent on rollups (folding rows in, writing levels) over the rest of its time —
-  the same rows, so free of the drift between runs that the on / off ratio carries; "CPU µs/step" is the process's CPU
-  time (hand-over, writer thread and zarr's codec threads; sleeping is free), which other load on
-  a shared machine inflates far less than wall times;
+  the same rows, so free of the drift between runs that the on / off ratio carries; "CPU
+  µs/step" is the process's CPU time (hand-over, writer thread and zarr's codec threads;
+  sleeping is free), which other load on a shared machine inflates far less than wall times;
 * reader (with ``--large-run``, a store from ``python -m fixtures.generate --large DIR``): time to
   read one layer's full ``load`` history (the dashboard's heavy read), one step across all layers,
   and the ``capacity_rate`` of every layer.
